@@ -1,0 +1,34 @@
+# Everything a fresh machine needs: `make demo`, `make test`. The CPU wheel of torch is pinned by
+# default (an unpinned torch pulls a multi-GB CUDA build); override with `make TORCH=torch==X ...`.
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint bench clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev,plots,tensorboard]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m shardspeed.launcher --num_procs 2 examples/gpt_demo.py --deepspeed_config examples/ds_config.json --out runs/demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check shardspeed tests benchmarks examples
+	$(VENV)/bin/lint-imports
+
+test: $(STAMP) lint
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info
