@@ -1,0 +1,16 @@
+"""shardspeed: ZeRO data parallelism, mixed precision and large-batch training for PyTorch.
+
+A DeepSpeed script runs after ``import shardspeed as deepspeed``.
+"""
+
+from shardspeed import ops
+from shardspeed.comm import init_distributed
+from shardspeed.config import ConfigError, ShardspeedConfig
+from shardspeed.data import RepeatingLoader
+from shardspeed.engine import ShardspeedEngine, add_config_arguments, initialize
+
+__version__ = "0.1.0"
+DeepSpeedEngine = ShardspeedEngine  # the name DeepSpeed scripts type-check against
+
+__all__ = ["ConfigError", "DeepSpeedEngine", "RepeatingLoader", "ShardspeedConfig", "ShardspeedEngine",
+           "__version__", "add_config_arguments", "init_distributed", "initialize", "ops"]

@@ -1,0 +1,197 @@
+"""Typed configuration: DeepSpeed's JSON keys and shapes, validated field by field.
+
+Every section forbids unknown keys, so a typo is an error (with the closest valid name, see
+``loader.py``) instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+
+class OptimizerConfig(Section):
+    type: str = Field(description="Adam, AdamW, Lamb or SGD (case-insensitive)")
+    params: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the optimizer")
+    legacy_fusion: bool = False
+
+
+class SchedulerConfig(Section):
+    type: str = Field(description="WarmupLR, WarmupDecayLR, WarmupCosineLR, OneCycle or LRRangeTest")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class FP16Config(Section):
+    enabled: bool = False
+    auto_cast: bool = False
+    loss_scale: float = Field(0.0, ge=0, description="0 selects dynamic loss scaling; > 0 a static scale")
+    initial_scale_power: int = Field(16, ge=0, le=64, description="dynamic scaling starts at 2**power")
+    loss_scale_window: int = Field(1000, ge=1, description="clean steps before the scale doubles")
+    hysteresis: int = Field(2, ge=1, description="overflows tolerated before the scale halves")
+    consecutive_hysteresis: bool = False
+    min_loss_scale: float = Field(1.0, gt=0)
+    fp16_master_weights_and_grads: bool = False
+
+
+class BF16Config(Section):
+    enabled: bool = False
+    immediate_grad_update: bool = False
+
+
+class OffloadConfig(Section):
+    device: Literal["none", "cpu", "nvme"] = "none"
+    pin_memory: bool = False
+    nvme_path: str | None = None
+    buffer_count: int = 5
+    buffer_size: int = 100_000_000
+    max_in_cpu: int = 1_000_000_000
+    fast_init: bool = False
+    pipeline_read: bool = False
+    pipeline_write: bool = False
+    ratio: float = 1.0
+
+
+class ZeroConfig(Section):
+    stage: int = Field(0, ge=0, le=3)
+    contiguous_gradients: bool = True
+    reduce_scatter: bool = True
+    reduce_bucket_size: int = Field(500_000_000, ge=1)
+    allgather_partitions: bool = True
+    allgather_bucket_size: int = Field(500_000_000, ge=1)
+    overlap_comm: bool | None = None
+    load_from_fp32_weights: bool = True
+    elastic_checkpoint: bool = False
+    offload_param: OffloadConfig | None = None
+    offload_optimizer: OffloadConfig | None = None
+    sub_group_size: int = 1_000_000_000
+    stage3_prefetch_bucket_size: int = Field(50_000_000, alias="prefetch_bucket_size")
+    stage3_param_persistence_threshold: int = Field(100_000, alias="param_persistence_threshold")
+    stage3_max_live_parameters: int = Field(1_000_000_000, alias="max_live_parameters")
+    stage3_max_reuse_distance: int = Field(1_000_000_000, alias="max_reuse_distance")
+    stage3_gather_16bit_weights_on_model_save: bool = Field(
+        False, alias="stage3_gather_fp16_weights_on_model_save"
+    )
+    round_robin_gradients: bool = False
+    ignore_unused_parameters: bool = True
+    memory_efficient_linear: bool = True
+
+
+class ActivationCheckpointingConfig(Section):
+    partition_activations: bool = False
+    contiguous_memory_optimization: bool = False
+    cpu_checkpointing: bool = False
+    number_checkpoints: int | None = None
+    synchronize_checkpoint_boundary: bool = False
+    profile: bool = False
+
+
+class FlopsProfilerConfig(Section):
+    enabled: bool = False
+    recompute_fwd_factor: float = 0.0
+    profile_step: int = 1
+    module_depth: int = -1
+    top_modules: int = 1
+    detailed: bool = True
+    output_file: str | None = None
+
+
+class MonitorConfig(Section):
+    enabled: bool = False
+    output_path: str = ""
+    job_name: str = "DeepSpeedJobName"
+
+
+class WandbConfig(Section):
+    enabled: bool = False
+    group: str | None = None
+    team: str | None = None
+    project: str = "deepspeed"
+
+
+class CommsLoggerConfig(Section):
+    enabled: bool = False
+    verbose: bool = False
+    prof_all: bool = True
+    debug: bool = False
+    prof_ops: list[str] = Field(default_factory=list)
+
+
+class DataTypesConfig(Section):
+    grad_accum_dtype: Literal["fp32", "fp16", "bf16"] | None = None
+
+
+DTypeName = Literal["fp32", "fp16", "bf16"]
+
+
+class ShardspeedConfig(Section):
+    """The whole configuration. Field names are DeepSpeed's."""
+
+    train_batch_size: int | None = None
+    train_micro_batch_size_per_gpu: int | None = None
+    gradient_accumulation_steps: int | None = None
+    optimizer: OptimizerConfig | None = None
+    scheduler: SchedulerConfig | None = None
+    fp16: FP16Config = Field(default_factory=FP16Config)
+    bf16: BF16Config = Field(default_factory=BF16Config, alias="bfloat16")
+    gradient_clipping: float = Field(0.0, ge=0, description="clip by global norm; 0 disables")
+    zero_optimization: ZeroConfig = Field(default_factory=ZeroConfig)
+    zero_allow_untested_optimizer: bool = False
+    zero_force_ds_cpu_optimizer: bool = True
+    steps_per_print: int | None = Field(10, description="rank 0 logs every N optimizer steps; null disables")
+    wall_clock_breakdown: bool = False
+    memory_breakdown: bool = False
+    dump_state: bool = False
+    prescale_gradients: bool = False
+    gradient_predivide_factor: float = Field(1.0, gt=0)
+    communication_data_type: DTypeName | None = None
+    sparse_gradients: bool = False
+    dataloader_drop_last: bool = False
+    activation_checkpointing: ActivationCheckpointingConfig = Field(
+        default_factory=ActivationCheckpointingConfig
+    )
+    flops_profiler: FlopsProfilerConfig = Field(default_factory=FlopsProfilerConfig)
+    tensorboard: MonitorConfig = Field(default_factory=MonitorConfig)
+    csv_monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+    comms_logger: CommsLoggerConfig = Field(default_factory=CommsLoggerConfig)
+    data_types: DataTypesConfig = Field(default_factory=DataTypesConfig)
+    seed: int | None = None
+
+    @field_validator("zero_optimization", mode="before")
+    @classmethod
+    def _zero_from_bool(cls, value: Any) -> Any:
+        # The seed's GPT-2 config writes "zero_optimization": true, which DeepSpeed reads as stage 1.
+        if isinstance(value, bool):
+            return {"stage": 1 if value else 0}
+        return value
+
+    @field_validator("communication_data_type", mode="before")
+    @classmethod
+    def _dtype_alias(cls, value: Any) -> Any:
+        aliases = {"fp16": "fp16", "float16": "fp16", "half": "fp16", "bf16": "bf16",
+                   "bfloat16": "bf16", "fp32": "fp32", "float32": "fp32", "float": "fp32"}
+        if isinstance(value, str) and value.lower() in aliases:
+            return aliases[value.lower()]
+        return value
+
+    @model_validator(mode="after")
+    def _one_precision(self) -> ShardspeedConfig:
+        if self.fp16.enabled and self.bf16.enabled:
+            raise ValueError(
+                "fp16.enabled and bf16.enabled are both true; enable one of them "
+                "(bf16 needs no loss scaling, fp16 uses fp16.loss_scale)"
+            )
+        return self
+
+    @property
+    def compute_dtype_name(self) -> DTypeName:
+        if self.fp16.enabled:
+            return "fp16"
+        if self.bf16.enabled:
+            return "bf16"
+        return "fp32"

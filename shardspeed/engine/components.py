@@ -1,0 +1,66 @@
+"""Turn what ``initialize()`` was given (client objects, factories, or config sections) into the
+engine's optimizer, scheduler and data loader."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from shardspeed.config import ConfigError, ShardspeedConfig
+from shardspeed.optim import build_optimizer, build_scheduler
+from shardspeed.zero import Strategy
+
+
+def param_groups(module: torch.nn.Module, model_parameters: Iterable[Any] | None) -> list[dict[str, Any]]:
+    """Normalise ``model_parameters`` (tensors, (name, tensor) pairs, or param-group dicts)."""
+    if model_parameters is None:
+        return [{"params": [p for p in module.parameters() if p.requires_grad]}]
+    items = list(model_parameters)
+    if items and isinstance(items[0], dict):
+        return [dict(g, params=list(g["params"])) for g in items]
+    return [{"params": [x[1] if isinstance(x, tuple) else x for x in items]}]
+
+
+def make_optimizer(cfg: ShardspeedConfig, client: Any, groups: list[dict[str, Any]],
+                   strategy: Strategy) -> tuple[torch.optim.Optimizer | None, float]:
+    """The optimizer over the strategy's fp32 masters, and any clipping norm its config asked for."""
+    if client is not None and cfg.optimizer is not None:
+        raise ConfigError("an optimizer was given twice: to initialize(optimizer=...) and in the config's "
+                          "'optimizer' section; remove one")
+    if isinstance(client, torch.optim.Optimizer):
+        if any(client.state.values()):
+            raise ValueError("the client optimizer has already taken steps; pass a fresh optimizer to initialize()")
+        for group in client.param_groups:
+            group["params"] = [strategy.master_for(p) for p in group["params"]]
+        client.state.clear()
+        return client, 0.0
+    master_groups = strategy.map_param_groups(groups)
+    if callable(client):
+        return client(master_groups), 0.0
+    if client is not None:
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer or a callable(params), got {type(client)}")
+    if cfg.optimizer is None:
+        return None, 0.0
+    return build_optimizer(cfg.optimizer, master_groups)
+
+
+def make_scheduler(cfg: ShardspeedConfig, client: Any, optimizer: torch.optim.Optimizer | None) -> Any:
+    if client is not None and cfg.scheduler is not None:
+        raise ConfigError("an lr scheduler was given twice: to initialize(lr_scheduler=...) and in the config's "
+                          "'scheduler' section; remove one")
+    if client is not None:
+        is_sched = hasattr(client, "step") and hasattr(client, "state_dict")
+        return client if is_sched else _call_factory(client, optimizer)
+    if cfg.scheduler is None:
+        return None
+    if optimizer is None:
+        raise ConfigError("the config has a 'scheduler' section but no optimizer to schedule")
+    return build_scheduler(cfg.scheduler, optimizer)
+
+
+def _call_factory(factory: Callable[[Any], Any], optimizer: Any) -> Any:
+    if not callable(factory):
+        raise TypeError(f"lr_scheduler must be a scheduler or a callable(optimizer), got {type(factory)}")
+    return factory(optimizer)

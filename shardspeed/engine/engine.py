@@ -1,0 +1,250 @@
+"""The engine: forward, backward, step with gradient accumulation, on top of one ZeRO strategy.
+
+The engine is an ``nn.Module`` wrapping the user's module (``engine.module``), as DeepSpeed's is,
+so ``engine(batch)``, ``engine.train()``, ``engine.parameters()`` behave as users expect.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from shardspeed.accelerator import get_accelerator
+from shardspeed.comm import Topology, broadcast, enable_comm_log, get_global_rank, get_rank
+from shardspeed.config import ShardspeedConfig, resolve_batch_sizes
+from shardspeed.data import build_dataloader
+from shardspeed.engine.components import make_optimizer, make_scheduler, param_groups
+from shardspeed.engine.timers import Timers
+from shardspeed.precision import LossScaler, PrecisionPolicy
+from shardspeed.zero import StrategyOptions, make_strategy
+
+log = logging.getLogger("shardspeed")
+
+_DDP_BUCKET_BYTES = 25 * 2**20  # stage 0's default bucket, as DDP's bucket_cap_mb
+
+
+class ShardspeedEngine(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, config: ShardspeedConfig, topo: Topology, local_rank: int = 0,
+                 optimizer: Any = None, model_parameters: Any = None, lr_scheduler: Any = None,
+                 training_data: Any = None, collate_fn: Any = None):
+        super().__init__()
+        self.config = config
+        self.topo = topo
+        self.batch = resolve_batch_sizes(config.train_batch_size, config.train_micro_batch_size_per_gpu,
+                                         config.gradient_accumulation_steps, topo.dp_world_size)
+        self.policy = PrecisionPolicy.from_config(config)
+        self.accelerator = get_accelerator()
+        self.device = self.accelerator.device(local_rank)
+        self.module = model.to(device=self.device)
+        if self.policy.compute != torch.float32:
+            self.module.to(dtype=self.policy.compute)
+        self._broadcast_module()
+        self.strategy = make_strategy(config.zero_optimization.stage, self.module, topo, self._strategy_options())
+        self.optimizer, opt_clip = make_optimizer(config, optimizer, param_groups(self.module, model_parameters),
+                                                  self.strategy)
+        self.clip_norm = config.gradient_clipping or opt_clip
+        self.lr_scheduler = make_scheduler(config, lr_scheduler, self.optimizer)
+        self.loss_scaler = LossScaler.from_config(config.fp16) if config.fp16.enabled else None
+        self.training_dataloader = None
+        if training_data is not None:
+            self.training_dataloader = build_dataloader(
+                training_data, self.batch.train_micro_batch_size_per_gpu, topo.dp_rank, topo.dp_world_size,
+                collate_fn=collate_fn, drop_last=config.dataloader_drop_last)
+        self.global_steps = 0
+        self.micro_steps = 0
+        self.skipped_steps = 0
+        self.global_samples = 0
+        self.timers = Timers(config.wall_clock_breakdown, self.accelerator.synchronize)
+        self.comm_stats = enable_comm_log(config.comms_logger.verbose) if config.comms_logger.enabled else None
+        self._in_no_sync = False
+        self._loss_sum = 0.0
+        self._loss_count = 0
+        self._last_print = (time.perf_counter(), 0)
+        if config.memory_breakdown and get_rank() == 0:
+            log.info("memory breakdown (bytes): %s", self.memory_breakdown())
+
+    def _strategy_options(self) -> StrategyOptions:
+        z = self.config.zero_optimization
+        if "reduce_bucket_size" in z.model_fields_set:
+            bucket = z.reduce_bucket_size
+        else:
+            bucket = _DDP_BUCKET_BYTES // torch.tensor([], dtype=self.policy.grad_accum).element_size()
+        return StrategyOptions(
+            compute_dtype=self.policy.compute, grad_accum_dtype=self.policy.grad_accum,
+            reduce_dtype=self.policy.reduce, bucket_numel=bucket, prescale=self.config.prescale_gradients,
+            predivide_factor=self.config.gradient_predivide_factor,
+            overlap=z.overlap_comm if z.overlap_comm is not None else True)
+
+    def _broadcast_module(self) -> None:
+        """Start every data-parallel replica from rank 0's parameters and buffers."""
+        if self.topo.dp_world_size == 1:
+            return
+        src = get_global_rank(self.topo.dp_group, 0)
+        with torch.no_grad():
+            for t in list(self.module.parameters()) + list(self.module.buffers()):
+                broadcast(t.data, src=src, group=self.topo.dp_group)
+
+    # -- sizes and state --------------------------------------------------------------------------
+    def train_batch_size(self) -> int:
+        return self.batch.train_batch_size
+
+    def train_micro_batch_size_per_gpu(self) -> int:
+        return self.batch.train_micro_batch_size_per_gpu
+
+    def gradient_accumulation_steps(self) -> int:
+        return self.batch.gradient_accumulation_steps
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return (self.micro_steps + 1) % self.batch.gradient_accumulation_steps == 0
+
+    def get_lr(self) -> list[float]:
+        return [g["lr"] for g in self.optimizer.param_groups] if self.optimizer else []
+
+    def get_global_grad_norm(self) -> float | None:
+        return getattr(self, "_last_grad_norm", None)
+
+    @property
+    def loss_scale(self) -> float:
+        return self.loss_scaler.scale if self.loss_scaler else 1.0
+
+    @property
+    def dp_world_size(self) -> int:
+        return self.topo.dp_world_size
+
+    def memory_breakdown(self) -> dict[str, int]:
+        """Bytes this rank holds for parameters, gradients, optimizer state and module buffers."""
+        out = dict(self.strategy.state_bytes())
+        seen: set[int] = set()
+        opt_bytes = 0
+        if self.optimizer is not None:
+            for st in self.optimizer.state.values():
+                for v in st.values():
+                    if torch.is_tensor(v) and v.data_ptr() not in seen:
+                        seen.add(v.data_ptr())
+                        opt_bytes += v.numel() * v.element_size()
+        out["optimizer_states"] = opt_bytes
+        out["buffers"] = sum(b.numel() * b.element_size() for b in self.module.buffers())
+        return out
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with self.timers("forward"):
+            args, kwargs = self._to_device((args, kwargs))
+            return self.module(*args, **kwargs)
+
+    def _to_device(self, obj: Any) -> Any:
+        """Move tensors to this rank's device; floating inputs take the compute dtype."""
+        if torch.is_tensor(obj):
+            dtype = self.policy.compute if obj.is_floating_point() else None
+            return obj.to(device=self.device, dtype=dtype)
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self._to_device(x) for x in obj)
+        if isinstance(obj, dict):
+            return {k: self._to_device(v) for k, v in obj.items()}
+        return obj
+
+    def backward(self, loss: torch.Tensor, retain_graph: bool = False, scale_wrt_gas: bool = True) -> torch.Tensor:
+        """Backpropagate ``loss`` scaled by 1/gradient_accumulation_steps (and the fp16 loss scale).
+        Gradients are reduced across data-parallel ranks only on the boundary micro-batch."""
+        if not torch.is_tensor(loss) or loss.numel() != 1:
+            raise ValueError(f"engine.backward expects a scalar loss tensor, got {type(loss).__name__}"
+                             f"{' of shape ' + str(tuple(loss.shape)) if torch.is_tensor(loss) else ''}")
+        with self.timers("backward"):
+            self.strategy.reduce_enabled = self.is_gradient_accumulation_boundary() and not self._in_no_sync
+            scale = self.loss_scale / (self.batch.gradient_accumulation_steps if scale_wrt_gas else 1)
+            (loss.float() * scale).backward(retain_graph=retain_graph)
+            self.strategy.finish_backward()
+        self._loss_sum += loss.detach().float().item()
+        self._loss_count += 1
+        return loss
+
+    @contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward inside skips the gradient reduction (it happens on the next backward outside)."""
+        prev, self._in_no_sync = self._in_no_sync, True
+        try:
+            yield
+        finally:
+            self._in_no_sync = prev
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.strategy.zero_grad()
+
+    def step(self) -> None:
+        """At an accumulation boundary: update the parameters; otherwise only count the micro-batch."""
+        if self.is_gradient_accumulation_boundary():
+            if self._in_no_sync:
+                raise RuntimeError("engine.step() at a gradient accumulation boundary inside no_sync(): "
+                                   "gradients were never reduced; leave no_sync() before the boundary step")
+            if self.optimizer is None:
+                raise RuntimeError("engine.step() needs an optimizer: pass initialize(optimizer=...) or add an "
+                                   "'optimizer' section to the config")
+            with self.timers("step"):
+                self._optimizer_step()
+            self.global_steps += 1
+            self.global_samples += self.batch.train_batch_size
+            self._maybe_print()
+        self.micro_steps += 1
+
+    def _optimizer_step(self) -> None:
+        with self.timers("reduce_wait"):
+            self.strategy.wait_reductions()
+        norm_sq = self.strategy.grad_norm_sq()
+        scale = self.loss_scale
+        if not torch.isfinite(norm_sq):
+            self._skip_step(scale)
+            return
+        if self.loss_scaler is not None:
+            self.loss_scaler.update(overflow=False)
+        norm = math.sqrt(norm_sq.item()) / scale
+        self._last_grad_norm = norm
+        factor = 1.0 / scale
+        if self.clip_norm > 0:
+            clip = self.clip_norm / (norm + 1e-6)
+            if clip < 1.0:
+                factor *= clip
+        if factor != 1.0:
+            self.strategy.scale_grads(factor)
+        self.optimizer.step()
+        self.strategy.after_step()
+        self.strategy.zero_grad()
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+
+    def _skip_step(self, scale: float) -> None:
+        if self.loss_scaler is None:
+            raise FloatingPointError(
+                f"gradient norm is not finite at step {self.global_steps} (fp32/bf16 training has no loss scale "
+                "to lower): check the loss for nan/inf or lower the learning rate")
+        self.loss_scaler.update(overflow=True)
+        self.skipped_steps += 1
+        self.strategy.zero_grad()
+        if get_rank() == 0:
+            log.warning("step %d: fp16 gradient overflow, step skipped; loss scale %g -> %g",
+                        self.global_steps, scale, self.loss_scaler.scale)
+
+    def _maybe_print(self) -> None:
+        every = self.config.steps_per_print
+        if not every or self.global_steps % every != 0:
+            return
+        now = time.perf_counter()
+        then, steps_then = self._last_print
+        samples_per_s = (self.global_steps - steps_then) * self.batch.train_batch_size / max(now - then, 1e-9)
+        self._last_print = (now, self.global_steps)
+        loss = self._loss_sum / max(self._loss_count, 1)
+        self._loss_sum, self._loss_count = 0.0, 0
+        breakdown = self.timers.summary_ms() if self.config.wall_clock_breakdown else {}
+        if get_rank() != 0:
+            return
+        lr = ",".join(f"{x:.3e}" for x in self.get_lr())
+        msg = (f"step={self.global_steps} loss={loss:.4f} lr={lr} loss_scale={self.loss_scale:g} "
+               f"samples/s={samples_per_s:.2f} skipped={self.skipped_steps}")
+        if breakdown:
+            msg += " | " + " ".join(f"{k}={v:.1f}ms" for k, v in sorted(breakdown.items()))
+        log.info(msg)

@@ -1,0 +1,1 @@
+"""DeepSpeed-compatible import paths for the optimizers (``deepspeed.ops.adam.FusedAdam`` etc.)."""

@@ -1,0 +1,5 @@
+"""``shardspeed.ops.lamb.FusedLamb``: the name DeepSpeed scripts import."""
+
+from shardspeed.optim.lamb import FusedLamb
+
+__all__ = ["FusedLamb"]

@@ -1,0 +1,158 @@
+"""Stage 0: every rank holds everything; gradients are averaged with bucketed all-reduce
+overlapped with backward (what DDP does).
+
+[Note: gradient buffers] Each trainable parameter's gradient lives in a flat bucket buffer of the
+grad-accumulation dtype (fp32 by default). In fp32 training ``param.grad`` IS a view into that
+buffer, so autograd accumulates in place and nothing is copied. In bf16/fp16 training the module's
+low-precision gradient is added into the fp32 view by the post-accumulate hook and then freed; the
+fp32 master parameters (the optimizer's) point their ``.grad`` at the same views.
+
+[Note: launch order] Buckets are reduced strictly in index order, the same on every rank, even if
+a later bucket fills first: collectives must be issued in one order across ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from shardspeed.comm import Handle, Topology, all_reduce
+from shardspeed.zero.buckets import GradBucket, plan_buckets
+from shardspeed.zero.strategy import Strategy, StrategyOptions
+
+
+def _is_model_parallel(p: torch.Tensor) -> bool:
+    return bool(getattr(p, "model_parallel", False) or getattr(p, "tensor_model_parallel", False))
+
+
+class DataParallelStrategy(Strategy):
+    def __init__(self, module: torch.nn.Module, topo: Topology, opts: StrategyOptions):
+        super().__init__(module, topo, opts)
+        params = [p for _, p in self.named_params]
+        self.params = params
+        device = params[0].device if params else torch.device("cpu")
+        plans = plan_buckets([n for n, _ in self.named_params], [tuple(p.shape) for p in params],
+                             opts.bucket_numel)
+        self.buckets = [GradBucket(plan, opts.grad_accum_dtype, device) for plan in plans]
+        self._where: dict[int, tuple[int, int]] = {}  # id(param) -> (bucket, slot)
+        for b, bucket in enumerate(self.buckets):
+            for s, pid in enumerate(bucket.plan.param_ids):
+                self._where[id(params[pid])] = (b, s)
+        self.grads_in_module = opts.compute_dtype == opts.grad_accum_dtype
+        self.masters: dict[int, torch.Tensor] = {}
+        for p in params:
+            view = self._view(p)
+            if self.grads_in_module and p.dtype == torch.float32:
+                master = p  # fp32 training: the parameter is its own master (no copy)
+            else:
+                master = p.detach().to(torch.float32).clone()
+            master.grad = view
+            if self.grads_in_module:
+                p.grad = view
+            self.masters[id(p)] = master
+        self._handles: list[tuple[GradBucket, Handle, torch.Tensor | None]] = []
+        self._next = 0
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
+
+    def _view(self, p: torch.Tensor) -> torch.Tensor:
+        b, s = self._where[id(p)]
+        return self.buckets[b].views[s]
+
+    def master_for(self, param: torch.nn.Parameter) -> torch.Tensor:
+        try:
+            return self.masters[id(param)]
+        except KeyError:
+            raise ValueError("the optimizer holds a parameter that is not a trainable parameter of the model "
+                             "(requires_grad=False, or from another module)") from None
+
+    # -- backward ---------------------------------------------------------------------------------
+    def _on_grad(self, p: torch.Tensor) -> None:
+        b, s = self._where[id(p)]
+        bucket = self.buckets[b]
+        view = bucket.views[s]
+        if p.grad is not view:
+            if p.grad is not None and p.grad.data_ptr() != view.data_ptr():
+                view.add_(p.grad)
+            p.grad = view if self.grads_in_module else None
+        if not self.reduce_enabled:
+            return
+        if bucket.launched:
+            raise RuntimeError(
+                f"parameter '{bucket.plan.slots[s].name}' received a second gradient in one backward after "
+                "its bucket was reduced; with activation checkpointing use the non-reentrant form "
+                "(shardspeed.checkpointing.checkpoint or torch.utils.checkpoint(use_reentrant=False))")
+        bucket.ready += 1
+        if bucket.ready == len(bucket.plan.param_ids):
+            self._launch_ready()
+
+    def _launch_ready(self, flush: bool = False) -> None:
+        while self._next < len(self.buckets):
+            bucket = self.buckets[self._next]
+            if not flush and bucket.ready < len(bucket.plan.param_ids):
+                return
+            self._launch(bucket)
+            self._next += 1
+
+    def _launch(self, bucket: GradBucket) -> None:
+        bucket.launched = True
+        o = self.opts
+        wire = bucket.buffer if o.reduce_dtype == bucket.buffer.dtype else bucket.buffer.to(o.reduce_dtype)
+        if o.prescale and o.predivide_factor != 1.0:
+            wire.div_(o.predivide_factor)
+        handle = all_reduce(wire, group=self.topo.dp_group, async_op=o.overlap)
+        self._handles.append((bucket, handle, wire if wire is not bucket.buffer else None))
+
+    def finish_backward(self) -> None:
+        if self.reduce_enabled:
+            self._launch_ready(flush=True)
+
+    def wait_reductions(self) -> None:
+        self._launch_ready(flush=True)
+        o = self.opts
+        post = self.topo.dp_world_size / (o.predivide_factor if o.prescale else 1.0)
+        for bucket, handle, wire in self._handles:
+            handle.wait()
+            if wire is not None:
+                bucket.buffer.copy_(wire)
+            if post != 1.0:
+                bucket.buffer.div_(post)
+        self._handles.clear()
+        self._next = 0
+        for bucket in self.buckets:
+            bucket.reset()
+
+    # -- step -------------------------------------------------------------------------------------
+    def grad_norm_sq(self) -> torch.Tensor:
+        if self.topo.mp_world_size == 1:
+            sq = [torch.linalg.vector_norm(b.buffer, dtype=torch.float32) ** 2 for b in self.buckets]
+            return torch.stack(sq).sum() if sq else torch.zeros(())
+        # Model-parallel: a sliced parameter's norm is summed over the model-parallel group; a
+        # replicated one counts once (on model-parallel rank 0).
+        total = torch.zeros((), dtype=torch.float32)
+        for p in self.params:
+            if _is_model_parallel(p) or self.topo.mp_rank == 0:
+                total += torch.linalg.vector_norm(self._view(p), dtype=torch.float32) ** 2
+        all_reduce(total, group=self.topo.mp_group)
+        return total
+
+    def scale_grads(self, factor: float) -> None:
+        for b in self.buckets:
+            b.buffer.mul_(factor)
+
+    def after_step(self) -> None:
+        lowp = [p for p in self.params if self.masters[id(p)] is not p]
+        if lowp:
+            torch._foreach_copy_(lowp, [self.masters[id(p)] for p in lowp])
+
+    def zero_grad(self) -> None:
+        for b in self.buckets:
+            b.buffer.zero_()
+        if self.grads_in_module:
+            for p in self.params:
+                p.grad = self._view(p)
+
+    def state_bytes(self) -> dict[str, int]:
+        params = sum(p.numel() * p.element_size() for p in self.params)
+        masters = sum(m.numel() * m.element_size() for p in self.params
+                      if (m := self.masters[id(p)]) is not p)
+        grads = sum(b.buffer.numel() * b.buffer.element_size() for b in self.buckets)
+        return {"parameters": params, "gradients": grads, "master_parameters": masters}

@@ -1,0 +1,85 @@
+"""The contract between the engine and a ZeRO stage.
+
+[Note: who does what] The engine owns the training loop: loss scaling, clipping coefficient,
+optimizer.step(), scheduler, counters. A strategy owns where gradients and parameter copies live:
+it installs gradient hooks, reduces gradients (overlapped with backward), hands the optimizer its
+fp32 parameters, reports the gradient norm and overflow, and publishes updated parameters back to
+the module. The engine never branches on the stage; it calls these methods.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from shardspeed.comm import Topology
+
+
+@dataclass(frozen=True)
+class StrategyOptions:
+    compute_dtype: torch.dtype
+    grad_accum_dtype: torch.dtype
+    reduce_dtype: torch.dtype
+    bucket_numel: int
+    prescale: bool = False
+    predivide_factor: float = 1.0
+    overlap: bool = True
+
+
+class Strategy(ABC):
+    def __init__(self, module: torch.nn.Module, topo: Topology, opts: StrategyOptions):
+        self.module = module
+        self.topo = topo
+        self.opts = opts
+        self.named_params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        self.reduce_enabled = True  # false inside no_sync() and on non-boundary micro-batches
+
+    @abstractmethod
+    def master_for(self, param: torch.nn.Parameter) -> torch.Tensor:
+        """The fp32 tensor the optimizer updates in place of ``param``."""
+
+    @abstractmethod
+    def finish_backward(self) -> None:
+        """Called after autograd returns: start any reduction the hooks have not started."""
+
+    @abstractmethod
+    def wait_reductions(self) -> None:
+        """Block until every gradient reduction of this step is done (and averaged)."""
+
+    @abstractmethod
+    def grad_norm_sq(self) -> torch.Tensor:
+        """Squared global L2 norm of the (still loss-scaled) gradients the optimizer will see, as a
+        0-dim fp32 tensor, agreed across ranks. Non-finite means an fp16 overflow somewhere."""
+
+    @abstractmethod
+    def scale_grads(self, factor: float) -> None:
+        """Multiply the gradients the optimizer will see by ``factor`` (unscale and clip at once)."""
+
+    @abstractmethod
+    def after_step(self) -> None:
+        """Publish the updated fp32 parameters to the module's (possibly lower precision) parameters."""
+
+    @abstractmethod
+    def zero_grad(self) -> None:
+        """Forget this step's gradients."""
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes held by this rank for parameters, gradients and the strategy's own buffers."""
+        return {}
+
+    @contextmanager
+    def no_sync(self) -> Any:
+        prev = self.reduce_enabled
+        self.reduce_enabled = False
+        try:
+            yield
+        finally:
+            self.reduce_enabled = prev
+
+    def map_param_groups(self, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Replace the module's parameters in optimizer param groups by their masters."""
+        return [{**g, "params": [self.master_for(p) for p in g["params"]]} for g in groups]
