@@ -134,10 +134,12 @@ class DataParallelStrategy(Strategy):
         all_reduce(total, group=self.topo.mp_group)
         return total
 
+    @torch.no_grad()
     def scale_grads(self, factor: float) -> None:
         for b in self.buckets:
             b.buffer.mul_(factor)
 
+    @torch.no_grad()
     def after_step(self) -> None:
         lowp = [p for p in self.params if self.masters[id(p)] is not p]
         if lowp:

@@ -1,0 +1,3 @@
+from shardspeed.launcher.cli import main
+
+raise SystemExit(main())

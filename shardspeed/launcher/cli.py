@@ -1,0 +1,110 @@
+"""``shardspeed [--num_procs N | --num_gpus N] [--master_port P] script.py ARGS`` on one machine."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+
+from shardspeed.launcher.supervisor import RankSpec, Supervisor
+
+EXAMPLES = """examples:
+  shardspeed --num_procs 2 train.py --deepspeed --deepspeed_config ds_config.json
+  shardspeed --num_gpus 8 --master_port 29600 train.py
+  python -m shardspeed.launcher --num_procs 4 --module my_pkg.train --lr 1e-3
+"""
+
+DEFAULT_PORT = 29500
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="shardspeed", description="Launch a training script on several local ranks.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num_procs", "--num_gpus", dest="num_procs", type=int, default=None,
+                   help="ranks on this machine (default: number of GPUs, or 1 on CPU); e.g. --num_procs 2")
+    p.add_argument("--master_addr", default="127.0.0.1", help="address of rank 0 (default 127.0.0.1)")
+    p.add_argument("--master_port", type=int, default=None,
+                   help=f"TCP port of the rendezvous (default {DEFAULT_PORT}, or a free one if it is taken)")
+    p.add_argument("--no_local_rank", action="store_true",
+                   help="do not pass --local_rank=N to the script (LOCAL_RANK is still set)")
+    p.add_argument("--module", action="store_true", help="run the target as a module: python -m TARGET")
+    p.add_argument("--no_python", action="store_true", help="run the target as an executable, not with python")
+    p.add_argument("--no_prefix", action="store_true", help="do not prefix output lines with [rank N]")
+    p.add_argument("target", help="the training script (or module with --module)")
+    p.add_argument("target_args", nargs=argparse.REMAINDER, help="arguments for the script")
+    return p
+
+
+def _port_free(addr: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((addr, port))
+            return True
+        except OSError:
+            return False
+
+
+def pick_port(addr: str, requested: int | None) -> tuple[int, str | None]:
+    if requested is not None:
+        return requested, None
+    if _port_free(addr, DEFAULT_PORT):
+        return DEFAULT_PORT, None
+    with socket.socket() as s:
+        s.bind((addr, 0))
+        port = s.getsockname()[1]
+    return port, f"port {DEFAULT_PORT} is in use; using --master_port {port}"
+
+
+def default_num_procs() -> int:
+    try:
+        import torch
+
+        return max(torch.cuda.device_count(), 1)
+    except Exception:
+        return 1
+
+
+def rank_command(args: argparse.Namespace, local_rank: int) -> list[str]:
+    if args.no_python:
+        cmd = [args.target]
+    elif args.module:
+        cmd = [sys.executable, "-u", "-m", args.target]
+    else:
+        cmd = [sys.executable, "-u", args.target]
+    if not args.no_local_rank:
+        cmd.append(f"--local_rank={local_rank}")
+    return cmd + list(args.target_args)
+
+
+def rank_env(base: dict[str, str], rank: int, world: int, addr: str, port: int) -> dict[str, str]:
+    env = dict(base)
+    env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+               MASTER_ADDR=addr, MASTER_PORT=str(port), PYTHONUNBUFFERED="1")
+    # Ranks share the cores; oversubscribed intra-op threads slow every rank down (torchrun does the same).
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    n = args.num_procs if args.num_procs is not None else default_num_procs()
+    if n < 1:
+        print(f"shardspeed: --num_procs must be at least 1, got {n}", file=sys.stderr)
+        return 2
+    if not args.module and not args.no_python and not os.path.isfile(args.target):
+        print(f"shardspeed: training script not found: {os.path.abspath(args.target)}", file=sys.stderr)
+        return 2
+    port, note = pick_port(args.master_addr, args.master_port)
+    specs = [RankSpec(r, rank_command(args, r), rank_env(dict(os.environ), r, n, args.master_addr, port))
+             for r in range(n)]
+    sup = Supervisor(specs, prefix=not args.no_prefix)
+    if note:
+        sup.say(note)
+    sup.start()
+    return sup.wait()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

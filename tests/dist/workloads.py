@@ -1,0 +1,78 @@
+"""Training runs shared by the distributed tests: the engine on N ranks, and plain PyTorch in one
+process on the same data, so the two can be compared parameter by parameter."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from examples.gpt_model import GPT, GPTConfig, synthetic_batch
+
+TINY = GPTConfig(vocab=64, seq=16, layers=2, hidden=32, heads=4)
+
+
+def tiny_gpt(seed: int = 0, **overrides: Any) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**{**TINY.__dict__, **overrides}))
+
+
+def micro_slices(step: int, rank: int, world: int, micro: int, gas: int, cfg: GPTConfig = TINY):
+    """This rank's micro-batches of global step ``step`` (the global batch is micro*gas*world)."""
+    x, y = synthetic_batch(step, micro * gas * world, cfg.seq, cfg.vocab)
+    out = []
+    for k in range(gas):
+        start = (k * world + rank) * micro
+        out.append((x[start:start + micro], y[start:start + micro]))
+    return out
+
+
+def engine_run(rank: int, config: dict, steps: int, model_kwargs: dict | None = None) -> dict[str, Any]:
+    import shardspeed
+
+    model = tiny_gpt(**(model_kwargs or {}))
+    engine, _, _, _ = shardspeed.initialize(model=model, config=config)
+    world = engine.dp_world_size
+    losses = []
+    for step in range(steps):
+        total = 0.0
+        for x, y in micro_slices(step, engine.topo.dp_rank, world, engine.train_micro_batch_size_per_gpu(),
+                                 engine.gradient_accumulation_steps()):
+            loss = engine(x, y)
+            engine.backward(loss)
+            engine.step()
+            total += loss.item()
+        losses.append(total / engine.gradient_accumulation_steps())
+    params = {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
+    return {"params": params, "losses": losses, "global_steps": engine.global_steps,
+            "micro_steps": engine.micro_steps, "skipped": engine.skipped_steps, "lr": engine.get_lr(),
+            "memory": engine.memory_breakdown()}
+
+
+def reference_run(steps: int, global_batch: int, lr: float, weight_decay: float, clip: float,
+                  model_kwargs: dict | None = None) -> dict[str, Any]:
+    """Plain single-process PyTorch: full batch, AdamW, clip_grad_norm_."""
+    model = tiny_gpt(**(model_kwargs or {}))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    losses = []
+    for step in range(steps):
+        x, y = synthetic_batch(step, global_batch, TINY.seq, TINY.vocab)
+        opt.zero_grad()
+        loss = model(x, y)
+        loss.backward()
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        losses.append(loss.item())
+    return {"params": {n: p.detach().clone() for n, p in model.named_parameters()}, "losses": losses,
+            "model": copy.deepcopy(model)}
+
+
+def max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    worst = 0.0
+    for name in a:
+        diff = (a[name] - b[name]).abs().max().item()
+        scale = max(b[name].abs().max().item(), 1e-12)
+        worst = max(worst, diff / scale)
+    return worst
