@@ -29,8 +29,9 @@ class StepSchedule:
 
     def __init__(self, optimizer: torch.optim.Optimizer, last_batch_iteration: int = -1):
         self.optimizer = optimizer
-        self.last_batch_iteration = last_batch_iteration
-        self._apply(max(last_batch_iteration, 0))
+        # -1 (DeepSpeed's "not started") and 0 both mean: the first optimizer step uses step 0's lr.
+        self.last_batch_iteration = max(last_batch_iteration, 0)
+        self._apply(self.last_batch_iteration)
 
     def lr_at(self, step: int) -> list[float]:
         raise NotImplementedError
