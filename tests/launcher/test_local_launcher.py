@@ -1,0 +1,80 @@
+"""The local launcher, run as users run it: a real subprocess with real ranks."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+SCRIPTS = os.path.join(HERE, "scripts")
+
+
+def launch(*args, timeout=120):
+    cmd = [sys.executable, "-m", "shardspeed.launcher", *args]
+    start = time.monotonic()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return p.returncode, p.stdout + p.stderr, time.monotonic() - start
+
+
+def test_ranks_get_environment_and_local_rank():
+    code, out, _ = launch("--num_procs", "2", "--master_port", "29611", f"{SCRIPTS}/report.py", "--x", "1")
+    assert code == 0, out
+    for r in (0, 1):
+        assert (f"[rank {r}] env RANK={r} LOCAL_RANK={r} WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=29611 "
+                f"argv --local_rank={r} --x 1") in out
+
+
+def test_no_local_rank_and_module_and_num_gpus_alias():
+    code, out, _ = launch("--num_gpus", "2", "--no_local_rank", "--module", "tests.launcher.scripts.report")
+    assert code == 0, out
+    assert "[rank 1] env RANK=1" in out and "--local_rank" not in out
+
+
+def test_a_rank_that_raises_stops_the_job_with_its_code():
+    code, out, elapsed = launch("--num_procs", "3", f"{SCRIPTS}/faulty.py", "raise")
+    assert code == 1
+    assert "RuntimeError: boom on rank 1" in out
+    assert "[shardspeed] rank 1 exited with code 1; stopping the other ranks" in out
+    assert elapsed < 30  # the sleeping ranks were stopped, not waited for
+
+
+def test_a_rank_that_dies_is_named():
+    code, out, elapsed = launch("--num_procs", "2", f"{SCRIPTS}/faulty.py", "kill")
+    assert code == 128 + 9
+    assert "[shardspeed] rank 1 was killed by signal SIGKILL; stopping the other ranks" in out
+    assert elapsed < 30
+
+
+def test_ctrl_c_is_forwarded_to_every_rank():
+    p = subprocess.Popen([sys.executable, "-m", "shardspeed.launcher", "--num_procs", "2", f"{SCRIPTS}/faulty.py",
+                          "wait"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    ready = 0
+    while ready < 2:
+        line = p.stdout.readline()
+        assert line, "launcher ended early"
+        ready += "ready" in line
+    p.send_signal(signal.SIGINT)
+    out, _ = p.communicate(timeout=30)
+    assert p.returncode == 130
+    assert out.count("interrupted") == 2
+    assert "received SIGINT; stopping all ranks" in out
+
+
+def test_missing_script_is_named():
+    code, out, _ = launch("--num_procs", "2", "no_such_train.py")
+    assert code == 2 and f"training script not found: {ROOT}/no_such_train.py" in out
+
+
+def test_deepspeed_script_trains_on_two_ranks(tmp_path):
+    cfg = tmp_path / "ds_config.json"
+    cfg.write_text(json.dumps({"train_batch_size": 8, "gradient_accumulation_steps": 2, "gradient_clipping": 1.0,
+                               "optimizer": {"type": "Adam", "params": {"lr": 1e-3}}, "steps_per_print": 1}))
+    code, out, _ = launch("--num_procs", "2", f"{SCRIPTS}/ds_train.py", "--deepspeed", "--deepspeed_config",
+                          str(cfg), "--steps", "3")
+    assert code == 0, out
+    sums = sorted(line.split("checksum ")[1] for line in out.splitlines() if "checksum" in line)
+    assert len(sums) == 2 and sums[0] == sums[1] and sums[0].endswith("steps 3")
+    assert "[rank 0] [shardspeed] step=3 loss=" in out
