@@ -51,7 +51,7 @@ def evaluate(engine, data: CharWindows, batches: int = 8) -> float:
     engine.eval()
     losses = []
     for b in range(batches):
-        xs, ys = zip(*(data[i] for i in range(b * 16, (b + 1) * 16)))
+        xs, ys = zip(*(data[i] for i in range(b * 16, (b + 1) * 16)), strict=False)
         losses.append(engine(torch.stack(xs), torch.stack(ys)).float().item())
     engine.train()
     return sum(losses) / len(losses)

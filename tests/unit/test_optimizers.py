@@ -28,7 +28,7 @@ def _run(make_opt, steps=4, seed=0):
 
 
 def _close(a, b, tol=1e-6):
-    return all(torch.allclose(x, y, atol=tol, rtol=tol) for x, y in zip(a, b))
+    return all(torch.allclose(x, y, atol=tol, rtol=tol) for x, y in zip(a, b, strict=False))
 
 
 def test_ops_names_are_the_optimizers():
@@ -52,7 +52,7 @@ def _adam_reference(params, grads_seq, lr, b1, b2, eps, wd, decoupled, bias_corr
     m = [torch.zeros_like(p) for p in params]
     v = [torch.zeros_like(p) for p in params]
     for t, grads in enumerate(grads_seq, start=1):
-        for i, (p, g) in enumerate(zip(params, grads)):
+        for i, (p, g) in enumerate(zip(params, grads, strict=False)):
             if wd and decoupled:
                 p.mul_(1 - lr * wd)
             elif wd:
@@ -82,7 +82,7 @@ def _lamb_reference(params, grads_seq, lr, b1, b2, eps, wd, max_grad_norm, max_c
     for t, grads in enumerate(grads_seq, start=1):
         total = math.sqrt(sum(float(g.norm()) ** 2 for g in grads))
         clip = (total + 1e-6) / max_grad_norm if max_grad_norm > 0 else 1.0
-        for i, (p, g) in enumerate(zip(params, grads)):
+        for i, (p, g) in enumerate(zip(params, grads, strict=False)):
             if clip > 1:
                 g = g / clip
             m[i] = b1 * m[i] + (1 - b1) * g

@@ -5,7 +5,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
 
-import torch  # noqa: E402
 
 import shardspeed as deepspeed  # noqa: E402
 from tests.dist.workloads import micro_slices, tiny_gpt  # noqa: E402
