@@ -13,8 +13,12 @@ from shardspeed.optim import build_optimizer, build_scheduler
 from shardspeed.zero import Strategy
 
 
-def param_groups(module: torch.nn.Module, model_parameters: Iterable[Any] | None) -> list[dict[str, Any]]:
-    """Normalise ``model_parameters`` (tensors, (name, tensor) pairs, or param-group dicts)."""
+def param_groups(module: torch.nn.Module, model_parameters: Iterable[Any] | None,
+                 client_optimizer: Any = None) -> list[dict[str, Any]]:
+    """The optimizer's param groups over module parameters: the client optimizer's, or
+    ``model_parameters`` normalised (tensors, (name, tensor) pairs, or param-group dicts)."""
+    if isinstance(client_optimizer, torch.optim.Optimizer):
+        return [{"params": list(g["params"])} for g in client_optimizer.param_groups]
     if model_parameters is None:
         return [{"params": [p for p in module.parameters() if p.requires_grad]}]
     items = list(model_parameters)
@@ -32,18 +36,38 @@ def make_optimizer(cfg: ShardspeedConfig, client: Any, groups: list[dict[str, An
     if isinstance(client, torch.optim.Optimizer):
         if any(client.state.values()):
             raise ValueError("the client optimizer has already taken steps; pass a fresh optimizer to initialize()")
-        for group in client.param_groups:
-            group["params"] = [strategy.master_for(p) for p in group["params"]]
+        _check_tested(cfg, client)
+        mapped = strategy.map_param_groups([{"params": g["params"]} for g in client.param_groups])
+        for group, new in zip(client.param_groups, mapped, strict=True):
+            group["params"] = new["params"]
         client.state.clear()
         return client, 0.0
     master_groups = strategy.map_param_groups(groups)
     if callable(client):
-        return client(master_groups), 0.0
+        opt = client(master_groups)
+        _check_tested(cfg, opt)
+        return opt, 0.0
     if client is not None:
         raise TypeError(f"optimizer must be a torch.optim.Optimizer or a callable(params), got {type(client)}")
     if cfg.optimizer is None:
         return None, 0.0
     return build_optimizer(cfg.optimizer, master_groups)
+
+
+# Optimizers whose update is elementwise (so it is the same on a flat shard) or that know how to
+# finish per-parameter norms across shards (set_partition).
+_ZERO_SAFE = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad, torch.optim.RMSprop)
+
+
+def _check_tested(cfg: ShardspeedConfig, optimizer: torch.optim.Optimizer) -> None:
+    if cfg.zero_optimization.stage == 0 or cfg.zero_allow_untested_optimizer:
+        return
+    if isinstance(optimizer, _ZERO_SAFE) or hasattr(optimizer, "set_partition"):
+        return
+    raise ConfigError(
+        f"{type(optimizer).__name__} has not been tested with ZeRO stage {cfg.zero_optimization.stage}: ZeRO "
+        "gives it flat shards of parameters, which is only correct for elementwise updates (Adam, AdamW, SGD, "
+        "Adagrad, RMSprop, Lamb). If its update is elementwise, set \"zero_allow_untested_optimizer\": true")
 
 
 def make_scheduler(cfg: ShardspeedConfig, client: Any, optimizer: torch.optim.Optimizer | None) -> Any:

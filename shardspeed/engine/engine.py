@@ -42,12 +42,18 @@ class ShardspeedEngine(torch.nn.Module):
         self.accelerator = get_accelerator()
         self.device = self.accelerator.device(local_rank)
         self.module = model.to(device=self.device)
-        if self.policy.compute != torch.float32:
-            self.module.to(dtype=self.policy.compute)
         self._broadcast_module()
-        self.strategy = make_strategy(config.zero_optimization.stage, self.module, topo, self._strategy_options())
-        self.optimizer, opt_clip = make_optimizer(config, optimizer, param_groups(self.module, model_parameters),
-                                                  self.strategy)
+        groups = param_groups(self.module, model_parameters, optimizer)
+        self.strategy = make_strategy(config.zero_optimization.stage, self.module, topo, self._strategy_options(),
+                                      [g["params"] for g in groups])
+        if self.policy.compute != torch.float32:
+            # After the strategy took its fp32 masters from the full-precision weights: masters made
+            # from already-rounded bf16 weights would start training from a perturbed model.
+            # ``Module.to`` keeps each Parameter object (it swaps ``.data``), so hooks stay attached.
+            self.module.to(dtype=self.policy.compute)
+        self.optimizer, opt_clip = make_optimizer(config, optimizer, groups, self.strategy)
+        if self.optimizer is not None:
+            self.strategy.attach_optimizer(self.optimizer)
         self.clip_norm = config.gradient_clipping or opt_clip
         self.lr_scheduler = make_scheduler(config, lr_scheduler, self.optimizer)
         self.loss_scaler = LossScaler.from_config(config.fp16) if config.fp16.enabled else None
@@ -63,6 +69,7 @@ class ShardspeedEngine(torch.nn.Module):
         self.timers = Timers(config.wall_clock_breakdown, self.accelerator.synchronize)
         self.comm_stats = enable_comm_log(config.comms_logger.verbose) if config.comms_logger.enabled else None
         self._in_no_sync = False
+        self._last_grad_norm: float | None = None
         self._loss_sum = 0.0
         self._loss_count = 0
         self._last_print = (time.perf_counter(), 0)
@@ -107,7 +114,8 @@ class ShardspeedEngine(torch.nn.Module):
         return [g["lr"] for g in self.optimizer.param_groups] if self.optimizer else []
 
     def get_global_grad_norm(self) -> float | None:
-        return getattr(self, "_last_grad_norm", None)
+        """The global gradient norm of the last step (None unless clipping or fp16 needed it)."""
+        return self._last_grad_norm
 
     @property
     def loss_scale(self) -> float:
@@ -156,7 +164,7 @@ class ShardspeedEngine(torch.nn.Module):
             raise ValueError(f"engine.backward expects a scalar loss tensor, got {type(loss).__name__}"
                              f"{' of shape ' + str(tuple(loss.shape)) if torch.is_tensor(loss) else ''}")
         with self.timers("backward"):
-            self.strategy.reduce_enabled = self.is_gradient_accumulation_boundary() and not self._in_no_sync
+            self.strategy.begin_backward(self.is_gradient_accumulation_boundary())
             scale = self.loss_scale / (self.batch.gradient_accumulation_steps if scale_wrt_gas else 1)
             (loss.float() * scale).backward(retain_graph=retain_graph)
             self.strategy.finish_backward()
@@ -169,7 +177,8 @@ class ShardspeedEngine(torch.nn.Module):
         """Backward inside skips the gradient reduction (it happens on the next backward outside)."""
         prev, self._in_no_sync = self._in_no_sync, True
         try:
-            yield
+            with self.strategy.no_sync():
+                yield
         finally:
             self._in_no_sync = prev
 
@@ -195,20 +204,21 @@ class ShardspeedEngine(torch.nn.Module):
     def _optimizer_step(self) -> None:
         with self.timers("reduce_wait"):
             self.strategy.wait_reductions()
-        norm_sq = self.strategy.grad_norm_sq()
         scale = self.loss_scale
-        if not torch.isfinite(norm_sq):
-            self._skip_step(scale)
-            return
-        if self.loss_scaler is not None:
-            self.loss_scaler.update(overflow=False)
-        norm = math.sqrt(norm_sq.item()) / scale
-        self._last_grad_norm = norm
         factor = 1.0 / scale
-        if self.clip_norm > 0:
-            clip = self.clip_norm / (norm + 1e-6)
-            if clip < 1.0:
-                factor *= clip
+        # The global norm costs a full pass over the gradients: take it only when clipping or fp16
+        # overflow detection needs it.
+        if self.clip_norm > 0 or self.loss_scaler is not None:
+            norm_sq = self.strategy.grad_norm_sq()
+            if not torch.isfinite(norm_sq):
+                self._skip_step(scale)
+                return
+            if self.loss_scaler is not None:
+                self.loss_scaler.update(overflow=False)
+            norm = math.sqrt(norm_sq.item()) / scale
+            self._last_grad_norm = norm
+            if self.clip_norm > 0:
+                factor *= min(1.0, self.clip_norm / (norm + 1e-6))
         if factor != 1.0:
             self.strategy.scale_grads(factor)
         self.optimizer.step()

@@ -32,13 +32,43 @@ class FusedLamb(torch.optim.Optimizer):
                         max_grad_norm=max_grad_norm, max_coeff=max_coeff, min_coeff=min_coeff)
         super().__init__(params, defaults)
         self.norm_reducer: NormReducer | None = None
+        self._segments: dict[int, list[tuple[int, int, int]]] | None = None
+        self._num_units = 0
         self.last_coeffs: list[torch.Tensor] = []
 
-    def _sum_sq(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        if not tensors:
-            return torch.zeros(0)
-        local = torch.stack([n.float() ** 2 for n in torch._foreach_norm(tensors)])
-        return self.norm_reducer(local) if self.norm_reducer is not None else local
+    def set_partition(self, segments: dict[int, list[tuple[int, int, int]]], num_params: int,
+                      reducer: NormReducer) -> None:
+        """Declare that each optimized tensor holds slices of full parameters: ``segments[id(t)]``
+        lists (parameter index, offset in t, length); ``reducer`` sums a vector across the ranks
+        that hold the other slices."""
+        self._segments, self._num_units, self.norm_reducer = segments, num_params, reducer
+
+    def _layout(self, params: list[torch.Tensor]) -> tuple[list[tuple[int, int, int, int]], int]:
+        """(tensor index, unit, offset, length) for each piece, and the number of units (parameters
+        whose norms are wanted): whole tensors, or the full parameters behind partition segments."""
+        if self._segments is None:
+            return [(i, i, 0, p.numel()) for i, p in enumerate(params)], len(params)
+        return [(i, u, off, n) for i, p in enumerate(params) for u, off, n in self._segments[id(p)]], self._num_units
+
+    @staticmethod
+    def _pieces(tensors: list[torch.Tensor], layout: list[tuple[int, int, int, int]]) -> list[torch.Tensor]:
+        return [tensors[i].view(-1)[off:off + n] for i, _, off, n in layout]
+
+    def _unit_sq(self, tensor_lists: list[list[torch.Tensor]], layout: list[tuple[int, int, int, int]],
+                 units: int) -> list[torch.Tensor]:
+        """Squared L2 norm per unit for each list of tensors, finished across ranks in ONE collective."""
+        ids = torch.tensor([u for _, u, _, _ in layout], dtype=torch.long)
+        vecs = []
+        for tensors in tensor_lists:
+            vec = torch.zeros(units, dtype=torch.float32)
+            if layout:
+                norms = torch.stack(torch._foreach_norm(self._pieces(tensors, layout))).float()
+                vec.index_add_(0, ids, norms * norms)
+            vecs.append(vec)
+        both = torch.cat(vecs)
+        if self.norm_reducer is not None:
+            both = self.norm_reducer(both)
+        return list(both.split(units))
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -56,8 +86,9 @@ class FusedLamb(torch.optim.Optimizer):
     def _group_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> torch.Tensor:
         grads = [p.grad for p in params]
         beta1, beta2 = group["betas"]
+        layout, units = self._layout(params)
         if group["max_grad_norm"] > 0:
-            total = self._sum_sq(grads).sum().sqrt()
+            total = self._unit_sq([grads], layout, units)[0].sum().sqrt()
             clip = (total + 1e-6) / group["max_grad_norm"]
             if clip > 1:
                 grads = torch._foreach_div(grads, clip)
@@ -85,10 +116,12 @@ class FusedLamb(torch.optim.Optimizer):
         update = torch._foreach_div(torch._foreach_div(m, bc1), denom)
         if group["weight_decay"] != 0:
             torch._foreach_add_(update, params, alpha=group["weight_decay"])
-        w_norm = self._sum_sq(params).sqrt()
-        u_norm = self._sum_sq(update).sqrt()
+        w_sq, u_sq = self._unit_sq([params, update], layout, units)
+        w_norm, u_norm = w_sq.sqrt(), u_sq.sqrt()
         ratio = (w_norm / u_norm).clamp(group["min_coeff"], group["max_coeff"])
         coeff = torch.where((w_norm > 0) & (u_norm > 0), ratio, torch.ones_like(ratio))
-        torch._foreach_mul_(update, list(coeff.unbind()))
+        if layout:
+            per_piece = coeff[torch.tensor([u for _, u, _, _ in layout], dtype=torch.long)]
+            torch._foreach_mul_(self._pieces(update, layout), list(per_piece.unbind()))
         torch._foreach_add_(params, update, alpha=-group["lr"])
         return coeff

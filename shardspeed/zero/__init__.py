@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 from shardspeed.comm import Topology
+from shardspeed.zero.local import LocalStrategy
+from shardspeed.zero.sharded import ShardedStrategy, Stage2Strategy
 from shardspeed.zero.stage0 import DataParallelStrategy
 from shardspeed.zero.strategy import Strategy, StrategyOptions
 
@@ -13,13 +15,23 @@ class ZeroStageNotSupported(NotImplementedError):
     pass
 
 
-def make_strategy(stage: int, module: torch.nn.Module, topo: Topology, opts: StrategyOptions) -> Strategy:
-    """The strategy for ``zero_optimization.stage``, chosen once per engine."""
+def make_strategy(stage: int, module: torch.nn.Module, topo: Topology, opts: StrategyOptions,
+                  groups: list[list[torch.nn.Parameter]]) -> Strategy:
+    """The strategy for ``zero_optimization.stage``, chosen once per engine. ``groups``: the
+    parameters of each optimizer param group (partitions never mix groups)."""
     if stage == 0:
+        single = topo.dp_world_size == 1 and topo.mp_world_size == 1
+        if single and opts.compute_dtype == torch.float32 and opts.grad_accum_dtype == torch.float32:
+            return LocalStrategy(module, topo, opts)
         return DataParallelStrategy(module, topo, opts)
+    if stage == 1:
+        return ShardedStrategy(module, topo, opts, groups)
+    if stage == 2:
+        return Stage2Strategy(module, topo, opts, groups)
     raise ZeroStageNotSupported(
         f"zero_optimization.stage {stage} is not supported yet in this version of shardspeed; "
-        "use stage 0 (set \"zero_optimization\": {\"stage\": 0} or remove the section)")
+        "use stage 0, 1 or 2")
 
 
-__all__ = ["DataParallelStrategy", "Strategy", "StrategyOptions", "ZeroStageNotSupported", "make_strategy"]
+__all__ = ["DataParallelStrategy", "LocalStrategy", "ShardedStrategy", "Stage2Strategy", "Strategy",
+           "StrategyOptions", "ZeroStageNotSupported", "make_strategy"]

@@ -37,6 +37,16 @@ class Strategy(ABC):
         self.opts = opts
         self.named_params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         self.reduce_enabled = True  # false inside no_sync() and on non-boundary micro-batches
+        self._no_sync = False
+
+    def begin_backward(self, boundary: bool) -> None:
+        """Called before autograd runs; ``boundary``: this micro-batch ends an accumulation cycle.
+        Stages that keep full gradients reduce only at the boundary (like DDP's no_sync)."""
+        self.reduce_enabled = boundary and not self._no_sync
+
+    def attach_optimizer(self, optimizer: Any) -> None:
+        """Called once the optimizer over this strategy's masters exists."""
+        del optimizer  # nothing to wire unless parameters are partitioned
 
     @abstractmethod
     def master_for(self, param: torch.nn.Parameter) -> torch.Tensor:
@@ -73,12 +83,11 @@ class Strategy(ABC):
 
     @contextmanager
     def no_sync(self) -> Any:
-        prev = self.reduce_enabled
-        self.reduce_enabled = False
+        prev, self._no_sync = self._no_sync, True
         try:
             yield
         finally:
-            self.reduce_enabled = prev
+            self._no_sync = prev
 
     def map_param_groups(self, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Replace the module's parameters in optimizer param groups by their masters."""

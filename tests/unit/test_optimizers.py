@@ -118,7 +118,7 @@ def test_lamb_trust_ratio_is_clamped_and_one_for_zero_weights():
     assert opt.last_coeffs[0].tolist() == [1.0, 2.0]
 
 
-def test_lamb_norm_reducer_sees_one_entry_per_tensor():
+def test_lamb_finishes_weight_and_update_norms_in_one_reduction():
     seen = []
     p = [torch.ones(3, requires_grad=True), torch.ones(2, requires_grad=True)]
     opt = FusedLamb(p, lr=0.1)
@@ -126,7 +126,7 @@ def test_lamb_norm_reducer_sees_one_entry_per_tensor():
     for t in p:
         t.grad = torch.ones_like(t)
     opt.step()
-    assert seen == [torch.Size([2]), torch.Size([2])]
+    assert seen == [torch.Size([4])]  # (||w||^2, ||u||^2) of both tensors in one vector
 
 
 def test_build_optimizer_types_and_params():

@@ -1,0 +1,60 @@
+"""Shared by the benchmarks: the anchors' GPT model and data, step timing, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from examples.gpt_model import GPT, GPTConfig, synthetic_batch  # noqa: E402
+
+# The anchors' GPT-2-like model (../shared/anchors/RESULTS.md): 27.37M parameters.
+ANCHOR = GPTConfig(vocab=8192, seq=128, layers=6, hidden=512, heads=8)
+OUT = os.path.join(ROOT, "benchmarks", "out")
+
+
+def build_model(cfg: GPTConfig = ANCHOR, seed: int = 1234) -> GPT:
+    import torch
+
+    torch.manual_seed(seed)
+    return GPT(cfg)
+
+
+def batch(step: int, size: int, cfg: GPTConfig = ANCHOR):
+    return synthetic_batch(step, size, cfg.seq, cfg.vocab)
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def append_result(name: str, row: dict) -> None:
+    os.makedirs(OUT, exist_ok=True)
+    with open(os.path.join(OUT, f"{name}.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def read_results(name: str) -> list[dict]:
+    path = os.path.join(OUT, f"{name}.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def launch(nprocs: int, script: str, *args: str, env: dict | None = None) -> None:
+    cmd = [sys.executable, "-m", "shardspeed.launcher", "--num_procs", str(nprocs), "--no_local_rank", script, *args]
+    subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start

@@ -1,0 +1,264 @@
+"""ZeRO stages 1 and 2: optimizer states (stage 1) and gradients too (stage 2) partitioned across
+the data-parallel group. Layout: see ``partition.py`` [Note: layout].
+
+[Note: what each rank holds] Module parameters are views into one full flat buffer per bucket
+(compute dtype); the all-gather after the step rebuilds it in place. The fp32 master of this
+rank's shard is a view of that buffer in fp32 training (no second copy) and an fp32 copy otherwise.
+Stage 1 keeps a full gradient buffer per bucket (autograd accumulates into it across micro-batches;
+one reduce-scatter at the boundary, in place, leaves this rank's averaged shard at [lo, hi)).
+Stage 2 keeps only the fp32 gradient shard: each micro-batch's gradients are gathered into a
+temporary full bucket, reduce-scattered as soon as the bucket is complete (overlapping backward),
+added to the shard, and the temporary bucket is freed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from shardspeed.comm import Handle, Topology, all_gather, all_reduce, reduce_scatter
+from shardspeed.zero.partition import ShardedBucketPlan, plan_sharded_buckets, shard_segments
+from shardspeed.zero.strategy import Strategy, StrategyOptions
+
+
+class ShardedBucket:
+    def __init__(self, splan: ShardedBucketPlan, params: list[torch.nn.Parameter], rank: int,
+                 opts: StrategyOptions, keep_full_grads: bool):
+        self.splan = splan
+        self.params = params  # in slot order
+        self.lo, self.hi = splan.shard_range(rank)
+        device = params[0].device
+        flat = torch.zeros(splan.padded, dtype=torch.float32, device=device)
+        for slot, p in zip(splan.plan.slots, params, strict=True):
+            flat[slot.offset:slot.offset + slot.numel].copy_(p.detach().reshape(-1))
+        if opts.compute_dtype == torch.float32:
+            self.param_buffer = flat
+            self.master = flat[self.lo:self.hi]  # fp32 training: the shard IS the parameters
+        else:
+            self.master = flat[self.lo:self.hi].clone()
+            self.param_buffer = flat.to(opts.compute_dtype)
+        self.param_views = [self.param_buffer[s.offset:s.offset + s.numel].view(s.shape) for s in splan.plan.slots]
+        with torch.no_grad():
+            for p, view in zip(params, self.param_views, strict=True):
+                p.data = view
+        self.accum_dtype = opts.grad_accum_dtype
+        self.keep_full_grads = keep_full_grads
+        self.grad_full: torch.Tensor | None = None
+        if keep_full_grads:
+            self.grad_full = torch.zeros(splan.padded, dtype=self.accum_dtype, device=device)
+        # stage 1 in fp32: the reduce-scatter writes the averaged shard in place, into [lo, hi)
+        self.shard_in_full = keep_full_grads and self.accum_dtype == torch.float32
+        self.master_is_view = opts.compute_dtype == torch.float32
+        self.grad_shard = (self.grad_full[self.lo:self.hi] if self.shard_in_full
+                           else torch.zeros(splan.shard, dtype=torch.float32, device=device))
+        self.master.grad = self.grad_shard
+        self.shard_fresh = True  # grad_shard holds no reduced gradient yet this step
+        self.ready = 0
+        self.launched = False
+
+    def ensure_full(self) -> torch.Tensor:
+        """The full gradient bucket (stage 2 allocates it for the length of one backward)."""
+        if self.grad_full is None:
+            self.grad_full = torch.zeros(self.splan.padded, dtype=self.accum_dtype, device=self.param_buffer.device)
+        return self.grad_full
+
+    def full_grad_view(self, slot_index: int) -> torch.Tensor:
+        s = self.splan.plan.slots[slot_index]
+        return self.ensure_full()[s.offset:s.offset + s.numel].view(s.shape)
+
+    def complete(self) -> bool:
+        return self.ready == len(self.params)
+
+
+class ShardedStrategy(Strategy):
+    keep_full_grads = True  # stage 1
+
+    def __init__(self, module: torch.nn.Module, topo: Topology, opts: StrategyOptions,
+                 groups: list[list[torch.nn.Parameter]]):
+        super().__init__(module, topo, opts)
+        name_of = {id(p): n for n, p in self.named_params}
+        in_groups = {id(p) for g in groups for p in g}
+        # trainable parameters no optimizer group holds are still reduced, in a group of their own
+        rest = [p for _, p in self.named_params if id(p) not in in_groups]
+        self.groups = [list(g) for g in groups] + ([rest] if rest else [])
+        for g in self.groups:
+            for p in g:
+                if id(p) not in name_of:
+                    raise ValueError("the optimizer holds a parameter that is not a trainable parameter of the model")
+        plans = plan_sharded_buckets([[name_of[id(p)] for p in g] for g in self.groups],
+                                     [[tuple(p.shape) for p in g] for g in self.groups],
+                                     opts.bucket_numel, topo.dp_world_size)
+        by_name = {n: p for n, p in self.named_params}
+        self.buckets = [ShardedBucket(sp, [by_name[s.name] for s in sp.plan.slots], topo.dp_rank, opts,
+                                      self.keep_full_grads) for sp in plans]
+        self._where = {id(p): (b, s) for b, bk in enumerate(self.buckets) for s, p in enumerate(bk.params)}
+        self.grads_in_module = self.keep_full_grads and opts.compute_dtype == opts.grad_accum_dtype
+        if self.grads_in_module:
+            for bucket in self.buckets:
+                for s, p in enumerate(bucket.params):
+                    p.grad = bucket.full_grad_view(s)
+        self._inflight: list[tuple[ShardedBucket, Handle, torch.Tensor, torch.Tensor | None]] = []
+        self._next = 0
+        self._boundary = True
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for _, p in self.named_params]
+
+    # -- optimizer wiring -------------------------------------------------------------------------
+    def master_for(self, param: torch.nn.Parameter) -> torch.Tensor:
+        raise ValueError("with ZeRO the optimizer holds flat shards; use map_param_groups")
+
+    def map_param_groups(self, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out = []
+        for i, g in enumerate(groups):
+            if [id(p) for p in g["params"]] != [id(p) for p in self.groups[i]]:
+                raise ValueError(f"optimizer param group {i} differs from the one the ZeRO partitions were planned for")
+            out.append({**g, "params": [b.master for b in self.buckets if b.splan.group == i]})
+        return out
+
+    def attach_optimizer(self, optimizer: Any) -> None:
+        """Per-parameter optimizers (LAMB) need full-parameter norms of their shards (lamb.py's note)."""
+        if not hasattr(optimizer, "set_partition"):
+            return
+        index = {name: i for i, (name, _) in enumerate(self.named_params)}
+        segments = {id(b.master): [(index[s.slot.name], s.shard_offset, s.length)
+                                   for s in shard_segments(b.splan, self.topo.dp_rank)] for b in self.buckets}
+        group = self.topo.dp_group
+
+        def reduce_sum(v: torch.Tensor) -> torch.Tensor:
+            all_reduce(v, group=group)
+            return v
+
+        optimizer.set_partition(segments, len(self.named_params), reduce_sum)
+
+    # -- backward ---------------------------------------------------------------------------------
+    def begin_backward(self, boundary: bool) -> None:
+        self._boundary = boundary
+        super().begin_backward(boundary)
+
+    def _on_grad(self, p: torch.Tensor) -> None:
+        b, s = self._where[id(p)]
+        bucket = self.buckets[b]
+        view = bucket.full_grad_view(s)
+        if p.grad is not view:
+            if p.grad is not None and p.grad.data_ptr() != view.data_ptr():
+                view.add_(p.grad)
+            p.grad = view if self.grads_in_module else None
+        if not self.reduce_enabled:
+            return
+        if bucket.launched:
+            raise RuntimeError(
+                f"parameter '{bucket.splan.plan.slots[s].name}' received a second gradient in one backward after "
+                "its bucket was reduced; with activation checkpointing use the non-reentrant form")
+        bucket.ready += 1
+        if bucket.complete():
+            self._launch_ready()
+
+    def _launch_ready(self, flush: bool = False) -> None:
+        while self._next < len(self.buckets):
+            bucket = self.buckets[self._next]
+            if not flush and not bucket.complete():
+                return
+            self._launch(bucket)
+            self._next += 1
+
+    def _launch(self, bucket: ShardedBucket) -> None:
+        bucket.launched = True
+        o = self.opts
+        full = bucket.ensure_full()  # zeros if no gradient reached it: every rank joins every collective
+        wire = full if o.reduce_dtype == full.dtype else full.to(o.reduce_dtype)
+        if o.prescale and o.predivide_factor != 1.0:
+            wire.div_(o.predivide_factor)
+        direct = bucket.shard_fresh and wire.dtype == bucket.grad_shard.dtype
+        out = bucket.grad_shard if direct else wire.new_empty(bucket.splan.shard)
+        handle = reduce_scatter(out, wire, group=self.topo.dp_group, async_op=o.overlap)
+        self._inflight.append((bucket, handle, out, wire))
+
+    def finish_backward(self) -> None:
+        if self.reduce_enabled:
+            self._launch_ready(flush=True)
+
+    def _drain(self) -> None:
+        o = self.opts
+        post = self.topo.dp_world_size / (o.predivide_factor if o.prescale else 1.0)
+        for bucket, handle, out, _wire in self._inflight:
+            handle.wait()
+            if out is bucket.grad_shard:
+                out.div_(post)
+            else:
+                bucket.grad_shard.add_(out.to(bucket.grad_shard.dtype), alpha=1.0 / post)
+            bucket.shard_fresh = False
+            if not bucket.keep_full_grads:
+                bucket.grad_full = None  # the temporary full bucket goes back to the allocator
+        self._inflight.clear()
+        self._next = 0
+        for bucket in self.buckets:
+            bucket.ready = 0
+            bucket.launched = False
+
+    def wait_reductions(self) -> None:
+        self._launch_ready(flush=True)
+        self._drain()
+
+    # -- step -------------------------------------------------------------------------------------
+    def grad_norm_sq(self) -> torch.Tensor:
+        sq = [torch.linalg.vector_norm(b.grad_shard, dtype=torch.float32) ** 2 for b in self.buckets]
+        total = torch.stack(sq).sum() if sq else torch.zeros(())
+        all_reduce(total, group=self.topo.dp_group)  # one collective: the global norm, and any overflow
+        if self.topo.mp_world_size > 1:
+            all_reduce(total, group=self.topo.mp_group)
+        return total
+
+    @torch.no_grad()
+    def scale_grads(self, factor: float) -> None:
+        for b in self.buckets:
+            b.grad_shard.mul_(factor)
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        handles = []
+        for b in self.buckets:
+            shard = b.param_buffer[b.lo:b.hi]
+            if not b.master_is_view:
+                shard.copy_(b.master)
+            handles.append(all_gather(b.param_buffer, shard, group=self.topo.dp_group, async_op=True))
+        for h in handles:
+            h.wait()
+
+    def zero_grad(self) -> None:
+        for b in self.buckets:
+            if b.keep_full_grads:
+                b.ensure_full().zero_()
+            if not b.shard_in_full:
+                b.grad_shard.zero_()
+            b.shard_fresh = True
+            for s, p in enumerate(b.params):
+                p.grad = b.full_grad_view(s) if self.grads_in_module else None
+
+    def state_bytes(self) -> dict[str, int]:
+        def nbytes(t: torch.Tensor | None) -> int:
+            return 0 if t is None else t.numel() * t.element_size()
+
+        out = {"parameters": 0, "gradients": 0, "master_parameters": 0}
+        for b in self.buckets:
+            out["parameters"] += nbytes(b.param_buffer)
+            out["gradients"] += nbytes(b.grad_full) if b.keep_full_grads else 0
+            out["gradients"] += 0 if b.shard_in_full else nbytes(b.grad_shard)
+            out["master_parameters"] += 0 if b.master_is_view else nbytes(b.master)
+        return out
+
+
+class Stage2Strategy(ShardedStrategy):
+    keep_full_grads = False
+
+    def begin_backward(self, boundary: bool) -> None:
+        if self._no_sync:
+            raise RuntimeError("no_sync() is not supported with ZeRO stage 2: gradients are partitioned, so every "
+                               "micro-batch is reduced into this rank's shard; use stage 0 or 1 for no_sync()")
+        self._boundary = boundary
+        self.reduce_enabled = True  # every micro-batch: no rank keeps full gradients to accumulate into
+
+    def finish_backward(self) -> None:
+        self._launch_ready(flush=True)
+        if not self._boundary:
+            self._drain()  # free the temporary buckets before the next micro-batch
+
