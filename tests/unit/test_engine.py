@@ -8,7 +8,7 @@ import torch
 
 import shardspeed
 from shardspeed.config import ConfigError
-from tests.dist.workloads import max_rel_diff, micro_slices, reference_run, tiny_gpt
+from tests.distributed.workloads import max_rel_diff, micro_slices, reference_run, tiny_gpt
 
 ADAMW = {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.01}}
 

@@ -7,7 +7,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirna
 
 
 import shardspeed as deepspeed  # noqa: E402
-from tests.dist.workloads import micro_slices, tiny_gpt  # noqa: E402
+from tests.distributed.workloads import micro_slices, tiny_gpt  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--steps", type=int, default=3)

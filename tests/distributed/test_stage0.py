@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from tests.dist.harness import run_ranks
-from tests.dist.workloads import engine_run, max_rel_diff, reference_run
+from tests.distributed.harness import run_ranks
+from tests.distributed.workloads import engine_run, max_rel_diff, reference_run
 
 pytestmark = pytest.mark.world_size(2)
 
@@ -71,7 +71,7 @@ def test_prescale_and_communication_dtype():
 
 def _overflow_worker(rank):
     import shardspeed
-    from tests.dist.workloads import micro_slices, tiny_gpt
+    from tests.distributed.workloads import micro_slices, tiny_gpt
 
     model = tiny_gpt()
     cfg = {"train_batch_size": 4, "optimizer": ADAMW, "steps_per_print": None,
@@ -101,7 +101,7 @@ def test_fp16_overflow_on_one_rank_skips_everywhere():
 
 def _no_sync_worker(rank):
     import shardspeed
-    from tests.dist.workloads import micro_slices, tiny_gpt
+    from tests.distributed.workloads import micro_slices, tiny_gpt
 
     model = tiny_gpt()
     cfg = {"train_batch_size": 8, "gradient_accumulation_steps": 2, "optimizer": ADAMW, "steps_per_print": None}
@@ -134,7 +134,7 @@ def _mpu_worker(rank):
     import torch.distributed as dist
 
     import shardspeed
-    from tests.dist.workloads import micro_slices, tiny_gpt
+    from tests.distributed.workloads import micro_slices, tiny_gpt
 
     class MPU:  # model-parallel size 2: each rank is its own data-parallel group
         def __init__(self):

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from tests.dist.harness import run_ranks
-from tests.dist.workloads import ODD, engine_run, max_rel_diff, reference_run, tiny_gpt
+from tests.distributed.harness import run_ranks
+from tests.distributed.workloads import ODD, engine_run, max_rel_diff, reference_run, tiny_gpt
 
 ADAMW = {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.01}}
 
@@ -77,7 +77,7 @@ def test_memory_and_comm_volume_match_theory(stage):
 
 def _no_sync_stage2(rank):
     import shardspeed
-    from tests.dist.workloads import micro_slices, tiny_gpt
+    from tests.distributed.workloads import micro_slices, tiny_gpt
 
     engine, *_ = shardspeed.initialize(model=tiny_gpt(), config=_config(2, 2))
     (x, y), _ = micro_slices(0, rank, 2, 2, 2)

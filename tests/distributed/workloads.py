@@ -89,6 +89,6 @@ def max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
     assert a.keys() == b.keys()
     worst = 0.0
     for name in a:
-        diff = torch.linalg.vector_norm((a[name].double() - b[name].double())).item()
+        diff = torch.linalg.vector_norm(a[name].double() - b[name].double()).item()
         worst = max(worst, diff / max(torch.linalg.vector_norm(b[name].double()).item(), 1e-30))
     return worst
