@@ -95,7 +95,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
             if dead and q.empty():
                 for p in procs:
                     p.kill()
-                raise RuntimeError(f"ranks {dead} died with exit codes {[procs[i].exitcode for i in dead]}")
+                raise RuntimeError(f"ranks {dead} died with exit codes {[procs[i].exitcode for i in dead]}") from None
             continue
         if status == "ok":
             results[rank] = pickle.loads(payload)
