@@ -1,6 +1,7 @@
-"""Stage 0 step time against torch DDP, fp32 and bf16, 2 ranks, side by side in one run.
+"""Step time of shardspeed ZeRO stages against torch DDP and DeepSpeed, fp32 and bf16, 2 ranks, side by
+side in one run.
 
-    .venv/bin/python benchmarks/bench_stage0.py [--reps 2]
+    .venv/bin/python benchmarks/bench_speed.py --stages 0,1,2 [--reps 2] [--ds-venv ../.venv-deepspeed]
 
 Model: the anchors' GPT (27.37M parameters), global batch 8, AdamW, no clipping. Runs alternate
 between the modes (and reverse order on odd repetitions) so machine drift hits both alike.
@@ -10,14 +11,34 @@ bf16 for DDP is torch.autocast (fp32 parameters, bf16 matmuls), what a plain PyT
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import OUT, launch, median, read_results  # noqa: E402
+from common import OUT, ROOT, append_result, launch, median, read_results  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dp_worker.py")
+
+
+def run_deepspeed(ds_venv: str, zero: int, dtype: str, tag: str) -> None:
+    """DeepSpeed itself, through the anchors' script (same dimensions; its model adds a qkv bias)."""
+    tmp = tempfile.mkdtemp()
+    shutil.copy(os.path.join(ROOT, "..", "shared", "anchors", "bench.py"), tmp)
+    out = os.path.join(tmp, "ds.jsonl")
+    subprocess.run([os.path.join(ds_venv, "bin", "torchrun"), "--standalone", "--nproc_per_node", "2",
+                    os.path.join(tmp, "bench.py"), "--mode", "ds", "--zero", str(zero), "--dtype", dtype,
+                    "--ds-clip", "0", "--no-count", "--out", out], check=True, cwd=tmp,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    with open(out) as f:
+        rec = json.loads(f.readline())
+    append_result("stage0", {"mode": "deepspeed", "dtype": dtype, "stage": zero, "tag": tag,
+                             "median_step_s": rec["median_step_s"], "times": rec["step_times"],
+                             "losses": rec["losses"]})
 
 
 def summarize(tag: str, stages: list[int]) -> str:
@@ -27,7 +48,7 @@ def summarize(tag: str, stages: list[int]) -> str:
     ref_loss = next((r["losses"] for r in rows if r["mode"] == "ddp" and r["dtype"] == "fp32"), None)
     for dtype in ("fp32", "bf16"):
         ddp = [r["median_step_s"] for r in rows if r["mode"] == "ddp" and r["dtype"] == dtype]
-        for mode, stage in [("ddp", 0)] + [("shardspeed", s) for s in stages]:
+        for mode, stage in [("ddp", 0)] + [("shardspeed", s) for s in stages] + [("deepspeed", s) for s in stages]:
             mine = [r for r in rows if r["mode"] == mode and r["dtype"] == dtype and r["stage"] == stage]
             if not mine:
                 continue
@@ -35,7 +56,10 @@ def summarize(tag: str, stages: list[int]) -> str:
             ratio = med / median(ddp) if ddp else float("nan")
             losses = mine[0]["losses"]
             diff = max(abs(a - b) for a, b in zip(losses, ref_loss, strict=True)) if ref_loss else float("nan")
-            name = "torch DDP" if mode == "ddp" else f"shardspeed stage {stage}"
+            if mode == "deepspeed":  # another model init (anchors' script): its loss is not comparable
+                diff = float("nan")
+            name = {"ddp": "torch DDP", "shardspeed": f"shardspeed stage {stage}",
+                    "deepspeed": f"DeepSpeed ZeRO-{stage}"}[mode]
             reps = " / ".join(f"{r['median_step_s']:.3f}" for r in mine)
             lines.append(f"| {name} | {dtype} | {med:.3f} ({reps}) | {ratio:.3f} | {losses[0]:.4f} / "
                          f"{losses[-1]:.4f} | {diff:.1e} |")
@@ -47,15 +71,23 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--stages", default="0", help="comma-separated shardspeed ZeRO stages to include")
     ap.add_argument("--tag", default="run")
+    ap.add_argument("--ds-venv", default=os.path.join(ROOT, "..", ".venv-deepspeed"),
+                    help="venv with deepspeed (skipped when absent)")
     args = ap.parse_args()
+    has_ds = os.path.exists(os.path.join(args.ds_venv, "bin", "torchrun"))
     stages = [int(s) for s in args.stages.split(",")]
     modes = [("ddp", "fp32", 0), ("ddp", "bf16", 0)]
     modes += [("shardspeed", d, s) for d in ("fp32", "bf16") for s in stages]
+    if has_ds:
+        modes += [("deepspeed", d, s) for d in ("fp32", "bf16") for s in stages]
     path = os.path.join(OUT, "stage0.jsonl")
     for rep in range(args.reps):
         for mode, dtype, stage in (modes if rep % 2 == 0 else modes[::-1]):
             print(f"rep {rep}: {mode} {dtype} stage {stage}", flush=True)
-            launch(2, WORKER, "--mode", mode, "--dtype", dtype, "--stage", str(stage), "--tag", args.tag)
+            if mode == "deepspeed":
+                run_deepspeed(args.ds_venv, stage, dtype, args.tag)
+            else:
+                launch(2, WORKER, "--mode", mode, "--dtype", dtype, "--stage", str(stage), "--tag", args.tag)
     print(summarize(args.tag, stages))
     print(f"raw: {path}")
 
