@@ -25,16 +25,31 @@ class GPTConfig:
     tie_embeddings: bool = False
 
 
+class Linear(nn.Linear):
+    """GPT-2's init (normal 0.02, zero bias) done in the module's own constructor, so it also runs
+    when the model is built partitioned under ``shardspeed.zero.Init``."""
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=0.02)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class Embedding(nn.Embedding):
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=0.02)
+
+
 class Block(nn.Module):
     def __init__(self, c: GPTConfig):
         super().__init__()
         self.heads = c.heads
         self.ln1 = nn.LayerNorm(c.hidden)
-        self.qkv = nn.Linear(c.hidden, 3 * c.hidden, bias=False)
-        self.proj = nn.Linear(c.hidden, c.hidden)
+        self.qkv = Linear(c.hidden, 3 * c.hidden, bias=False)
+        self.proj = Linear(c.hidden, c.hidden)
         self.ln2 = nn.LayerNorm(c.hidden)
-        self.fc = nn.Linear(c.hidden, 4 * c.hidden)
-        self.out = nn.Linear(4 * c.hidden, c.hidden)
+        self.fc = Linear(c.hidden, 4 * c.hidden)
+        self.out = Linear(4 * c.hidden, c.hidden)
         self.drop = nn.Dropout(c.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,21 +66,13 @@ class GPT(nn.Module):
     def __init__(self, c: GPTConfig):
         super().__init__()
         self.c = c
-        self.tok = nn.Embedding(c.vocab, c.hidden)
-        self.pos = nn.Embedding(c.seq, c.hidden)
+        self.tok = Embedding(c.vocab, c.hidden)
+        self.pos = Embedding(c.seq, c.hidden)
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.layers))
         self.ln = nn.LayerNorm(c.hidden)
-        self.head = nn.Linear(c.hidden, c.vocab, bias=False)
+        self.head = Linear(c.hidden, c.vocab, bias=False)
         if c.tie_embeddings:
             self.head.weight = self.tok.weight
-        self.apply(self._init)
-
-    @staticmethod
-    def _init(m: nn.Module) -> None:
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
-        if isinstance(m, nn.Linear) and m.bias is not None:
-            nn.init.zeros_(m.bias)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         t = tokens.shape[1]

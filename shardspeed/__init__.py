@@ -3,7 +3,7 @@
 A DeepSpeed script runs after ``import shardspeed as deepspeed``.
 """
 
-from shardspeed import ops
+from shardspeed import ops, zero
 from shardspeed.comm import init_distributed
 from shardspeed.config import ConfigError, ShardspeedConfig
 from shardspeed.data import RepeatingLoader
@@ -13,4 +13,4 @@ __version__ = "0.1.0"
 DeepSpeedEngine = ShardspeedEngine  # the name DeepSpeed scripts type-check against
 
 __all__ = ["ConfigError", "DeepSpeedEngine", "RepeatingLoader", "ShardspeedConfig", "ShardspeedEngine",
-           "__version__", "add_config_arguments", "init_distributed", "initialize", "ops"]
+           "__version__", "add_config_arguments", "init_distributed", "initialize", "ops", "zero"]

@@ -8,6 +8,7 @@ branches on "is distributed initialised"; collectives on a one-rank group return
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from datetime import timedelta
@@ -63,6 +64,9 @@ def init_distributed(
         return env
     accel = get_accelerator()
     backend = dist_backend or accel.dist_backend
+    # Tear the group down before the interpreter does: a gloo group left to Python's finalisation
+    # can abort the process ("terminate called without an active exception") after a clean run.
+    atexit.register(destroy)
     timeout = timeout or comm_timeout()
     accel.set_device(env.local_rank)
     if env.world_size == 1 and init_method is None and env.source == "none":

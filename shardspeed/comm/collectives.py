@@ -79,6 +79,8 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum", group: ProcessGroup | None
 def reduce_scatter(output: torch.Tensor, input: torch.Tensor, group: ProcessGroup | None = None,
                    async_op: bool = False) -> Handle:
     """Sum ``input`` (world_size equal chunks) across ranks; rank r receives chunk r in ``output``."""
+    if get_world_size(group) == 1 and output.data_ptr() != input.data_ptr():
+        output.copy_(input)
     nbytes = input.numel() * input.element_size()
     return _run("reduce_scatter", nbytes, group, async_op,
                 lambda: _reduce_scatter_flat(output, input, group=group, async_op=async_op))

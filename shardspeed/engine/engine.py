@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,7 +23,7 @@ from shardspeed.data import build_dataloader
 from shardspeed.engine.components import make_optimizer, make_scheduler, param_groups
 from shardspeed.engine.timers import Timers
 from shardspeed.precision import LossScaler, PrecisionPolicy
-from shardspeed.zero import StrategyOptions, make_strategy
+from shardspeed.zero import Stage3Options, StrategyOptions, make_strategy
 
 log = logging.getLogger("shardspeed")
 
@@ -44,8 +45,12 @@ class ShardspeedEngine(torch.nn.Module):
         self.module = model.to(device=self.device)
         self._broadcast_module()
         groups = param_groups(self.module, model_parameters, optimizer)
-        self.strategy = make_strategy(config.zero_optimization.stage, self.module, topo, self._strategy_options(),
-                                      [g["params"] for g in groups])
+        z = config.zero_optimization
+        z3 = Stage3Options(prefetch_numel=z.stage3_prefetch_bucket_size,
+                           persistence_threshold=z.stage3_param_persistence_threshold,
+                           max_live_numel=z.stage3_max_live_parameters)
+        self.strategy = make_strategy(z.stage, self.module, topo, self._strategy_options(),
+                                      [g["params"] for g in groups], z3)
         if self.policy.compute != torch.float32:
             # After the strategy took its fp32 masters from the full-precision weights: masters made
             # from already-rounded bf16 weights would start training from a perturbed model.
@@ -86,7 +91,8 @@ class ShardspeedEngine(torch.nn.Module):
             compute_dtype=self.policy.compute, grad_accum_dtype=self.policy.grad_accum,
             reduce_dtype=self.policy.reduce, bucket_numel=bucket, prescale=self.config.prescale_gradients,
             predivide_factor=self.config.gradient_predivide_factor,
-            overlap=z.overlap_comm if z.overlap_comm is not None else True)
+            overlap=z.overlap_comm if z.overlap_comm is not None else True, reduce_scatter=z.reduce_scatter,
+            allgather_partitions=z.allgather_partitions, allgather_numel=z.allgather_bucket_size)
 
     def _broadcast_module(self) -> None:
         """Start every data-parallel replica from rank 0's parameters and buffers."""
@@ -139,6 +145,18 @@ class ShardspeedEngine(torch.nn.Module):
         out["optimizer_states"] = opt_bytes
         out["buffers"] = sum(b.numel() * b.element_size() for b in self.module.buffers())
         return out
+
+    def save_16bit_model(self, save_dir: str, save_filename: str = "pytorch_model.bin") -> bool:
+        """Write the module's full state dict in its compute dtype (rank 0 writes; every rank must call
+        it, since under ZeRO stage 3 gathering the parameters is a collective)."""
+        state = {k: v.detach().to(self.policy.compute) if v.is_floating_point() else v.detach()
+                 for k, v in self.module.state_dict().items()}
+        if get_rank() == 0:
+            os.makedirs(save_dir, exist_ok=True)
+            path = os.path.join(save_dir, save_filename)
+            torch.save(state, path + ".tmp")
+            os.replace(path + ".tmp", path)  # never a half-written file under the real name
+        return True
 
     # -- the loop ---------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:

@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _port_free(addr: str, port: int) -> bool:
     with socket.socket() as s:
+        # as the rendezvous store will: a port in TIME_WAIT from the previous job is free to use
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((addr, port))
             return True

@@ -5,9 +5,12 @@ from __future__ import annotations
 import torch
 
 from shardspeed.comm import Topology
+from shardspeed.zero.gathered import GatheredParameters
+from shardspeed.zero.init import Init
 from shardspeed.zero.local import LocalStrategy
 from shardspeed.zero.sharded import ShardedStrategy, Stage2Strategy
 from shardspeed.zero.stage0 import DataParallelStrategy
+from shardspeed.zero.stage3 import Stage3Options, Stage3Strategy, register_external_parameter
 from shardspeed.zero.strategy import Strategy, StrategyOptions
 
 
@@ -16,7 +19,7 @@ class ZeroStageNotSupported(NotImplementedError):
 
 
 def make_strategy(stage: int, module: torch.nn.Module, topo: Topology, opts: StrategyOptions,
-                  groups: list[list[torch.nn.Parameter]]) -> Strategy:
+                  groups: list[list[torch.nn.Parameter]], z3: Stage3Options | None = None) -> Strategy:
     """The strategy for ``zero_optimization.stage``, chosen once per engine. ``groups``: the
     parameters of each optimizer param group (partitions never mix groups)."""
     if stage == 0:
@@ -28,10 +31,11 @@ def make_strategy(stage: int, module: torch.nn.Module, topo: Topology, opts: Str
         return ShardedStrategy(module, topo, opts, groups)
     if stage == 2:
         return Stage2Strategy(module, topo, opts, groups)
-    raise ZeroStageNotSupported(
-        f"zero_optimization.stage {stage} is not supported yet in this version of shardspeed; "
-        "use stage 0, 1 or 2")
+    if stage == 3:
+        return Stage3Strategy(module, topo, opts, groups, z3 or Stage3Options())
+    raise ZeroStageNotSupported(f"zero_optimization.stage {stage}: expected 0, 1, 2 or 3")
 
 
-__all__ = ["DataParallelStrategy", "LocalStrategy", "ShardedStrategy", "Stage2Strategy", "Strategy",
-           "StrategyOptions", "ZeroStageNotSupported", "make_strategy"]
+__all__ = ["DataParallelStrategy", "GatheredParameters", "Init", "LocalStrategy", "ShardedStrategy", "Stage2Strategy",
+           "Stage3Options", "Stage3Strategy", "Strategy", "StrategyOptions", "ZeroStageNotSupported", "make_strategy",
+           "register_external_parameter"]

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from shardspeed.comm import Handle, Topology, all_gather, all_reduce, reduce_scatter
+from shardspeed.comm import Handle, Topology, all_gather, all_reduce, broadcast, get_global_rank, reduce_scatter
 from shardspeed.zero.partition import ShardedBucketPlan, plan_sharded_buckets, shard_segments
 from shardspeed.zero.strategy import Strategy, StrategyOptions
 
@@ -101,6 +101,7 @@ class ShardedStrategy(Strategy):
         self._inflight: list[tuple[ShardedBucket, Handle, torch.Tensor, torch.Tensor | None]] = []
         self._next = 0
         self._boundary = True
+        self._pending = False
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for _, p in self.named_params]
 
     # -- optimizer wiring -------------------------------------------------------------------------
@@ -133,6 +134,7 @@ class ShardedStrategy(Strategy):
     # -- backward ---------------------------------------------------------------------------------
     def begin_backward(self, boundary: bool) -> None:
         self._boundary = boundary
+        self._pending = True
         super().begin_backward(boundary)
 
     def _on_grad(self, p: torch.Tensor) -> None:
@@ -168,6 +170,10 @@ class ShardedStrategy(Strategy):
         wire = full if o.reduce_dtype == full.dtype else full.to(o.reduce_dtype)
         if o.prescale and o.predivide_factor != 1.0:
             wire.div_(o.predivide_factor)
+        if not o.reduce_scatter:  # DeepSpeed's reduce_scatter: false: average everything, keep the shard
+            handle = all_reduce(wire, group=self.topo.dp_group, async_op=o.overlap)
+            self._inflight.append((bucket, handle, wire[bucket.lo:bucket.hi], wire))
+            return
         direct = bucket.shard_fresh and wire.dtype == bucket.grad_shard.dtype
         out = bucket.grad_shard if direct else wire.new_empty(bucket.splan.shard)
         handle = reduce_scatter(out, wire, group=self.topo.dp_group, async_op=o.overlap)
@@ -182,30 +188,36 @@ class ShardedStrategy(Strategy):
         post = self.topo.dp_world_size / (o.predivide_factor if o.prescale else 1.0)
         for bucket, handle, out, _wire in self._inflight:
             handle.wait()
-            if out is bucket.grad_shard:
-                out.div_(post)
-            else:
+            if out.data_ptr() == bucket.grad_shard.data_ptr() and out.dtype == bucket.grad_shard.dtype:
+                bucket.grad_shard.div_(post)  # reduced in place
+            else:  # a fresh shard is zeros, so adding is also right for the first micro-batch
                 bucket.grad_shard.add_(out.to(bucket.grad_shard.dtype), alpha=1.0 / post)
             bucket.shard_fresh = False
             if not bucket.keep_full_grads:
                 bucket.grad_full = None  # the temporary full bucket goes back to the allocator
         self._inflight.clear()
+        self._pending = False
         self._next = 0
         for bucket in self.buckets:
             bucket.ready = 0
             bucket.launched = False
 
     def wait_reductions(self) -> None:
+        if not self._pending:  # nothing produced since the last wait: reducing again would be wrong
+            return
         self._launch_ready(flush=True)
         self._drain()
 
     # -- step -------------------------------------------------------------------------------------
     def grad_norm_sq(self) -> torch.Tensor:
+        if self.topo.mp_world_size > 1:
+            by_name = dict(self.named_params)
+            return self._model_parallel_norm_sq([
+                (b.grad_shard[s.shard_offset:s.shard_offset + s.length], by_name[s.slot.name])
+                for b in self.buckets for s in shard_segments(b.splan, self.topo.dp_rank)])
         sq = [torch.linalg.vector_norm(b.grad_shard, dtype=torch.float32) ** 2 for b in self.buckets]
         total = torch.stack(sq).sum() if sq else torch.zeros(())
         all_reduce(total, group=self.topo.dp_group)  # one collective: the global norm, and any overflow
-        if self.topo.mp_world_size > 1:
-            all_reduce(total, group=self.topo.mp_group)
         return total
 
     @torch.no_grad()
@@ -215,12 +227,26 @@ class ShardedStrategy(Strategy):
 
     @torch.no_grad()
     def after_step(self) -> None:
-        handles = []
+        """Rebuild every rank's full parameters from the updated shards, in place."""
+        handles: list[Handle] = []
+        in_flight = 0
+        world, group = self.topo.dp_world_size, self.topo.dp_group
         for b in self.buckets:
             shard = b.param_buffer[b.lo:b.hi]
             if not b.master_is_view:
                 shard.copy_(b.master)
-            handles.append(all_gather(b.param_buffer, shard, group=self.topo.dp_group, async_op=True))
+            if in_flight + b.splan.padded > self.opts.allgather_numel and handles:
+                for h in handles:  # bound what is in flight (allgather_bucket_size)
+                    h.wait()
+                handles, in_flight = [], 0
+            if self.opts.allgather_partitions:
+                handles.append(all_gather(b.param_buffer, shard, group=group, async_op=True))
+            else:  # DeepSpeed's allgather_partitions: false: every rank broadcasts its own shard
+                for r in range(world):
+                    lo, hi = b.splan.shard_range(r)
+                    handles.append(broadcast(b.param_buffer[lo:hi], src=get_global_rank(group, r), group=group,
+                                             async_op=True))
+            in_flight += b.splan.padded
         for h in handles:
             h.wait()
 
@@ -255,6 +281,7 @@ class Stage2Strategy(ShardedStrategy):
             raise RuntimeError("no_sync() is not supported with ZeRO stage 2: gradients are partitioned, so every "
                                "micro-batch is reduced into this rank's shard; use stage 0 or 1 for no_sync()")
         self._boundary = boundary
+        self._pending = True
         self.reduce_enabled = True  # every micro-batch: no rank keeps full gradients to accumulate into
 
     def finish_backward(self) -> None:

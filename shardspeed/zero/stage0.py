@@ -20,10 +20,6 @@ from shardspeed.zero.buckets import GradBucket, plan_buckets
 from shardspeed.zero.strategy import Strategy, StrategyOptions
 
 
-def _is_model_parallel(p: torch.Tensor) -> bool:
-    return bool(getattr(p, "model_parallel", False) or getattr(p, "tensor_model_parallel", False))
-
-
 class DataParallelStrategy(Strategy):
     def __init__(self, module: torch.nn.Module, topo: Topology, opts: StrategyOptions):
         super().__init__(module, topo, opts)
@@ -51,6 +47,7 @@ class DataParallelStrategy(Strategy):
             self.masters[id(p)] = master
         self._handles: list[tuple[GradBucket, Handle, torch.Tensor | None]] = []
         self._next = 0
+        self._pending = False
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
 
     def _view(self, p: torch.Tensor) -> torch.Tensor:
@@ -105,7 +102,14 @@ class DataParallelStrategy(Strategy):
         if self.reduce_enabled:
             self._launch_ready(flush=True)
 
+    def begin_backward(self, boundary: bool) -> None:
+        super().begin_backward(boundary)
+        self._pending = self._pending or self.reduce_enabled
+
     def wait_reductions(self) -> None:
+        if not self._pending:  # nothing produced since the last wait: reducing again would be wrong
+            return
+        self._pending = False
         self._launch_ready(flush=True)
         o = self.opts
         post = self.topo.dp_world_size / (o.predivide_factor if o.prescale else 1.0)
@@ -125,14 +129,10 @@ class DataParallelStrategy(Strategy):
         if self.topo.mp_world_size == 1:
             sq = [torch.linalg.vector_norm(b.buffer, dtype=torch.float32) ** 2 for b in self.buckets]
             return torch.stack(sq).sum() if sq else torch.zeros(())
-        # Model-parallel: a sliced parameter's norm is summed over the model-parallel group; a
-        # replicated one counts once (on model-parallel rank 0).
-        total = torch.zeros((), dtype=torch.float32)
-        for p in self.params:
-            if _is_model_parallel(p) or self.topo.mp_rank == 0:
-                total += torch.linalg.vector_norm(self._view(p), dtype=torch.float32) ** 2
-        all_reduce(total, group=self.topo.mp_group)
-        return total
+        # gradients are already averaged: summing them over the data-parallel group too would count
+        # each one N times, so fold the dp reduction out
+        total = self._model_parallel_norm_sq([(self._view(p), p) for p in self.params])
+        return total / self.topo.dp_world_size
 
     @torch.no_grad()
     def scale_grads(self, factor: float) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from shardspeed.comm import Topology
+from shardspeed.comm import Topology, all_reduce
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,9 @@ class StrategyOptions:
     prescale: bool = False
     predivide_factor: float = 1.0
     overlap: bool = True
+    reduce_scatter: bool = True  # False: all-reduce whole buckets and keep this rank's shard
+    allgather_partitions: bool = True  # False: each rank broadcasts its shard instead
+    allgather_numel: int = 500_000_000  # cap on parameter elements being gathered at once
 
 
 class Strategy(ABC):
@@ -76,6 +79,19 @@ class Strategy(ABC):
     @abstractmethod
     def zero_grad(self) -> None:
         """Forget this step's gradients."""
+
+    def _model_parallel_norm_sq(self, pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Squared norm over (gradient piece, its parameter) pairs under model parallelism: a sliced
+        parameter (``model_parallel`` / ``tensor_model_parallel`` attribute) counts on every
+        model-parallel rank, a replicated one only on model-parallel rank 0. Summed over both groups."""
+        total = torch.zeros((), dtype=torch.float32)
+        for grad, param in pieces:
+            sliced = getattr(param, "model_parallel", False) or getattr(param, "tensor_model_parallel", False)
+            if sliced or self.topo.mp_rank == 0:
+                total += torch.linalg.vector_norm(grad, dtype=torch.float32) ** 2
+        all_reduce(total, group=self.topo.dp_group)
+        all_reduce(total, group=self.topo.mp_group)
+        return total
 
     def state_bytes(self) -> dict[str, int]:
         """Bytes held by this rank for parameters, gradients and the strategy's own buffers."""

@@ -130,7 +130,7 @@ def test_no_sync_defers_the_reduction():
     assert "inside no_sync()" in r0["error"]
 
 
-def _mpu_worker(rank):
+def _mpu_worker(rank, stage=0):
     import torch.distributed as dist
 
     import shardspeed
@@ -150,24 +150,35 @@ def _mpu_worker(rank):
     shardspeed.init_distributed()  # Megatron-style: groups exist before initialize()
     model = tiny_gpt()
     model.head.weight.model_parallel = True
-    cfg = {"train_micro_batch_size_per_gpu": 2, "optimizer": ADAMW, "steps_per_print": None}
+    cfg = {"train_micro_batch_size_per_gpu": 2, "optimizer": ADAMW, "steps_per_print": None,
+           "zero_optimization": {"stage": stage}}
     engine, *_ = shardspeed.initialize(model=model, config=cfg, mpu=MPU())
+    if stage in (1, 2):  # partitions span the data-parallel group (one rank here), not the world
+        assert all(b.splan.shard == b.splan.padded for b in engine.strategy.buckets)
     (x, y), = micro_slices(0, rank, 2, 2, 1)
     engine.backward(engine(x, y))
     engine.strategy.wait_reductions()
     norm_sq = engine.strategy.grad_norm_sq().item()
-    head_sq = model.head.weight.grad.float().norm().item() ** 2
-    rest_sq = sum(p.grad.float().norm().item() ** 2 for n, p in model.named_parameters() if n != "head.weight")
+    head_sq = rest_sq = None
+    if stage == 0:
+        head_sq = model.head.weight.grad.float().norm().item() ** 2
+        rest_sq = sum(p.grad.float().norm().item() ** 2 for n, p in model.named_parameters() if n != "head.weight")
     engine.step()
-    return {"dp": engine.dp_world_size, "train_batch": engine.train_batch_size(), "head": model.head.weight.detach(),
+    head = engine.module.state_dict()["head.weight"]
+    return {"dp": engine.dp_world_size, "train_batch": engine.train_batch_size(), "head": head,
             "norm_sq": norm_sq, "head_sq": head_sq, "rest_sq": rest_sq}
 
 
 def test_mpu_data_parallel_group_is_used():
-    r0, r1 = run_ranks(_mpu_worker, 2)
+    r0, r1 = run_ranks(_mpu_worker, 2, 0)
     assert r0["dp"] == 1 and r0["train_batch"] == 2
     assert not torch.equal(r0["head"], r1["head"])  # different data, no averaging across the mp group
     # sliced parameter counted on both model-parallel ranks, replicated ones once (on mp rank 0)
     expected = r0["head_sq"] + r1["head_sq"] + r0["rest_sq"]
     assert r0["norm_sq"] == pytest.approx(expected, rel=1e-4)
     assert r1["norm_sq"] == pytest.approx(expected, rel=1e-4)
+    for stage in (1, 2, 3):  # ZeRO partitions span the data-parallel group only; same norm, same update
+        z0, z1 = run_ranks(_mpu_worker, 2, stage)
+        assert z0["norm_sq"] == pytest.approx(expected, rel=1e-4)
+        assert torch.allclose(z0["head"], r0["head"], rtol=1e-5, atol=1e-7)
+        assert torch.allclose(z1["head"], r1["head"], rtol=1e-5, atol=1e-7)

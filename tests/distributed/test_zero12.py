@@ -112,3 +112,17 @@ def test_untested_client_optimizer_is_refused_with_a_way_out():
     model = tiny_gpt()
     shardspeed.initialize(model=model, optimizer=Mine(model.parameters()),
                           config={**cfg, "zero_allow_untested_optimizer": True})
+
+
+@pytest.mark.parametrize("options", [
+    {"reduce_scatter": False},
+    {"allgather_partitions": False, "allgather_bucket_size": 300},
+    {"overlap_comm": False, "contiguous_gradients": False},
+])
+def test_zero_options_keep_parity(options):
+    steps = 3
+    cfg = _config(2, 2)
+    cfg["zero_optimization"] = {**cfg["zero_optimization"], **options}
+    ranks = run_ranks(engine_run, 2, cfg, steps, ODD)
+    ref = reference_run(steps, 8, 3e-3, 0.01, 0.3, ODD)
+    assert max_rel_diff(ranks[1]["params"], ref["params"]) < 1e-5

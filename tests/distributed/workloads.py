@@ -36,10 +36,15 @@ def micro_slices(step: int, rank: int, world: int, micro: int, gas: int, cfg: GP
     return out
 
 
-def engine_run(rank: int, config: dict, steps: int, model_kwargs: dict | None = None) -> dict[str, Any]:
+def engine_run(rank: int, config: dict, steps: int, model_kwargs: dict | None = None,
+               zero_init: bool = False) -> dict[str, Any]:
     import shardspeed
 
-    model = tiny_gpt(**(model_kwargs or {}))
+    if zero_init:
+        with shardspeed.zero.Init(config_dict_or_path=config):
+            model = tiny_gpt(**(model_kwargs or {}))
+    else:
+        model = tiny_gpt(**(model_kwargs or {}))
     cfg = model_config(**(model_kwargs or {}))
     engine, _, _, _ = shardspeed.initialize(model=model, config=config)
     world = engine.dp_world_size
@@ -53,7 +58,8 @@ def engine_run(rank: int, config: dict, steps: int, model_kwargs: dict | None = 
             engine.step()
             total += loss.item()
         losses.append(total / engine.gradient_accumulation_steps())
-    params = {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
+    params = {n: p.detach().float().clone() for n, p in engine.module.state_dict().items()
+              if n in dict(engine.module.named_parameters())}
     comm_bytes = None
     if engine.comm_stats is not None:
         comm_bytes = {op: s.bytes for op, s in engine.comm_stats.ops.items()}

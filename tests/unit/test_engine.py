@@ -93,9 +93,10 @@ def test_given_twice_errors():
                 lr_scheduler=lambda o: None)
 
 
-def test_zero_stages_not_yet_supported_say_so():
-    with pytest.raises(NotImplementedError, match="zero_optimization.stage 3 is not supported yet"):
-        _engine({"train_batch_size": 2, "optimizer": ADAMW, "zero_optimization": {"stage": 3}})
+def test_unknown_zero_stage_is_a_config_error():
+    with pytest.raises(ConfigError, match="config key 'zero_optimization.stage': Input should be less than or equal "
+                                          "to 3 \\(got 4\\)"):
+        _engine({"train_batch_size": 2, "optimizer": ADAMW, "zero_optimization": {"stage": 4}})
 
 
 def test_bf16_keeps_fp32_masters_and_optimizer_state():
@@ -122,6 +123,22 @@ def test_fp16_trains_a_tiny_model_with_dynamic_scale():
     assert engine.loss_scale == 256
     _train(engine, 4)
     assert engine.skipped_steps == 0 and engine.loss_scale == 1024
+
+
+def test_fp16_overflow_is_skipped_counted_and_logged():
+    engine, *_ = _engine({"train_batch_size": 2, "optimizer": ADAMW,
+                          "fp16": {"enabled": True, "initial_scale_power": 4, "hysteresis": 1}})
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    logging.getLogger("shardspeed").addHandler(handler)
+    try:
+        (x, y), = micro_slices(0, 0, 1, 2, 1)
+        engine.backward(engine(x, y) * float("inf"))
+        engine.step()
+    finally:
+        logging.getLogger("shardspeed").removeHandler(handler)
+    assert engine.skipped_steps == 1 and engine.global_steps == 1 and engine.loss_scale == 8
+    assert "step 0: fp16 gradient overflow, step skipped; loss scale 16 -> 8" in buf.getvalue()
 
 
 def test_fp32_nan_gradient_is_an_error_not_a_silent_skip():

@@ -1,0 +1,100 @@
+"""``zero.Init``: build a model already partitioned, so no rank ever holds it whole.
+
+[Note: when a module is partitioned] At the end of each module's own ``__init__``, its direct
+parameters are broadcast from rank 0 (so every rank agrees whatever its RNG did), cut into
+per-parameter chunks (``param_shard.py``), and replaced by empty placeholders; only this rank's
+chunk is kept. Values therefore do not depend on the world size. A parent that initialises its
+children's parameters in its own ``__init__`` (``self.apply(init_fn)``) meets placeholders: do such
+initialisation in the child's ``__init__``, or under ``GatheredParameters(..., modifier_rank=0)``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from shardspeed.comm import broadcast, get_global_rank, get_rank, get_world_size, init_distributed, world_group
+from shardspeed.zero.param_shard import local_chunk
+
+
+def _all_subclasses(cls: type) -> set[type]:
+    out = set()
+    for sub in cls.__subclasses__():
+        out.add(sub)
+        out |= _all_subclasses(sub)
+    return out
+
+
+class Init:
+    """Context manager: modules constructed inside are partitioned as they are built.
+
+    Accepts DeepSpeed's arguments; ``data_parallel_group`` (or ``mpu``'s data-parallel group) sets
+    the ranks the parameters are spread over, and ``enabled=False`` makes it a no-op.
+    """
+
+    def __init__(self, module: Any = None, data_parallel_group: Any = None, mem_efficient_linear: bool = True,
+                 remote_device: Any = None, pin_memory: bool = False, config_dict_or_path: Any = None,
+                 config: Any = None, enabled: bool = True, dtype: torch.dtype | None = None, mpu: Any = None,
+                 **_ignored: Any):
+        self.enabled = enabled
+        self.group = data_parallel_group
+        self.mpu = mpu
+        self._patched: list[tuple[type, Any]] = []
+        self._old_init_subclass: Any = None
+
+    def __enter__(self) -> Init:
+        if not self.enabled:
+            return self
+        init_distributed()
+        if self.group is None:
+            self.group = self.mpu.get_data_parallel_group() if self.mpu is not None else world_group()
+        self.rank, self.world = get_rank(self.group), get_world_size(self.group)
+        for cls in _all_subclasses(torch.nn.Module):
+            self._patch(cls)
+        ctx = self
+        self._old_init_subclass = torch.nn.Module.__dict__.get("__init_subclass__")
+
+        def init_subclass(cls: type, **kw: Any) -> None:
+            super(torch.nn.Module, cls).__init_subclass__(**kw)
+            ctx._patch(cls)
+
+        torch.nn.Module.__init_subclass__ = classmethod(init_subclass)  # classes defined inside the block
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for cls, orig in reversed(self._patched):
+            cls.__init__ = orig
+        self._patched.clear()
+        if self.enabled:
+            if self._old_init_subclass is None:
+                del torch.nn.Module.__init_subclass__
+            else:
+                torch.nn.Module.__init_subclass__ = self._old_init_subclass
+
+    def _patch(self, cls: type) -> None:
+        orig = cls.__dict__.get("__init__")
+        if orig is None or getattr(orig, "_shardspeed_wrapped", False):
+            return
+
+        @functools.wraps(orig)
+        def wrapped(module: torch.nn.Module, *args: Any, **kwargs: Any) -> None:
+            orig(module, *args, **kwargs)
+            self.partition(module)
+
+        wrapped._shardspeed_wrapped = True  # type: ignore[attr-defined]
+        cls.__init__ = wrapped
+        self._patched.append((cls, orig))
+
+    @torch.no_grad()
+    def partition(self, module: torch.nn.Module) -> None:
+        src = get_global_rank(self.group, 0)
+        for p in module.parameters(recurse=False):
+            if hasattr(p, "ds_shape") or p.numel() == 0:
+                continue
+            broadcast(p.data, src=src, group=self.group)
+            p.ds_chunk = local_chunk(p.data, self.rank, self.world)
+            p.ds_shape = tuple(p.shape)
+            p.ds_numel = p.numel()
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)

@@ -1,0 +1,447 @@
+"""ZeRO stage 3: parameters, gradients and optimizer states all partitioned (per parameter, see
+``param_shard.py``). A module's parameters exist in full only while it runs.
+
+[Note: the life of a parameter]
+- At rest a parameter's ``.data`` is an empty placeholder; this rank keeps its chunk in its unit's
+  ``local`` buffer (compute dtype) and the fp32 master chunk (a view of ``local`` in fp32 training).
+- A unit is the set of parameters first registered by one module. A forward pre-hook on every
+  module that registers a unit's parameter (tied weights register in two) gathers the unit
+  (all-gather, then one copy into each parameter's full tensor); the forward post-hook releases it
+  when no running module needs it. Gathers are reference counted, so a module called twice or a
+  parent holding its own parameters while children run is handled.
+- For backward, the post-hook threads the module's outputs through an identity autograd function
+  whose backward re-gathers the unit before the module's own backward runs. When every trainable
+  parameter of a unit has accumulated its gradient (autograd sums all uses first), the unit is
+  freed and its gradients are reduce-scattered into the fp32 gradient chunks (overlapping the rest
+  of backward), in unit order so every rank issues the same collectives.
+- Units at most ``stage3_param_persistence_threshold`` elements stay gathered.
+- After the first step the order in which units were gathered is known; from then on the next
+  units (up to ``stage3_prefetch_bucket_size`` elements, and never more than
+  ``stage3_max_live_parameters`` gathered at once) are gathered asynchronously ahead of use,
+  forward and backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from shardspeed.comm import Handle, Topology, all_gather, all_reduce, reduce_scatter
+from shardspeed.zero.param_shard import chunk_numel, local_chunk, valid_in_chunk
+from shardspeed.zero.strategy import Strategy, StrategyOptions
+
+
+@dataclass(frozen=True)
+class Stage3Options:
+    prefetch_numel: int = 50_000_000
+    persistence_threshold: int = 100_000
+    max_live_numel: int = 1_000_000_000
+
+
+class Unit:
+    def __init__(self, index: int, names: list[str], params: list[torch.nn.Parameter], rank: int, world: int,
+                 opts: StrategyOptions, persistent_threshold: int):
+        self.index, self.names, self.params = index, names, params
+        self.world = world
+        self.shapes = [tuple(getattr(p, "ds_shape", p.shape)) for p in params]
+        self.numels = [int(torch.Size(s).numel()) for s in self.shapes]
+        self.chunks = [chunk_numel(n, world) for n in self.numels]
+        self.offsets = [sum(self.chunks[:i]) for i in range(len(params))]
+        self.shard_numel = sum(self.chunks)
+        self.valid = [valid_in_chunk(n, world, rank) for n in self.numels]
+        pieces = []
+        for p in params:
+            pre = getattr(p, "ds_chunk", None)  # built under zero.Init: only the chunk exists
+            pieces.append(pre.float() if pre is not None else local_chunk(p.data.float(), rank, world))
+        fp32 = torch.cat(pieces) if pieces else torch.zeros(0)
+        self.master_is_view = opts.compute_dtype == torch.float32
+        self.local = fp32 if self.master_is_view else fp32.to(opts.compute_dtype)
+        self.master = fp32 if self.master_is_view else fp32.clone()
+        self.grad_shard = torch.zeros(self.shard_numel, dtype=torch.float32, device=self.local.device)
+        self.master_chunks = [self.master[o:o + c] for o, c in zip(self.offsets, self.chunks, strict=True)]
+        for m, g in zip(self.master_chunks, [self.grad_shard[o:o + c] for o, c in
+                                             zip(self.offsets, self.chunks, strict=True)], strict=True):
+            m.grad = g
+        self.trainable = sum(1 for p in params if p.requires_grad)
+        self.persistent = sum(self.numels) <= persistent_threshold
+        self.refs = 0
+        self.in_backward = False
+        self.gathered = False
+        self.pending: tuple[torch.Tensor, Handle] | None = None
+        self.grad_in: torch.Tensor | None = None
+        self.accumulated = 0
+        self.launched = False
+        self.shard_fresh = True
+        for p in params:
+            for attr in ("ds_chunk",):
+                if hasattr(p, attr):
+                    delattr(p, attr)
+
+
+class _PreBackward(torch.autograd.Function):
+    """Identity on a module's outputs; its backward gathers the module's units first."""
+
+    @staticmethod
+    def forward(ctx: Any, strategy: Stage3Strategy, units: tuple[int, ...], *tensors: torch.Tensor) -> Any:
+        ctx.strategy, ctx.units = strategy, units
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> Any:
+        ctx.strategy._pre_backward(ctx.units)
+        return (None, None, *grads)
+
+
+class Stage3Strategy(Strategy):
+    def __init__(self, module: torch.nn.Module, topo: Topology, opts: StrategyOptions,
+                 groups: list[list[torch.nn.Parameter]], z3: Stage3Options):
+        super().__init__(module, topo, opts)
+        self.z3 = z3
+        self.world, self.rank, self.group = topo.dp_world_size, topo.dp_rank, topo.dp_group
+        self.groups = groups
+        self.units: list[Unit] = []
+        self.unit_of: dict[int, tuple[int, int]] = {}  # id(param) -> (unit, position)
+        self.module_units: dict[int, tuple[int, ...]] = {}
+        owned: set[int] = set()
+        created = []
+        for mname, m in module.named_modules():
+            mine = [(f"{mname}.{n}" if mname else n, p) for n, p in m.named_parameters(recurse=False)
+                    if id(p) not in owned]
+            owned.update(id(p) for _, p in mine)
+            if mine:
+                created.append(mine)
+        # reverse registration order: roughly the order backward finishes units in
+        for members in reversed(created):
+            u = Unit(len(self.units), [n for n, _ in members], [p for _, p in members], self.rank, self.world,
+                     opts, z3.persistence_threshold)
+            for pos, (_, p) in enumerate(members):
+                self.unit_of[id(p)] = (u.index, pos)
+                p._shardspeed_z3 = (self, u.index)  # for GatheredParameters
+            self.units.append(u)
+        for m in module.modules():
+            used = list(m.parameters(recurse=False)) + list(getattr(m, "_shardspeed_external", []))
+            ids = sorted({self.unit_of[id(p)][0] for p in used})
+            if ids:
+                self.module_units[id(m)] = tuple(ids)
+                m.register_forward_pre_hook(self._pre_forward)
+                m.register_forward_hook(self._post_forward)
+        self._placeholder = torch.empty(0, dtype=opts.compute_dtype, device=self.units[0].local.device
+                                        if self.units else None)
+        for u in self.units:
+            if u.persistent:
+                self._gather_now(u)
+            else:
+                self._free(u)
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for _, p in self.named_params]
+        # state_dict() gives full tensors, never placeholders: gather everything around it (a collective)
+        self._sd_units: list[Unit] = []
+        module.register_state_dict_pre_hook(self._state_dict_pre)
+        # torch tags the hook object it is given, which a bound method cannot carry: wrap it
+        module.register_state_dict_post_hook(lambda *a: self._state_dict_post(*a))
+        self._next = 0
+        self._inflight: list[tuple[Unit, Handle, torch.Tensor]] = []
+        self._boundary = True
+        self._pending = False
+        self._trace: list[int] = []
+        self._trace_done = False
+        self._position: dict[int, int] = {}
+
+    # -- gather / free ----------------------------------------------------------------------------
+    def _start_gather(self, u: Unit) -> None:
+        if u.gathered or u.pending is not None:
+            return
+        buf = torch.empty(self.world * u.shard_numel, dtype=u.local.dtype, device=u.local.device)
+        u.pending = (buf, all_gather(buf, u.local, group=self.group, async_op=True))
+
+    def _gather_now(self, u: Unit) -> None:
+        if u.gathered:
+            return
+        self._start_gather(u)
+        buf, handle = u.pending
+        handle.wait()
+        u.pending = None
+        rows = buf.view(self.world, u.shard_numel)
+        with torch.no_grad():
+            for p, o, c, n, shape in zip(u.params, u.offsets, u.chunks, u.numels, u.shapes, strict=True):
+                p.data = rows[:, o:o + c].reshape(-1)[:n].reshape(shape).clone() if self.world > 1 else \
+                    buf[o:o + n].view(shape)
+        u.gathered = True
+
+    def _free(self, u: Unit) -> None:
+        if u.pending is not None:  # a prefetch nobody used: finish it so collectives stay matched
+            u.pending[1].wait()
+            u.pending = None
+        with torch.no_grad():
+            for p in u.params:
+                p.data = self._placeholder
+        u.gathered = False
+
+    def _live_numel(self) -> int:
+        return sum(sum(u.numels) for u in self.units if u.gathered or u.pending is not None)
+
+    def _prefetch(self, after: int, step: int) -> None:
+        """Start gathering the units that follow trace position ``after`` (step +1 forward, -1 backward)."""
+        if not self._trace_done:
+            return
+        budget = self.z3.prefetch_numel
+        i = after + step
+        while 0 <= i < len(self._trace) and budget > 0:
+            u = self.units[self._trace[i]]
+            if not u.gathered and u.pending is None:
+                if self._live_numel() + sum(u.numels) > self.z3.max_live_numel:
+                    return
+                self._start_gather(u)
+            budget -= sum(u.numels)
+            i += step
+
+    # -- forward ----------------------------------------------------------------------------------
+    def _pre_forward(self, module: torch.nn.Module, args: Any) -> None:
+        for i in self.module_units[id(module)]:
+            u = self.units[i]
+            u.refs += 1
+            if not self._trace_done and i not in self._position:
+                self._position[i] = len(self._trace)
+                self._trace.append(i)
+            self._gather_now(u)
+            if i in self._position:
+                self._prefetch(self._position[i], +1)
+
+    def _post_forward(self, module: torch.nn.Module, args: Any, output: Any) -> Any:
+        ids = self.module_units[id(module)]
+        for i in ids:
+            u = self.units[i]
+            u.refs -= 1
+            if u.refs == 0 and not u.persistent and not u.in_backward:
+                self._free(u)
+        if torch.is_grad_enabled():
+            return _wrap_outputs(output, lambda ts: _PreBackward.apply(self, ids, *ts))
+        return output
+
+    # -- backward ---------------------------------------------------------------------------------
+    def begin_backward(self, boundary: bool) -> None:
+        if self._no_sync:
+            raise RuntimeError("no_sync() is not supported with ZeRO stage 3: gradients are partitioned, so every "
+                               "micro-batch is reduced into this rank's shard; use stage 0 or 1 for no_sync()")
+        self._boundary = boundary
+        self._pending = True
+        self.reduce_enabled = True
+
+    def _pre_backward(self, ids: tuple[int, ...]) -> None:
+        for i in ids:
+            u = self.units[i]
+            u.in_backward = True
+            self._gather_now(u)
+        if ids and ids[0] in self._position:
+            self._prefetch(min(self._position.get(i, 0) for i in ids), -1)
+
+    def _on_grad(self, p: torch.Tensor) -> None:
+        ui, pos = self.unit_of[id(p)]
+        u = self.units[ui]
+        if u.grad_in is None:
+            u.grad_in = torch.zeros(self.world * u.shard_numel, dtype=self.opts.grad_accum_dtype,
+                                    device=u.local.device)
+        rows = u.grad_in.view(self.world, u.shard_numel)
+        flat, c, o = p.grad.reshape(-1), u.chunks[pos], u.offsets[pos]
+        for r in range(self.world):
+            lo, hi = r * c, min((r + 1) * c, flat.numel())
+            if hi > lo:
+                rows[r, o:o + hi - lo].add_(flat[lo:hi])
+        p.grad = None
+        if u.launched:
+            raise RuntimeError(f"parameter '{u.names[pos]}' received a second gradient in one backward after its "
+                               "unit was reduced; with activation checkpointing use the non-reentrant form")
+        u.accumulated += 1
+        if u.accumulated == u.trainable:
+            u.in_backward = False
+            if u.refs == 0 and not u.persistent:
+                self._free(u)
+            self._launch_ready()
+
+    def _launch_ready(self, flush: bool = False) -> None:
+        while self._next < len(self.units):
+            u = self.units[self._next]
+            if not flush and u.accumulated < u.trainable:
+                return
+            if u.trainable:
+                self._launch(u)
+            self._next += 1
+
+    def _launch(self, u: Unit) -> None:
+        u.launched = True
+        o = self.opts
+        if u.grad_in is None:  # no gradient reached it: still join the collective, with zeros
+            u.grad_in = torch.zeros(self.world * u.shard_numel, dtype=o.grad_accum_dtype, device=u.local.device)
+        wire = u.grad_in if o.reduce_dtype == u.grad_in.dtype else u.grad_in.to(o.reduce_dtype)
+        if o.prescale and o.predivide_factor != 1.0:
+            wire.div_(o.predivide_factor)
+        direct = u.shard_fresh and wire.dtype == torch.float32
+        out = u.grad_shard if direct else wire.new_empty(u.shard_numel)
+        self._inflight.append((u, reduce_scatter(out, wire, group=self.group, async_op=o.overlap), out))
+
+    def finish_backward(self) -> None:
+        self._launch_ready(flush=True)
+        for u in self.units:
+            u.in_backward = False
+            if u.gathered and u.refs == 0 and not u.persistent:
+                self._free(u)
+        if not self._trace_done and self._trace:
+            self._trace_done = True
+        if not self._boundary:
+            self._drain()
+
+    def _drain(self) -> None:
+        o = self.opts
+        post = self.world / (o.predivide_factor if o.prescale else 1.0)
+        for u, handle, out in self._inflight:
+            handle.wait()
+            if out is u.grad_shard:
+                out.div_(post)
+            else:
+                u.grad_shard.add_(out.to(torch.float32), alpha=1.0 / post)
+            u.shard_fresh = False
+            u.grad_in = None
+        self._inflight.clear()
+        self._pending = False
+        self._next = 0
+        for u in self.units:
+            u.accumulated = 0
+            u.launched = False
+
+    def wait_reductions(self) -> None:
+        if not self._pending:  # nothing produced since the last wait: reducing again would be wrong
+            return
+        self._launch_ready(flush=True)
+        self._drain()
+
+    # -- optimizer and step -----------------------------------------------------------------------
+    def master_for(self, param: torch.nn.Parameter) -> torch.Tensor:
+        ui, pos = self.unit_of[id(param)]
+        return self.units[ui].master_chunks[pos]
+
+    def attach_optimizer(self, optimizer: Any) -> None:
+        if not hasattr(optimizer, "set_partition"):
+            return
+        index = {id(p): i for i, (_, p) in enumerate(self.named_params)}
+        segments = {}
+        for u in self.units:
+            for p, m, valid in zip(u.params, u.master_chunks, u.valid, strict=True):
+                if id(p) in index:
+                    segments[id(m)] = [(index[id(p)], 0, valid)] if valid else []
+        group = self.group
+
+        def reduce_sum(v: torch.Tensor) -> torch.Tensor:
+            all_reduce(v, group=group)
+            return v
+
+        optimizer.set_partition(segments, len(self.named_params), reduce_sum)
+
+    def grad_norm_sq(self) -> torch.Tensor:
+        if self.topo.mp_world_size > 1:
+            return self._model_parallel_norm_sq([(m.grad, p) for u in self.units
+                                                 for p, m in zip(u.params, u.master_chunks, strict=True)])
+        sq = [torch.linalg.vector_norm(u.grad_shard, dtype=torch.float32) ** 2 for u in self.units]
+        total = torch.stack(sq).sum() if sq else torch.zeros(())
+        all_reduce(total, group=self.group)  # one collective: the global norm, and any overflow
+        return total
+
+    @torch.no_grad()
+    def scale_grads(self, factor: float) -> None:
+        for u in self.units:
+            u.grad_shard.mul_(factor)
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        for u in self.units:
+            if not u.master_is_view:
+                u.local.copy_(u.master)
+            if u.persistent:  # kept whole: refresh from the updated chunks now
+                u.gathered = False
+                self._gather_now(u)
+
+    def zero_grad(self) -> None:
+        for u in self.units:
+            u.grad_shard.zero_()
+            u.shard_fresh = True
+        for _, p in self.named_params:
+            p.grad = None
+
+    def state_bytes(self) -> dict[str, int]:
+        out = {"parameters": 0, "gradients": 0, "master_parameters": 0}
+        for u in self.units:
+            out["parameters"] += u.local.numel() * u.local.element_size()
+            out["gradients"] += u.grad_shard.numel() * 4
+            out["master_parameters"] += 0 if u.master_is_view else u.master.numel() * 4
+        return out
+
+    # -- full parameters on demand ----------------------------------------------------------------
+    def _state_dict_pre(self, module: Any, prefix: str, keep_vars: bool) -> None:
+        self._sd_units = self.acquire([p for u in self.units for p in u.params])
+
+    def _state_dict_post(self, module: Any, state_dict: Any, prefix: str, local_metadata: Any) -> None:
+        units, self._sd_units = self._sd_units, []
+        self.release(units, modified=False)
+
+    def acquire(self, params: list[torch.nn.Parameter]) -> list[Unit]:
+        units = sorted({self.unit_of[id(p)][0] for p in params})
+        for i in units:
+            self.units[i].refs += 1
+            self._gather_now(self.units[i])
+        return [self.units[i] for i in units]
+
+    def release(self, units: list[Unit], modified: bool) -> None:
+        """Drop a hold on ``units``; ``modified``: their full values changed and are re-partitioned."""
+        with torch.no_grad():
+            for u in units:
+                if modified:
+                    fresh = torch.cat([local_chunk(p.data.float(), self.rank, self.world) for p in u.params])
+                    u.master.copy_(fresh)
+                    if not u.master_is_view:
+                        u.local.copy_(fresh)
+                u.refs -= 1
+                if u.refs == 0 and not u.persistent:
+                    self._free(u)
+
+
+def register_external_parameter(module: torch.nn.Module, parameter: torch.nn.Parameter) -> None:
+    """Declare that ``module``'s forward uses ``parameter`` although another module owns it (e.g.
+    ``x @ self.embed.weight.t()`` in a parent), so stage 3 gathers it whenever ``module`` runs.
+    Call it before ``initialize()``; without ZeRO stage 3 it changes nothing."""
+    external = module.__dict__.setdefault("_shardspeed_external", [])
+    if all(p is not parameter for p in external):
+        external.append(parameter)
+
+
+def _wrap_outputs(output: Any, fn: Any) -> Any:
+    """Apply ``fn`` to the tensors in ``output`` that require grad, keeping its structure."""
+    flat: list[torch.Tensor] = []
+
+    def collect(x: Any) -> None:
+        if torch.is_tensor(x):
+            if x.requires_grad:
+                flat.append(x)
+        elif isinstance(x, (list, tuple)):
+            for y in x:
+                collect(y)
+        elif isinstance(x, dict):
+            for y in x.values():
+                collect(y)
+
+    collect(output)
+    if not flat:
+        return output
+    mapped = dict(zip((id(t) for t in flat), fn(flat), strict=True))
+
+    def rebuild(x: Any) -> Any:
+        if torch.is_tensor(x):
+            return mapped.get(id(x), x)
+        if isinstance(x, tuple) and hasattr(x, "_fields"):
+            return type(x)(*(rebuild(y) for y in x))
+        if isinstance(x, (list, tuple)):
+            return type(x)(rebuild(y) for y in x)
+        if isinstance(x, dict):
+            return {k: rebuild(v) for k, v in x.items()}
+        return x
+
+    return rebuild(output)
