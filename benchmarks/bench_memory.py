@@ -26,7 +26,7 @@ from common import ROOT, launch, read_results  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ANCHORS = os.path.join(ROOT, "..", "shared", "anchors")
-THEORY = {0: lambda n: 16.0, 1: lambda n: 4 + 4 + 8 / n, 2: lambda n: 4 + 12 / n}
+THEORY = {0: lambda n: 16.0, 1: lambda n: 4 + 4 + 8 / n, 2: lambda n: 4 + 12 / n, 3: lambda n: 16 / n}
 ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
@@ -34,6 +34,8 @@ def run_ours(stages: list[int], tag: str) -> None:
     for s in stages:
         print(f"shardspeed stage {s}", flush=True)
         launch(2, os.path.join(HERE, "mem_worker.py"), "--stage", str(s), "--tag", tag, env=ENV)
+    print("shardspeed stage 3 under zero.Init", flush=True)
+    launch(2, os.path.join(HERE, "mem_worker.py"), "--stage", "3", "--zero-init", "--tag", tag, env=ENV)
 
 
 def run_peers(ds_venv: str, tag: str) -> list[dict]:
@@ -41,7 +43,8 @@ def run_peers(ds_venv: str, tag: str) -> list[dict]:
     tmp = tempfile.mkdtemp()
     shutil.copy(os.path.join(ANCHORS, "bench.py"), tmp)
     out = os.path.join(tmp, "peers.jsonl")
-    modes = [["--mode", "ddp"], ["--mode", "fsdp2"], ["--mode", "ds", "--zero", "1"], ["--mode", "ds", "--zero", "2"]]
+    modes = [["--mode", "ddp"], ["--mode", "fsdp2"], ["--mode", "ds", "--zero", "1"], ["--mode", "ds", "--zero", "2"],
+             ["--mode", "ds", "--zero", "3", "--lazy-init"]]
     for m in modes:
         print("peer", " ".join(m), flush=True)
         subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", os.path.join(tmp, "bench.py"), *m,
@@ -56,28 +59,32 @@ def main() -> None:
     ap.add_argument("--ds-venv", default=os.path.join(ROOT, "..", ".venv-deepspeed"))
     ap.add_argument("--tag", default="run")
     args = ap.parse_args()
-    run_ours([0, 1, 2], args.tag)
+    run_ours([0, 1, 2, 3], args.tag)
     peers = run_peers(args.ds_venv, args.tag) if os.path.exists(os.path.join(args.ds_venv, "bin", "torchrun")) else []
-    print("| run | params | B/param/rank: params | grads | fp32 master | optim | total | theory | peak RSS GiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| run | params | B/param/rank: params | grads | fp32 master | optim | total | theory | peak RSS GiB | "
+          "peak RSS over start, B/param |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in read_results("memory"):
         if r["tag"] != args.tag:
             continue
         m, n = r["per_rank"][0], r["n_params"]
         total = m["parameters"] + m["gradients"] + m["master_parameters"] + m["optimizer_states"]
         peak = max(x["peak_rss"] for x in r["per_rank"]) / 2**30
-        print(f"| shardspeed stage {r['stage']} | {n / 1e6:.1f}M | {m['parameters'] / n:.2f} | "
+        grow = max(x["peak_rss"] - x["rss_start"] for x in r["per_rank"]) / n
+        name = f"shardspeed stage {r['stage']}" + (" (zero.Init)" if r.get("zero_init") else "")
+        print(f"| {name} | {n / 1e6:.1f}M | {m['parameters'] / n:.2f} | "
               f"{m['gradients'] / n:.2f} | {m['master_parameters'] / n:.2f} | {m['optimizer_states'] / n:.2f} | "
               f"{total / n:.2f} | "
-              f"{THEORY[r['stage']](2):.2f} | {peak:.2f} |")
+              f"{THEORY[r['stage']](2):.2f} | {peak:.2f} | {grow:.1f} |")
     for r in peers:
         c, n = r["per_rank"][0]["counts"], r["n_params"]
         parts = [c.get(k, 0) / n for k in ("params", "grads", "fp32_master", "optim_state")]
         name = f"DeepSpeed ZeRO-{r['zero']}" if r["mode"] == "ds" else {"ddp": "torch DDP", "fsdp2": "torch FSDP2"}[
             r["mode"]]
         peak = max(x["peak_rss"] for x in r["per_rank"]) / 2**30
+        grow = max(x["peak_rss"] - x["rss_after_import"] for x in r["per_rank"]) / n
         print(f"| {name} | {n / 1e6:.1f}M | " + " | ".join(f"{p:.2f}" for p in parts) +
-              f" | {sum(parts):.2f} | | {peak:.2f} |")
+              f" | {sum(parts):.2f} | | {peak:.2f} | {grow:.1f} |")
 
 
 if __name__ == "__main__":

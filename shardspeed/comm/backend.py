@@ -64,9 +64,7 @@ def init_distributed(
         return env
     accel = get_accelerator()
     backend = dist_backend or accel.dist_backend
-    # Tear the group down before the interpreter does: a gloo group left to Python's finalisation
-    # can abort the process ("terminate called without an active exception") after a clean run.
-    atexit.register(destroy)
+    atexit.register(_leave_at_exit)
     timeout = timeout or comm_timeout()
     accel.set_device(env.local_rank)
     if env.world_size == 1 and init_method is None and env.source == "none":
@@ -82,6 +80,20 @@ def init_distributed(
     if env.rank == 0:
         log.info("initialised %s process group: %d ranks (from %s)", backend, env.world_size, env.source)
     return env
+
+
+def _leave_at_exit() -> None:
+    """Leave together, then tear the group down before the interpreter does. Seen here: a rank that
+    finalises while its peer still holds the connection aborts ("terminate called without an active
+    exception", SIGABRT) after an otherwise clean run."""
+    if not is_initialized():
+        return
+    try:
+        if dist.get_world_size() > 1:
+            dist.barrier()
+    except Exception:  # a peer already gone: nothing to wait for
+        pass
+    destroy()
 
 
 def destroy() -> None:

@@ -13,6 +13,7 @@ added to the shard, and the temporary bucket is freed.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -103,6 +104,16 @@ class ShardedStrategy(Strategy):
         self._boundary = True
         self._pending = False
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for _, p in self.named_params]
+        self._gathers: dict[int, list[Handle]] = {}  # bucket -> parameter gathers still in flight
+        self._module_buckets: dict[int, list[int]] = {}
+        for m in module.modules():
+            used = list(m.parameters(recurse=False)) + list(getattr(m, "_shardspeed_external", []))
+            ids = sorted({self._where[id(p)][0] for p in used if id(p) in self._where})
+            if ids:
+                self._module_buckets[id(m)] = ids
+                m.register_forward_pre_hook(self._pre_forward)
+        module.register_forward_hook(self._root_post_forward)
+        module.register_state_dict_pre_hook(lambda *a: self.wait_params())
 
     # -- optimizer wiring -------------------------------------------------------------------------
     def master_for(self, param: torch.nn.Parameter) -> torch.Tensor:
@@ -227,28 +238,45 @@ class ShardedStrategy(Strategy):
 
     @torch.no_grad()
     def after_step(self) -> None:
-        """Rebuild every rank's full parameters from the updated shards, in place."""
-        handles: list[Handle] = []
+        """Rebuild every rank's full parameters from the updated shards, in place.
+
+        [Note: gathers overlap the next forward] The all-gathers are started here, first-used
+        bucket first, and each module's forward pre-hook waits only for the buckets holding its
+        own parameters (and those declared with ``register_external_parameter``); the root's
+        forward post-hook and ``state_dict()`` wait for all of them."""
+        self.wait_params()
         in_flight = 0
         world, group = self.topo.dp_world_size, self.topo.dp_group
-        for b in self.buckets:
+        for i in reversed(range(len(self.buckets))):  # buckets run in reverse registration order
+            b = self.buckets[i]
             shard = b.param_buffer[b.lo:b.hi]
             if not b.master_is_view:
                 shard.copy_(b.master)
-            if in_flight + b.splan.padded > self.opts.allgather_numel and handles:
-                for h in handles:  # bound what is in flight (allgather_bucket_size)
-                    h.wait()
-                handles, in_flight = [], 0
+            if in_flight + b.splan.padded > self.opts.allgather_numel and self._gathers:
+                self.wait_params()  # bound what is in flight (allgather_bucket_size)
+                in_flight = 0
             if self.opts.allgather_partitions:
-                handles.append(all_gather(b.param_buffer, shard, group=group, async_op=True))
+                handles = [all_gather(b.param_buffer, shard, group=group, async_op=True)]
             else:  # DeepSpeed's allgather_partitions: false: every rank broadcasts its own shard
-                for r in range(world):
-                    lo, hi = b.splan.shard_range(r)
-                    handles.append(broadcast(b.param_buffer[lo:hi], src=get_global_rank(group, r), group=group,
-                                             async_op=True))
+                handles = [broadcast(b.param_buffer[slice(*b.splan.shard_range(r))], src=get_global_rank(group, r),
+                                     group=group, async_op=True) for r in range(world)]
+            self._gathers[i] = handles
             in_flight += b.splan.padded
-        for h in handles:
-            h.wait()
+        if not self.opts.overlap:
+            self.wait_params()
+
+    def wait_params(self, buckets: Iterable[int] | None = None) -> None:
+        """Finish the parameter gathers of ``buckets`` (default: all)."""
+        for i in list(self._gathers) if buckets is None else buckets:
+            for h in self._gathers.pop(i, ()):
+                h.wait()
+
+    def _pre_forward(self, module: torch.nn.Module, args: Any) -> None:
+        if self._gathers:
+            self.wait_params(self._module_buckets[id(module)])
+
+    def _root_post_forward(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        self.wait_params()
 
     def zero_grad(self) -> None:
         for b in self.buckets:
