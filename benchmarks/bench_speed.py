@@ -78,8 +78,8 @@ def main() -> None:
     stages = [int(s) for s in args.stages.split(",")]
     modes = [("ddp", "fp32", 0), ("ddp", "bf16", 0)]
     modes += [("shardspeed", d, s) for d in ("fp32", "bf16") for s in stages]
-    if has_ds:
-        modes += [("deepspeed", d, s) for d in ("fp32", "bf16") for s in stages]
+    if has_ds:  # stage 0 is compared with DDP; DeepSpeed's ZeRO stages with ours
+        modes += [("deepspeed", d, s) for d in ("fp32", "bf16") for s in stages if s > 0]
     path = os.path.join(OUT, "stage0.jsonl")
     for rep in range(args.reps):
         for mode, dtype, stage in (modes if rep % 2 == 0 else modes[::-1]):
