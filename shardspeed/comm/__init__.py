@@ -11,6 +11,7 @@ from shardspeed.comm.backend import (
     get_world_size,
     init_distributed,
     is_initialized,
+    monitored_barrier,
     new_group,
     world_group,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "CommStats", "DistEnv", "Handle", "ProcessGroup", "Topology", "add_observer", "all_gather",
     "all_gather_object", "all_reduce", "barrier", "broadcast", "broadcast_object", "comm_timeout",
     "destroy", "enable_comm_log", "free_port", "get_global_rank", "get_rank", "get_world_size",
-    "init_distributed", "is_initialized", "log_summary", "new_group", "read_dist_env", "reduce_scatter",
+    "init_distributed", "is_initialized", "log_summary", "monitored_barrier", "new_group", "read_dist_env",
+    "reduce_scatter",
     "remove_observer", "topology_from_mpu", "world_group",
 ]

@@ -121,6 +121,21 @@ def world_group() -> ProcessGroup:
     return dist.group.WORLD
 
 
+def monitored_barrier(what: str, timeout_s: float, group: ProcessGroup | None = None) -> None:
+    """A barrier that names the ranks that did not arrive within ``timeout_s`` (gloo), instead of
+    waiting for the collective timeout. ``what`` is the operation, for the message."""
+    if get_world_size(group) == 1:
+        return
+    if dist.get_backend(group) != "gloo":
+        dist.barrier(group=group)
+        return
+    try:
+        dist.monitored_barrier(group=group, timeout=timedelta(seconds=timeout_s), wait_all_ranks=True)
+    except RuntimeError as e:
+        raise RuntimeError(f"{what} must be called by every rank, but some did not arrive within {timeout_s:g} s "
+                           f"({e})") from None
+
+
 def barrier(group: ProcessGroup | None = None) -> None:
     if get_world_size(group) > 1:
         dist.barrier(group=group)

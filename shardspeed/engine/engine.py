@@ -17,9 +17,10 @@ from typing import Any
 import torch
 
 from shardspeed.accelerator import get_accelerator
+from shardspeed.checkpoint import load_checkpoint, save_checkpoint
 from shardspeed.comm import Topology, broadcast, enable_comm_log, get_global_rank, get_rank
 from shardspeed.config import ShardspeedConfig, resolve_batch_sizes
-from shardspeed.data import build_dataloader
+from shardspeed.data import ResumableLoader, build_dataloader
 from shardspeed.engine.components import make_optimizer, make_scheduler, param_groups
 from shardspeed.engine.timers import Timers
 from shardspeed.precision import LossScaler, PrecisionPolicy
@@ -64,9 +65,9 @@ class ShardspeedEngine(torch.nn.Module):
         self.loss_scaler = LossScaler.from_config(config.fp16) if config.fp16.enabled else None
         self.training_dataloader = None
         if training_data is not None:
-            self.training_dataloader = build_dataloader(
+            self.training_dataloader = ResumableLoader(build_dataloader(
                 training_data, self.batch.train_micro_batch_size_per_gpu, topo.dp_rank, topo.dp_world_size,
-                collate_fn=collate_fn, drop_last=config.dataloader_drop_last)
+                collate_fn=collate_fn, drop_last=config.dataloader_drop_last))
         self.global_steps = 0
         self.micro_steps = 0
         self.skipped_steps = 0
@@ -145,6 +146,20 @@ class ShardspeedEngine(torch.nn.Module):
         out["optimizer_states"] = opt_bytes
         out["buffers"] = sum(b.numel() * b.element_size() for b in self.module.buffers())
         return out
+
+    def save_checkpoint(self, save_dir: str, tag: str | None = None, client_state: dict[str, Any] | None = None,
+                        save_latest: bool = True) -> bool:
+        """Save everything needed to resume exactly, at any world size or ZeRO stage, under
+        ``save_dir/tag`` (default tag ``global_step{N}``). Every rank must call it."""
+        return save_checkpoint(self, save_dir, tag=tag, client_state=client_state, save_latest=save_latest)
+
+    def load_checkpoint(self, load_dir: str, tag: str | None = None, load_module_strict: bool = True,
+                        load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True,
+                        load_module_only: bool = False) -> tuple[str, dict[str, Any]]:
+        """Load ``load_dir/tag`` (default: the tag in ``load_dir/latest``); returns (path, client_state)."""
+        return load_checkpoint(self, load_dir, tag=tag, load_module_strict=load_module_strict,
+                               load_optimizer_states=load_optimizer_states,
+                               load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only)
 
     def save_16bit_model(self, save_dir: str, save_filename: str = "pytorch_model.bin") -> bool:
         """Write the module's full state dict in its compute dtype (rank 0 writes; every rank must call

@@ -11,7 +11,7 @@ from shardspeed.zero.local import LocalStrategy
 from shardspeed.zero.sharded import ShardedStrategy, Stage2Strategy
 from shardspeed.zero.stage0 import DataParallelStrategy
 from shardspeed.zero.stage3 import Stage3Options, Stage3Strategy, register_external_parameter
-from shardspeed.zero.strategy import Strategy, StrategyOptions
+from shardspeed.zero.strategy import Piece, Strategy, StrategyOptions
 
 
 class ZeroStageNotSupported(NotImplementedError):
@@ -36,6 +36,6 @@ def make_strategy(stage: int, module: torch.nn.Module, topo: Topology, opts: Str
     raise ZeroStageNotSupported(f"zero_optimization.stage {stage}: expected 0, 1, 2 or 3")
 
 
-__all__ = ["DataParallelStrategy", "GatheredParameters", "Init", "LocalStrategy", "ShardedStrategy", "Stage2Strategy",
-           "Stage3Options", "Stage3Strategy", "Strategy", "StrategyOptions", "ZeroStageNotSupported", "make_strategy",
-           "register_external_parameter"]
+__all__ = ["DataParallelStrategy", "GatheredParameters", "Init", "LocalStrategy", "Piece", "ShardedStrategy",
+           "Stage2Strategy", "Stage3Options", "Stage3Strategy", "Strategy", "StrategyOptions", "ZeroStageNotSupported",
+           "make_strategy", "register_external_parameter"]

@@ -20,7 +20,7 @@ import torch
 
 from shardspeed.comm import Handle, Topology, all_gather, all_reduce, broadcast, get_global_rank, reduce_scatter
 from shardspeed.zero.partition import ShardedBucketPlan, plan_sharded_buckets, shard_segments
-from shardspeed.zero.strategy import Strategy, StrategyOptions
+from shardspeed.zero.strategy import Piece, Strategy, StrategyOptions
 
 
 class ShardedBucket:
@@ -141,6 +141,16 @@ class ShardedStrategy(Strategy):
             return v
 
         optimizer.set_partition(segments, len(self.named_params), reduce_sum)
+
+    replicated = False
+
+    def owned_pieces(self) -> list[Piece]:
+        return [Piece(s.slot.name, s.param_offset, s.length, b.master, s.shard_offset)
+                for b in self.buckets for s in shard_segments(b.splan, self.topo.dp_rank)]
+
+    def publish_masters(self) -> None:
+        self.after_step()
+        self.wait_params()
 
     # -- backward ---------------------------------------------------------------------------------
     def begin_backward(self, boundary: bool) -> None:

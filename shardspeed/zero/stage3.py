@@ -30,7 +30,7 @@ import torch
 
 from shardspeed.comm import Handle, Topology, all_gather, all_reduce, reduce_scatter
 from shardspeed.zero.param_shard import chunk_numel, local_chunk, valid_in_chunk
-from shardspeed.zero.strategy import Strategy, StrategyOptions
+from shardspeed.zero.strategy import Piece, Strategy, StrategyOptions
 
 
 @dataclass(frozen=True)
@@ -165,8 +165,8 @@ class Stage3Strategy(Strategy):
         rows = buf.view(self.world, u.shard_numel)
         with torch.no_grad():
             for p, o, c, n, shape in zip(u.params, u.offsets, u.chunks, u.numels, u.shapes, strict=True):
-                p.data = rows[:, o:o + c].reshape(-1)[:n].reshape(shape).clone() if self.world > 1 else \
-                    buf[o:o + n].view(shape)
+                # the column block is strided, so reshape copies it out once; the gather buffer is then freed
+                p.data = rows[:, o:o + c].reshape(-1)[:n].view(shape) if self.world > 1 else buf[o:o + n].view(shape)
         u.gathered = True
 
     def _free(self, u: Unit) -> None:
@@ -314,6 +314,23 @@ class Stage3Strategy(Strategy):
             return
         self._launch_ready(flush=True)
         self._drain()
+
+    replicated = False
+
+    def checkpointed_names(self) -> set[str]:
+        return {n for u in self.units for n in u.names}
+
+    def full_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: shape for u in self.units for n, shape in zip(u.names, u.shapes, strict=True)}
+
+    def owned_pieces(self) -> list[Piece]:
+        """Frozen parameters too: under stage 3 they exist only as chunks."""
+        out = []
+        for u in self.units:
+            for name, m, c, valid in zip(u.names, u.master_chunks, u.chunks, u.valid, strict=True):
+                if valid:
+                    out.append(Piece(name, self.rank * c, valid, m, 0))
+        return out
 
     # -- optimizer and step -----------------------------------------------------------------------
     def master_for(self, param: torch.nn.Parameter) -> torch.Tensor:

@@ -20,6 +20,19 @@ from shardspeed.comm import Topology, all_reduce
 
 
 @dataclass(frozen=True)
+class Piece:
+    """A contiguous range of one parameter's flat form that this rank owns: elements
+    [start, start + length) of parameter ``name`` live in ``master.view(-1)[offset:offset + length]``
+    (and in the same range of each of the optimizer's per-element states for ``master``)."""
+
+    name: str
+    start: int
+    length: int
+    master: torch.Tensor
+    offset: int
+
+
+@dataclass(frozen=True)
 class StrategyOptions:
     compute_dtype: torch.dtype
     grad_accum_dtype: torch.dtype
@@ -92,6 +105,26 @@ class Strategy(ABC):
         all_reduce(total, group=self.topo.dp_group)
         all_reduce(total, group=self.topo.mp_group)
         return total
+
+    #: every rank holds every piece (stage 0): one rank writes them to checkpoints
+    replicated = True
+
+    def owned_pieces(self) -> list[Piece]:
+        """This rank's pieces of the fp32 training state, in a world-size-free coordinate system
+        (parameter name + flat range): what checkpoints save and reload at any world size."""
+        out = []
+        for name, p in self.named_params:
+            m = self.master_for(p)
+            out.append(Piece(name, 0, p.numel(), m, 0))
+        return out
+
+    def checkpointed_names(self) -> set[str]:
+        """Parameters whose values travel as pieces (the others, frozen ones, are saved whole)."""
+        return {n for n, _ in self.named_params}
+
+    def publish_masters(self) -> None:
+        """After the masters were overwritten (checkpoint load): make the module's parameters match."""
+        self.after_step()
 
     def state_bytes(self) -> dict[str, int]:
         """Bytes held by this rank for parameters, gradients and the strategy's own buffers."""

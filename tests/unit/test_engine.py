@@ -226,3 +226,22 @@ def test_deepspeed_script_runs_unchanged(tmp_path):
     assert isinstance(model_engine, deepspeed.DeepSpeedEngine) and model_engine.module is model
     _train(model_engine, 1)
     assert model_engine.global_steps == 1
+
+
+def test_loader_position_round_trips():
+    from shardspeed.data import ResumableLoader, build_dataloader
+
+    data = list(range(20))
+
+    def fresh():
+        return ResumableLoader(build_dataloader(data, 2, 0, 1, collate_fn=list))
+
+    a = fresh()
+    it = iter(a)
+    first = [next(it) for _ in range(3)]
+    state = a.state_dict()
+    rest_a = list(it)
+    b = fresh()
+    b.load_state_dict(state)
+    assert list(b) == rest_a and state == {"epoch": 0, "position": 3} and len(first) == 3
+    assert [x for batch in list(b) for x in batch] != [x for batch in first + rest_a for x in batch]  # new epoch

@@ -1,0 +1,6 @@
+"""Checkpoints that resume exactly and load at any world size or ZeRO stage; fp32 consolidation."""
+
+from shardspeed.checkpoint.engine_io import load_checkpoint, save_checkpoint
+from shardspeed.checkpoint.files import CheckpointError
+
+__all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint"]

@@ -1,0 +1,1 @@
+"""User-facing tools that work on files (checkpoint consolidation)."""
