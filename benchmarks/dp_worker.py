@@ -55,7 +55,8 @@ def run_shardspeed(args, model, world, rank):
 
     cfg = {"train_batch_size": args.global_batch, "steps_per_print": None,
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01}},
-           "bf16": {"enabled": args.dtype == "bf16"}, "zero_optimization": {"stage": args.stage}}
+           "bf16": {"enabled": args.dtype == "bf16"},
+           "zero_optimization": {"stage": args.stage, "overlap_comm": True}}
     engine, *_ = shardspeed.initialize(model=model, config=cfg)
     micro = engine.train_micro_batch_size_per_gpu()
 

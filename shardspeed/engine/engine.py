@@ -92,7 +92,8 @@ class ShardspeedEngine(torch.nn.Module):
             compute_dtype=self.policy.compute, grad_accum_dtype=self.policy.grad_accum,
             reduce_dtype=self.policy.reduce, bucket_numel=bucket, prescale=self.config.prescale_gradients,
             predivide_factor=self.config.gradient_predivide_factor,
-            overlap=z.overlap_comm if z.overlap_comm is not None else True, reduce_scatter=z.reduce_scatter,
+            overlap=z.overlap_comm if z.overlap_comm is not None else True,
+            overlap_param_gather=z.overlap_comm is True, reduce_scatter=z.reduce_scatter,
             allgather_partitions=z.allgather_partitions, allgather_numel=z.allgather_bucket_size)
 
     def _broadcast_module(self) -> None:

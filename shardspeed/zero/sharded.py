@@ -250,10 +250,11 @@ class ShardedStrategy(Strategy):
     def after_step(self) -> None:
         """Rebuild every rank's full parameters from the updated shards, in place.
 
-        [Note: gathers overlap the next forward] The all-gathers are started here, first-used
-        bucket first, and each module's forward pre-hook waits only for the buckets holding its
-        own parameters (and those declared with ``register_external_parameter``); the root's
-        forward post-hook and ``state_dict()`` wait for all of them."""
+        [Note: gathers overlap the next forward] With ``overlap_comm: true`` the all-gathers are
+        started here, first-used bucket first, and each module's forward pre-hook waits only for
+        the buckets holding its own parameters (and those declared with
+        ``register_external_parameter``); the root's forward post-hook and ``state_dict()`` wait
+        for all of them. Otherwise they complete before ``step()`` returns."""
         self.wait_params()
         in_flight = 0
         world, group = self.topo.dp_world_size, self.topo.dp_group
@@ -272,7 +273,7 @@ class ShardedStrategy(Strategy):
                                      group=group, async_op=True) for r in range(world)]
             self._gathers[i] = handles
             in_flight += b.splan.padded
-        if not self.opts.overlap:
+        if not self.opts.overlap_param_gather:
             self.wait_params()
 
     def wait_params(self, buckets: Iterable[int] | None = None) -> None:

@@ -41,6 +41,10 @@ class StrategyOptions:
     prescale: bool = False
     predivide_factor: float = 1.0
     overlap: bool = True
+    # stages 1-2: leave the parameter all-gathers in flight after step() until each module's
+    # forward needs them; only when the user asked for overlap_comm: true, since until then code
+    # that reads parameters directly after step() (an EMA, say) would see some stale shards
+    overlap_param_gather: bool = False
     reduce_scatter: bool = True  # False: all-reduce whole buckets and keep this rank's shard
     allgather_partitions: bool = True  # False: each rank broadcasts its shard instead
     allgather_numel: int = 500_000_000  # cap on parameter elements being gathered at once

@@ -118,6 +118,7 @@ def test_untested_client_optimizer_is_refused_with_a_way_out():
     {"reduce_scatter": False},
     {"allgather_partitions": False, "allgather_bucket_size": 300},
     {"overlap_comm": False, "contiguous_gradients": False},
+    {"overlap_comm": True},
 ])
 def test_zero_options_keep_parity(options):
     steps = 3

@@ -72,7 +72,7 @@ def _twice_worker(rank, stage):
     model = TwiceAndOutside()
     shardspeed.zero.register_external_parameter(model, model.emb.weight)
     cfg = {"train_batch_size": 4, "optimizer": ADAMW, "steps_per_print": None,
-           "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}
+           "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0, "overlap_comm": True}}
     engine, *_ = shardspeed.initialize(model=model, config=cfg)
     g = torch.Generator().manual_seed(1)
     for _ in range(3):
