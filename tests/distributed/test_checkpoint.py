@@ -13,8 +13,10 @@ ADAMW = {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.01}}
 DROPOUT = {"dropout": 0.1}
 
 
-def _config(stage):
-    return {"train_batch_size": 12, "optimizer": ADAMW, "gradient_clipping": 0.5, "steps_per_print": None,
+def _config(stage, precision=None):
+    return {**({precision: {"enabled": True, **({"initial_scale_power": 8} if precision == "fp16" else {})}}
+               if precision else {}),
+            "train_batch_size": 12, "optimizer": ADAMW, "gradient_clipping": 0.5, "steps_per_print": None,
             "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 5, "warmup_max_lr": 3e-3}},
             "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 100,
                                   "reduce_bucket_size": 3000}}
@@ -33,14 +35,14 @@ def _params(engine):
     return {k: v.detach().float().clone() for k, v in engine.module.state_dict().items() if k in names}
 
 
-def _worker(rank, stage, ckpt, mode, resume_until=4, dropout=0.1):
+def _worker(rank, stage, ckpt, mode, resume_until=4, dropout=0.1, precision=None):
     """mode: 'straight' 4 steps; 'save' 2 steps then save then 1 more; 'resume' load then steps 2..4.
     Dropout exercises the RNG restore (same world size only: other sizes draw other masks)."""
     import shardspeed
 
     world = int(os.environ["WORLD_SIZE"])
     torch.manual_seed(123)
-    engine, *_ = shardspeed.initialize(model=tiny_gpt(dropout=dropout), config=_config(stage))
+    engine, *_ = shardspeed.initialize(model=tiny_gpt(dropout=dropout), config=_config(stage, precision))
     out = {}
     if mode == "straight":
         _train(engine, 0, 4, rank, world, dropout)
@@ -54,7 +56,7 @@ def _worker(rank, stage, ckpt, mode, resume_until=4, dropout=0.1):
         out["client"], out["loaded"], out["global_steps"] = client, _params(engine), engine.global_steps
         out["lr"] = engine.get_lr()
         _train(engine, 2, resume_until, rank, world, dropout)
-    out["params"] = _params(engine)
+    out["params"], out["loss_scale"] = _params(engine), engine.loss_scale
     return out
 
 
@@ -67,6 +69,17 @@ def test_exact_resume_bit_for_bit(tmp_path, stage):
     for a, b in zip(straight, resumed):
         assert all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"])
     assert (tmp_path / "latest").read_text() == "global_step2"
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_exact_resume_mixed_precision(tmp_path, stage, precision):
+    straight = run_ranks(_worker, 2, stage, str(tmp_path), "straight", 4, 0.1, precision)
+    run_ranks(_worker, 2, stage, str(tmp_path), "save", 4, 0.1, precision)
+    resumed = run_ranks(_worker, 2, stage, str(tmp_path), "resume", 4, 0.1, precision)
+    for a, b in zip(straight, resumed):
+        assert all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"])
+        assert a["loss_scale"] == b["loss_scale"]
 
 
 @pytest.mark.parametrize("src, dst", [((2, 3), (3, 1)), ((2, 1), (3, 3)), ((3, 2), (2, 0))])
