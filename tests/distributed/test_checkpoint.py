@@ -71,6 +71,14 @@ def test_exact_resume_bit_for_bit(tmp_path, stage):
     assert (tmp_path / "latest").read_text() == "global_step2"
 
 
+def test_exact_resume_on_three_ranks(tmp_path):
+    straight = run_ranks(_worker, 3, 2, str(tmp_path), "straight")
+    run_ranks(_worker, 3, 2, str(tmp_path), "save")
+    resumed = run_ranks(_worker, 3, 2, str(tmp_path), "resume")
+    for a, b in zip(straight, resumed):
+        assert all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"])
+
+
 @pytest.mark.parametrize("stage", [1, 3])
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_exact_resume_mixed_precision(tmp_path, stage, precision):
