@@ -25,7 +25,7 @@ from shardspeed.zero.strategy import Piece, Strategy, StrategyOptions
 
 class ShardedBucket:
     def __init__(self, splan: ShardedBucketPlan, params: list[torch.nn.Parameter], rank: int,
-                 opts: StrategyOptions, keep_full_grads: bool):
+                 opts: StrategyOptions, keep_full_grads: bool, pool: dict[tuple, list[torch.Tensor]]):
         self.splan = splan
         self.params = params  # in slot order
         self.lo, self.hi = splan.shard_range(rank)
@@ -45,8 +45,12 @@ class ShardedBucket:
                 p.data = view
         self.accum_dtype = opts.grad_accum_dtype
         self.keep_full_grads = keep_full_grads
+        self.pool = pool
+        # stage 2: which slots of the temporary bucket this backward wrote (the first write copies,
+        # so the bucket needs no zeroing; what nobody wrote is zeroed just before the reduction)
+        self.written: list[bool] | None = None
         self.grad_full: torch.Tensor | None = None
-        if keep_full_grads:
+        if keep_full_grads:  # stage 1: persistent, zeroed by zero_grad, always accumulated into
             self.grad_full = torch.zeros(splan.padded, dtype=self.accum_dtype, device=device)
         # stage 1 in fp32: the reduce-scatter writes the averaged shard in place, into [lo, hi)
         self.shard_in_full = keep_full_grads and self.accum_dtype == torch.float32
@@ -59,10 +63,27 @@ class ShardedBucket:
         self.launched = False
 
     def ensure_full(self) -> torch.Tensor:
-        """The full gradient bucket (stage 2 allocates it for the length of one backward)."""
+        """The full gradient bucket (stage 2 borrows it from a pool for the length of one backward)."""
         if self.grad_full is None:
-            self.grad_full = torch.zeros(self.splan.padded, dtype=self.accum_dtype, device=self.param_buffer.device)
+            free = self.pool.get((self.splan.padded, self.accum_dtype))
+            self.grad_full = free.pop() if free else torch.empty(
+                self.splan.padded, dtype=self.accum_dtype, device=self.param_buffer.device)
+            self.written = [False] * len(self.params)
         return self.grad_full
+
+    def zero_unwritten(self) -> None:
+        if self.written is None:
+            return
+        full = self.ensure_full()
+        for s, slot in enumerate(self.splan.plan.slots):
+            if not self.written[s]:
+                full[slot.offset:slot.offset + slot.numel].zero_()
+        full[self.splan.plan.numel:].zero_()  # padding
+
+    def release_full(self) -> None:
+        """Stage 2: give the temporary bucket back to the pool (reused by the next backward)."""
+        self.pool.setdefault((self.splan.padded, self.accum_dtype), []).append(self.grad_full)
+        self.grad_full, self.written = None, None
 
     def full_grad_view(self, slot_index: int) -> torch.Tensor:
         s = self.splan.plan.slots[slot_index]
@@ -91,8 +112,9 @@ class ShardedStrategy(Strategy):
                                      [[tuple(p.shape) for p in g] for g in self.groups],
                                      opts.bucket_numel, topo.dp_world_size)
         by_name = {n: p for n, p in self.named_params}
+        self._pool: dict[tuple, list[torch.Tensor]] = {}
         self.buckets = [ShardedBucket(sp, [by_name[s.name] for s in sp.plan.slots], topo.dp_rank, opts,
-                                      self.keep_full_grads) for sp in plans]
+                                      self.keep_full_grads, self._pool) for sp in plans]
         self._where = {id(p): (b, s) for b, bk in enumerate(self.buckets) for s, p in enumerate(bk.params)}
         self.grads_in_module = self.keep_full_grads and opts.compute_dtype == opts.grad_accum_dtype
         if self.grads_in_module:
@@ -164,8 +186,13 @@ class ShardedStrategy(Strategy):
         view = bucket.full_grad_view(s)
         if p.grad is not view:
             if p.grad is not None and p.grad.data_ptr() != view.data_ptr():
-                view.add_(p.grad)
+                if bucket.written is not None and not bucket.written[s]:
+                    view.copy_(p.grad)
+                else:
+                    view.add_(p.grad)
             p.grad = view if self.grads_in_module else None
+        if bucket.written is not None:
+            bucket.written[s] = True
         if not self.reduce_enabled:
             return
         if bucket.launched:
@@ -187,7 +214,8 @@ class ShardedStrategy(Strategy):
     def _launch(self, bucket: ShardedBucket) -> None:
         bucket.launched = True
         o = self.opts
-        full = bucket.ensure_full()  # zeros if no gradient reached it: every rank joins every collective
+        full = bucket.ensure_full()  # even if no gradient reached it: every rank joins every collective
+        bucket.zero_unwritten()
         wire = full if o.reduce_dtype == full.dtype else full.to(o.reduce_dtype)
         if o.prescale and o.predivide_factor != 1.0:
             wire.div_(o.predivide_factor)
@@ -215,7 +243,7 @@ class ShardedStrategy(Strategy):
                 bucket.grad_shard.add_(out.to(bucket.grad_shard.dtype), alpha=1.0 / post)
             bucket.shard_fresh = False
             if not bucket.keep_full_grads:
-                bucket.grad_full = None  # the temporary full bucket goes back to the allocator
+                bucket.release_full()
         self._inflight.clear()
         self._pending = False
         self._next = 0
@@ -309,6 +337,8 @@ class ShardedStrategy(Strategy):
             out["gradients"] += nbytes(b.grad_full) if b.keep_full_grads else 0
             out["gradients"] += 0 if b.shard_in_full else nbytes(b.grad_shard)
             out["master_parameters"] += 0 if b.master_is_view else nbytes(b.master)
+        # stage 2's reusable gradient buckets: bounded by reduce_bucket_size x buckets in flight
+        out["temporary_buffers"] = sum(nbytes(t) for ts in self._pool.values() for t in ts)
         return out
 
 
