@@ -30,9 +30,11 @@ def run_deepspeed(ds_venv: str, zero: int, dtype: str, tag: str) -> None:
     tmp = tempfile.mkdtemp()
     shutil.copy(os.path.join(ROOT, "..", "shared", "anchors", "bench.py"), tmp)
     out = os.path.join(tmp, "ds.jsonl")
+    # check=False: torch 2.13's gloo can abort a rank at interpreter exit (SIGABRT, "terminate called
+    # without an active exception") after the results were written; a missing results file still fails
     subprocess.run([os.path.join(ds_venv, "bin", "torchrun"), "--standalone", "--nproc_per_node", "2",
                     os.path.join(tmp, "bench.py"), "--mode", "ds", "--zero", str(zero), "--dtype", dtype,
-                    "--ds-clip", "0", "--no-count", "--out", out], check=True, cwd=tmp,
+                    "--ds-clip", "0", "--no-count", "--out", out], check=False, cwd=tmp,
                    env={**os.environ, "OMP_NUM_THREADS": "1"})
     with open(out) as f:
         rec = json.loads(f.readline())
