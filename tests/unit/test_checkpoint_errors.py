@@ -1,0 +1,63 @@
+"""Checkpoint and setup errors a user reads, in one process."""
+
+import json
+
+import pytest
+import torch
+
+import shardspeed
+from shardspeed.checkpoint import CheckpointError
+from tests.distributed.workloads import tiny_gpt
+
+CFG = {"train_batch_size": 2, "steps_per_print": None, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
+
+
+def _engine(stage=0, **model):
+    return shardspeed.initialize(model=tiny_gpt(**model), config={**CFG, "zero_optimization": {"stage": stage}})[0]
+
+
+def test_no_latest_file(tmp_path):
+    with pytest.raises(CheckpointError, match=f"no tag given and no 'latest' file in {tmp_path}"):
+        _engine().load_checkpoint(str(tmp_path))
+
+
+def test_not_a_checkpoint(tmp_path):
+    (tmp_path / "t").mkdir()
+    with pytest.raises(CheckpointError, match=f"{tmp_path}/t/manifest.json is missing: not a shardspeed checkpoint"):
+        _engine().load_checkpoint(str(tmp_path), tag="t")
+
+
+def test_model_mismatch_names_the_parameters(tmp_path):
+    _engine(stage=1).save_checkpoint(str(tmp_path))
+    other = _engine(tie_embeddings=True)  # no separate head.weight
+    with pytest.raises(CheckpointError, match=r"not in the model \['head.weight'\]"):
+        other.load_checkpoint(str(tmp_path))
+    other.load_checkpoint(str(tmp_path), load_module_strict=False)
+
+
+def test_damaged_manifest(tmp_path):
+    _engine().save_checkpoint(str(tmp_path), tag="x")
+    (tmp_path / "x" / "manifest.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="manifest.json is damaged"):
+        _engine().load_checkpoint(str(tmp_path), tag="x")
+
+
+def test_latest_and_default_tag(tmp_path):
+    e = _engine(stage=1)
+    e.save_checkpoint(str(tmp_path))
+    assert (tmp_path / "latest").read_text() == "global_step0"
+    manifest = json.loads((tmp_path / "global_step0" / "manifest.json").read_text())
+    assert manifest["stage"] == 1 and set(manifest["files"]) == {"common.pt", "rank_0.pt"}
+    assert not list(tmp_path.glob(".*partial"))  # the temporary directory was renamed into place
+
+
+def test_client_optimizer_that_already_stepped():
+    model = tiny_gpt()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    with pytest.raises(ValueError, match="the client optimizer has already taken steps"):
+        shardspeed.initialize(model=model, optimizer=opt, config={"train_batch_size": 2})
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer or a callable"):
+        shardspeed.initialize(model=tiny_gpt(), optimizer=42, config={"train_batch_size": 2})
