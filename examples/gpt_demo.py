@@ -106,6 +106,7 @@ def main() -> None:
             break
     elapsed = time.perf_counter() - start
     val_after = evaluate(engine, val)
+    engine.save_checkpoint(os.path.join(args.out, "checkpoint"))  # every rank: it is a collective
     mem = engine.memory_breakdown()
     mem["peak_rss"] = engine.accelerator.max_memory_allocated()
     mems = comm.all_gather_object(mem)
@@ -145,7 +146,7 @@ def write_report(out, curve, val_before, val_after, elapsed, engine, mems, vocab
                      f"MiB, grads {m['gradients'] / 2**20:.1f} MiB, fp32 masters {m['master_parameters'] / 2**20:.1f}"
                      f" MiB, optimizer {m['optimizer_states'] / 2**20:.1f} MiB")
     lines.append("  sample: " + repr("".join(vocab[i] for i in text_ids.tolist())[-120:]))
-    lines.append(f"  wrote {out}/loss.png, {out}/summary.txt, {out}/model.pt")
+    lines.append(f"  wrote {out}/loss.png, {out}/summary.txt, {out}/model.pt, {out}/checkpoint/")
     text = "\n".join(lines)
     print(text)
     with open(os.path.join(out, "summary.txt"), "w") as f:

@@ -18,3 +18,4 @@ def test_demo_short_run(tmp_path):
     assert "rank 1: peak RSS" in summary
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "model.pt").stat().st_size > 1_000_000
+    assert (out / "checkpoint" / "latest").read_text() == "global_step6"
