@@ -65,6 +65,9 @@ class GradBucket:
         self.ready = 0
         self.launched = False
 
+    def complete(self) -> bool:
+        return self.ready == len(self.plan.param_ids)
+
     def reset(self) -> None:
         self.ready = 0
         self.launched = False

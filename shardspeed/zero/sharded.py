@@ -20,7 +20,7 @@ import torch
 
 from shardspeed.comm import Handle, Topology, all_gather, all_reduce, broadcast, get_global_rank, reduce_scatter
 from shardspeed.zero.partition import ShardedBucketPlan, plan_sharded_buckets, shard_segments
-from shardspeed.zero.strategy import Piece, Strategy, StrategyOptions
+from shardspeed.zero.strategy import OrderedReduction, Piece, Strategy, StrategyOptions
 
 
 class ShardedBucket:
@@ -93,7 +93,7 @@ class ShardedBucket:
         return self.ready == len(self.params)
 
 
-class ShardedStrategy(Strategy):
+class ShardedStrategy(OrderedReduction, Strategy):
     keep_full_grads = True  # stage 1
 
     def __init__(self, module: torch.nn.Module, topo: Topology, opts: StrategyOptions,
@@ -122,9 +122,7 @@ class ShardedStrategy(Strategy):
                 for s, p in enumerate(bucket.params):
                     p.grad = bucket.full_grad_view(s)
         self._inflight: list[tuple[ShardedBucket, Handle, torch.Tensor, torch.Tensor | None]] = []
-        self._next = 0
         self._boundary = True
-        self._pending = False
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for _, p in self.named_params]
         self._gathers: dict[int, list[Handle]] = {}  # bucket -> parameter gathers still in flight
         self._module_buckets: dict[int, list[int]] = {}
@@ -203,13 +201,8 @@ class ShardedStrategy(Strategy):
         if bucket.complete():
             self._launch_ready()
 
-    def _launch_ready(self, flush: bool = False) -> None:
-        while self._next < len(self.buckets):
-            bucket = self.buckets[self._next]
-            if not flush and not bucket.complete():
-                return
-            self._launch(bucket)
-            self._next += 1
+    def _reduction_units(self) -> list[ShardedBucket]:
+        return self.buckets
 
     def _launch(self, bucket: ShardedBucket) -> None:
         bucket.launched = True
@@ -245,17 +238,9 @@ class ShardedStrategy(Strategy):
             if not bucket.keep_full_grads:
                 bucket.release_full()
         self._inflight.clear()
-        self._pending = False
-        self._next = 0
         for bucket in self.buckets:
             bucket.ready = 0
             bucket.launched = False
-
-    def wait_reductions(self) -> None:
-        if not self._pending:  # nothing produced since the last wait: reducing again would be wrong
-            return
-        self._launch_ready(flush=True)
-        self._drain()
 
     # -- step -------------------------------------------------------------------------------------
     def grad_norm_sq(self) -> torch.Tensor:
@@ -356,5 +341,5 @@ class Stage2Strategy(ShardedStrategy):
     def finish_backward(self) -> None:
         self._launch_ready(flush=True)
         if not self._boundary:
-            self._drain()  # free the temporary buckets before the next micro-batch
+            self._drain_all()  # free the temporary buckets before the next micro-batch
 

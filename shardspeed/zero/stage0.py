@@ -17,10 +17,10 @@ import torch
 
 from shardspeed.comm import Handle, Topology, all_reduce
 from shardspeed.zero.buckets import GradBucket, plan_buckets
-from shardspeed.zero.strategy import Strategy, StrategyOptions
+from shardspeed.zero.strategy import OrderedReduction, Strategy, StrategyOptions
 
 
-class DataParallelStrategy(Strategy):
+class DataParallelStrategy(OrderedReduction, Strategy):
     def __init__(self, module: torch.nn.Module, topo: Topology, opts: StrategyOptions):
         super().__init__(module, topo, opts)
         params = [p for _, p in self.named_params]
@@ -46,8 +46,6 @@ class DataParallelStrategy(Strategy):
                 p.grad = view
             self.masters[id(p)] = master
         self._handles: list[tuple[GradBucket, Handle, torch.Tensor | None]] = []
-        self._next = 0
-        self._pending = False
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
 
     def _view(self, p: torch.Tensor) -> torch.Tensor:
@@ -78,16 +76,11 @@ class DataParallelStrategy(Strategy):
                 "its bucket was reduced; with activation checkpointing use the non-reentrant form "
                 "(shardspeed.checkpointing.checkpoint or torch.utils.checkpoint(use_reentrant=False))")
         bucket.ready += 1
-        if bucket.ready == len(bucket.plan.param_ids):
+        if bucket.complete():
             self._launch_ready()
 
-    def _launch_ready(self, flush: bool = False) -> None:
-        while self._next < len(self.buckets):
-            bucket = self.buckets[self._next]
-            if not flush and bucket.ready < len(bucket.plan.param_ids):
-                return
-            self._launch(bucket)
-            self._next += 1
+    def _reduction_units(self) -> list[GradBucket]:
+        return self.buckets
 
     def _launch(self, bucket: GradBucket) -> None:
         bucket.launched = True
@@ -106,11 +99,7 @@ class DataParallelStrategy(Strategy):
         super().begin_backward(boundary)
         self._pending = self._pending or self.reduce_enabled
 
-    def wait_reductions(self) -> None:
-        if not self._pending:  # nothing produced since the last wait: reducing again would be wrong
-            return
-        self._pending = False
-        self._launch_ready(flush=True)
+    def _drain(self) -> None:
         o = self.opts
         post = self.topo.dp_world_size / (o.predivide_factor if o.prescale else 1.0)
         for bucket, handle, wire in self._handles:
@@ -120,7 +109,6 @@ class DataParallelStrategy(Strategy):
             if post != 1.0:
                 bucket.buffer.div_(post)
         self._handles.clear()
-        self._next = 0
         for bucket in self.buckets:
             bucket.reset()
 

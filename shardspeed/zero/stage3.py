@@ -30,7 +30,7 @@ import torch
 
 from shardspeed.comm import Handle, Topology, all_gather, all_reduce, reduce_scatter
 from shardspeed.zero.param_shard import chunk_numel, local_chunk, valid_in_chunk
-from shardspeed.zero.strategy import Piece, Strategy, StrategyOptions
+from shardspeed.zero.strategy import OrderedReduction, Piece, Strategy, StrategyOptions
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,11 @@ class Unit:
                     delattr(p, attr)
 
 
+    def complete(self) -> bool:
+        """Every trainable parameter has accumulated its gradient in this backward."""
+        return self.accumulated >= self.trainable
+
+
 class _PreBackward(torch.autograd.Function):
     """Identity on a module's outputs; its backward gathers the module's units first."""
 
@@ -94,7 +99,7 @@ class _PreBackward(torch.autograd.Function):
         return (None, None, *grads)
 
 
-class Stage3Strategy(Strategy):
+class Stage3Strategy(OrderedReduction, Strategy):
     def __init__(self, module: torch.nn.Module, topo: Topology, opts: StrategyOptions,
                  groups: list[list[torch.nn.Parameter]], z3: Stage3Options):
         super().__init__(module, topo, opts)
@@ -140,10 +145,8 @@ class Stage3Strategy(Strategy):
         module.register_state_dict_pre_hook(self._state_dict_pre)
         # torch tags the hook object it is given, which a bound method cannot carry: wrap it
         module.register_state_dict_post_hook(lambda *a: self._state_dict_post(*a))
-        self._next = 0
         self._inflight: list[tuple[Unit, Handle, torch.Tensor]] = []
         self._boundary = True
-        self._pending = False
         self._trace: list[int] = []
         self._trace_done = False
         self._position: dict[int, int] = {}
@@ -253,22 +256,18 @@ class Stage3Strategy(Strategy):
             raise RuntimeError(f"parameter '{u.names[pos]}' received a second gradient in one backward after its "
                                "unit was reduced; with activation checkpointing use the non-reentrant form")
         u.accumulated += 1
-        if u.accumulated == u.trainable:
+        if u.complete():
             u.in_backward = False
             if u.refs == 0 and not u.persistent:
                 self._free(u)
             self._launch_ready()
 
-    def _launch_ready(self, flush: bool = False) -> None:
-        while self._next < len(self.units):
-            u = self.units[self._next]
-            if not flush and u.accumulated < u.trainable:
-                return
-            if u.trainable:
-                self._launch(u)
-            self._next += 1
+    def _reduction_units(self) -> list[Unit]:
+        return self.units
 
     def _launch(self, u: Unit) -> None:
+        if not u.trainable:  # frozen parameters only: nothing to reduce
+            return
         u.launched = True
         o = self.opts
         if u.grad_in is None:  # no gradient reached it: still join the collective, with zeros
@@ -289,7 +288,7 @@ class Stage3Strategy(Strategy):
         if not self._trace_done and self._trace:
             self._trace_done = True
         if not self._boundary:
-            self._drain()
+            self._drain_all()
 
     def _drain(self) -> None:
         o = self.opts
@@ -303,17 +302,9 @@ class Stage3Strategy(Strategy):
             u.shard_fresh = False
             u.grad_in = None
         self._inflight.clear()
-        self._pending = False
-        self._next = 0
         for u in self.units:
             u.accumulated = 0
             u.launched = False
-
-    def wait_reductions(self) -> None:
-        if not self._pending:  # nothing produced since the last wait: reducing again would be wrong
-            return
-        self._launch_ready(flush=True)
-        self._drain()
 
     replicated = False
 

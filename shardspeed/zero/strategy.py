@@ -145,3 +145,45 @@ class Strategy(ABC):
     def map_param_groups(self, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Replace the module's parameters in optimizer param groups by their masters."""
         return [{**g, "params": [self.master_for(p) for p in g["params"]]} for g in groups]
+
+
+class OrderedReduction:
+    """Gradient reductions issued bucket by bucket in index order, the same on every rank.
+
+    [Note: launch order] Collectives must be issued in one order across ranks, so a bucket whose
+    gradients are complete waits until every earlier bucket was launched, even if it filled first.
+    Users provide ``_reduction_units()`` (objects with ``complete()``), ``_launch(unit)`` and
+    ``_drain()`` (wait for what was launched, finish the averaging, reset); ``_pending`` says a
+    backward produced gradients since the last wait.
+    """
+
+    _next = 0
+    _pending = False
+
+    def _reduction_units(self) -> list[Any]:
+        raise NotImplementedError
+
+    def _launch(self, unit: Any) -> None:
+        raise NotImplementedError
+
+    def _drain(self) -> None:
+        raise NotImplementedError
+
+    def _launch_ready(self, flush: bool = False) -> None:
+        units = self._reduction_units()
+        while self._next < len(units):
+            if not flush and not units[self._next].complete():
+                return
+            self._launch(units[self._next])
+            self._next += 1
+
+    def _drain_all(self) -> None:
+        self._drain()
+        self._pending = False
+        self._next = 0
+
+    def wait_reductions(self) -> None:
+        if not self._pending:  # nothing produced since the last wait: reducing again would be wrong
+            return
+        self._launch_ready(flush=True)
+        self._drain_all()
