@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -29,6 +30,39 @@ def build_model(cfg: GPTConfig = ANCHOR, seed: int = 1234) -> GPT:
 
 def batch(step: int, size: int, cfg: GPTConfig = ANCHOR):
     return synthetic_batch(step, size, cfg.seq, cfg.vocab)
+
+
+ANCHORS_DIR = os.path.join(ROOT, "..", "shared", "anchors")
+
+
+@functools.lru_cache(maxsize=1)
+def anchors_bench():
+    """The anchors' own bench.py as a module: their exact model (qkv bias, init order) and data, so a
+    loss can be compared with the numbers in ../shared/anchors/RESULTS.md."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("anchors_bench", os.path.join(ANCHORS_DIR, "bench.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def build_anchors_model(seed: int = 1234):
+    import torch
+
+    ab = anchors_bench()
+    torch.manual_seed(seed)
+    model = ab.GPT(ANCHOR.vocab, ANCHOR.seq, ANCHOR.hidden, ANCHOR.heads, ANCHOR.layers)
+    ab.init_weights(model)
+    return model
+
+
+def anchors_batch(step: int, size: int, seed: int = 1234):
+    """Step ``step`` counts from 0 here; the anchors' script counts from 1."""
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(seed=seed, global_batch=size, seq=ANCHOR.seq, vocab=ANCHOR.vocab)
+    return anchors_bench().batch_for_step(step + 1, args)
 
 
 def median(xs: list[float]) -> float:
