@@ -76,6 +76,8 @@ class ZeroConfig(Section):
     stage3_gather_16bit_weights_on_model_save: bool = Field(
         False, alias="stage3_gather_fp16_weights_on_model_save"
     )
+    # shardspeed's own: gather each entry of a ModuleList/Sequential as one unit (zero/stage3.py, Note: units)
+    stage3_coalesce_layers: bool = True
     round_robin_gradients: bool = False
     ignore_unused_parameters: bool = True
     memory_efficient_linear: bool = True

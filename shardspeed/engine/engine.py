@@ -49,7 +49,8 @@ class ShardspeedEngine(torch.nn.Module):
         z = config.zero_optimization
         z3 = Stage3Options(prefetch_numel=z.stage3_prefetch_bucket_size,
                            persistence_threshold=z.stage3_param_persistence_threshold,
-                           max_live_numel=z.stage3_max_live_parameters)
+                           max_live_numel=z.stage3_max_live_parameters,
+                           coalesce_layers=z.stage3_coalesce_layers)
         self.strategy = make_strategy(z.stage, self.module, topo, self._strategy_options(),
                                       [g["params"] for g in groups], z3)
         if self.policy.compute != torch.float32:

@@ -38,6 +38,7 @@ class Stage3Options:
     prefetch_numel: int = 50_000_000
     persistence_threshold: int = 100_000
     max_live_numel: int = 1_000_000_000
+    coalesce_layers: bool = True
 
 
 class Unit:
@@ -109,25 +110,20 @@ class Stage3Strategy(OrderedReduction, Strategy):
         self.units: list[Unit] = []
         self.unit_of: dict[int, tuple[int, int]] = {}  # id(param) -> (unit, position)
         self.module_units: dict[int, tuple[int, ...]] = {}
-        owned: set[int] = set()
-        created = []
-        for mname, m in module.named_modules():
-            mine = [(f"{mname}.{n}" if mname else n, p) for n, p in m.named_parameters(recurse=False)
-                    if id(p) not in owned]
-            owned.update(id(p) for _, p in mine)
-            if mine:
-                created.append(mine)
+        created = _unit_members(module, z3)
         # reverse registration order: roughly the order backward finishes units in
-        for members in reversed(created):
+        root_unit: dict[int, int] = {}
+        for root, members in reversed(created):
             u = Unit(len(self.units), [n for n, _ in members], [p for _, p in members], self.rank, self.world,
                      opts, z3.persistence_threshold)
             for pos, (_, p) in enumerate(members):
                 self.unit_of[id(p)] = (u.index, pos)
                 p._shardspeed_z3 = (self, u.index)  # for GatheredParameters
+            root_unit[id(root)] = u.index
             self.units.append(u)
         for m in module.modules():
             used = list(m.parameters(recurse=False)) + list(getattr(m, "_shardspeed_external", []))
-            ids = sorted({self.unit_of[id(p)][0] for p in used})
+            ids = sorted({self.unit_of[id(p)][0] for p in used} | ({root_unit[id(m)]} if id(m) in root_unit else set()))
             if ids:
                 self.module_units[id(m)] = tuple(ids)
                 m.register_forward_pre_hook(self._pre_forward)
@@ -150,6 +146,7 @@ class Stage3Strategy(OrderedReduction, Strategy):
         self._trace: list[int] = []
         self._trace_done = False
         self._position: dict[int, int] = {}
+        self._deferred: list[Unit] = []
 
     # -- gather / free ----------------------------------------------------------------------------
     def _start_gather(self, u: Unit) -> None:
@@ -200,7 +197,14 @@ class Stage3Strategy(OrderedReduction, Strategy):
             i += step
 
     # -- forward ----------------------------------------------------------------------------------
+    def _release_deferred(self, keep: tuple[int, ...] = ()) -> None:
+        for u in self._deferred:
+            if u.index not in keep and u.gathered and u.refs == 0 and not u.persistent and not u.in_backward:
+                self._free(u)
+        self._deferred = []
+
     def _pre_forward(self, module: torch.nn.Module, args: Any) -> None:
+        self._release_deferred(keep=self.module_units[id(module)])
         for i in self.module_units[id(module)]:
             u = self.units[i]
             u.refs += 1
@@ -213,12 +217,19 @@ class Stage3Strategy(OrderedReduction, Strategy):
 
     def _post_forward(self, module: torch.nn.Module, args: Any, output: Any) -> Any:
         ids = self.module_units[id(module)]
+        grad = torch.is_grad_enabled()
         for i in ids:
             u = self.units[i]
             u.refs -= 1
             if u.refs == 0 and not u.persistent and not u.in_backward:
-                self._free(u)
-        if torch.is_grad_enabled():
+                # [Note: deferred release] with autograd on, the unit released last in forward is
+                # the first backward needs: keep it until the next module starts (usually one
+                # more unit of memory for no time at all) so backward does not gather it again
+                if grad:
+                    self._deferred.append(u)
+                else:
+                    self._free(u)
+        if grad:
             return _wrap_outputs(output, lambda ts: _PreBackward.apply(self, ids, *ts))
         return output
 
@@ -232,6 +243,7 @@ class Stage3Strategy(OrderedReduction, Strategy):
         self.reduce_enabled = True
 
     def _pre_backward(self, ids: tuple[int, ...]) -> None:
+        self._deferred = []  # backward owns them now: freed when their gradients are complete
         for i in ids:
             u = self.units[i]
             u.in_backward = True
@@ -361,9 +373,12 @@ class Stage3Strategy(OrderedReduction, Strategy):
 
     @torch.no_grad()
     def after_step(self) -> None:
+        self._release_deferred()
         for u in self.units:
             if not u.master_is_view:
                 u.local.copy_(u.master)
+            if u.gathered and u.refs == 0 and not u.persistent:  # would hold pre-step values
+                self._free(u)
             if u.persistent:  # kept whole: refresh from the updated chunks now
                 u.gathered = False
                 self._gather_now(u)
@@ -410,6 +425,40 @@ class Stage3Strategy(OrderedReduction, Strategy):
                 u.refs -= 1
                 if u.refs == 0 and not u.persistent:
                     self._free(u)
+
+
+def _unit_members(module: torch.nn.Module, z3: Stage3Options) -> list[tuple[torch.nn.Module, list]]:
+    """Which parameters are gathered together, as (root module, [(name, param)]) in registration order.
+
+    [Note: units] Every collective has a fixed cost (a round trip, a Python call, a copy), so a
+    transformer layer gathered as one tensor is faster than its six sub-modules gathered one by one,
+    and holds no more memory while it runs. With ``coalesce_layers`` each entry of a ``ModuleList``
+    or ``nn.Sequential`` (the repeated layers of almost every model) is one unit when it holds at
+    most half of ``max_live_numel`` (so two can be live: the running one and the prefetched next).
+    Everything else is one unit per module that registers parameters. A parameter belongs to the
+    first unit that reaches it, so tied weights are gathered once."""
+    layers: set[int] = set()
+    if z3.coalesce_layers:
+        for m in module.modules():
+            if isinstance(m, (torch.nn.ModuleList, torch.nn.Sequential)):
+                layers.update(id(c) for c in m.children())
+    owned: set[int] = set()
+    out = []
+    for mname, m in module.named_modules():
+        if id(m) in layers:
+            mine = [(f"{mname}.{n}", p) for n, p in m.named_parameters() if id(p) not in owned]
+            if sum(p.numel() if not hasattr(p, "ds_shape") else torch.Size(p.ds_shape).numel()
+                   for _, p in mine) * 2 > z3.max_live_numel:
+                mine = []  # too large to coalesce: its modules become units one by one
+        else:
+            mine = []
+        if not mine:
+            mine = [(f"{mname}.{n}" if mname else n, p) for n, p in m.named_parameters(recurse=False)
+                    if id(p) not in owned]
+        owned.update(id(p) for _, p in mine)
+        if mine:
+            out.append((m, mine))
+    return out
 
 
 def register_external_parameter(module: torch.nn.Module, parameter: torch.nn.Parameter) -> None:

@@ -26,10 +26,11 @@ def test_parity_fp32(world, zero_init):
         assert max_rel_diff(r["params"], ref["params"]) < 1e-5
 
 
-def test_prefetch_persistence_and_live_cap_keep_parity():
+@pytest.mark.parametrize("coalesce", [True, False])
+def test_prefetch_persistence_and_live_cap_keep_parity(coalesce):
     steps = 3
     cfg = _config(2, stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=3000,
-                  stage3_max_live_parameters=8000)
+                  stage3_max_live_parameters=30_000 if coalesce else 8000, stage3_coalesce_layers=coalesce)
     ranks = run_ranks(engine_run, 2, cfg, steps, ODD)
     ref = reference_run(steps, 8, 3e-3, 0.01, 0.3, ODD)
     assert max_rel_diff(ranks[0]["params"], ref["params"]) < 1e-5
