@@ -179,7 +179,8 @@ class ShardspeedEngine(torch.nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with self.timers("forward"):
             args, kwargs = self._to_device((args, kwargs))
-            return self.module(*args, **kwargs)
+            with self.strategy.forward_context():
+                return self.module(*args, **kwargs)
 
     def _to_device(self, obj: Any) -> Any:
         """Move tensors to this rank's device; floating inputs take the compute dtype."""

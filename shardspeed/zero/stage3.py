@@ -86,6 +86,14 @@ class Unit:
         return self.accumulated >= self.trainable
 
 
+@dataclass(frozen=True, eq=False)
+class _SavedParam:
+    param: torch.nn.Parameter
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int  # from the start of the parameter's data
+
+
 class _PreBackward(torch.autograd.Function):
     """Identity on a module's outputs; its backward gathers the module's units first."""
 
@@ -110,6 +118,7 @@ class Stage3Strategy(OrderedReduction, Strategy):
         self.units: list[Unit] = []
         self.unit_of: dict[int, tuple[int, int]] = {}  # id(param) -> (unit, position)
         self.module_units: dict[int, tuple[int, ...]] = {}
+        self._by_storage: dict[int, list[torch.nn.Parameter]] = {}  # gathered parameters by storage
         created = _unit_members(module, z3)
         # reverse registration order: roughly the order backward finishes units in
         root_unit: dict[int, int] = {}
@@ -148,6 +157,37 @@ class Stage3Strategy(OrderedReduction, Strategy):
         self._position: dict[int, int] = {}
         self._deferred: list[Unit] = []
 
+    # -- what autograd keeps ----------------------------------------------------------------------
+    def forward_context(self) -> Any:
+        """[Note: saved parameters] Autograd saves the weights a backward needs (``weight.t()``
+        for a Linear): a view that would keep the full gathered tensor alive after the unit is
+        released, i.e. the whole model resident by the end of forward. Inside this context a
+        saved tensor that aliases a gathered parameter is kept as a recipe (the parameter and the
+        view's geometry) and rebuilt from the re-gathered parameter when backward unpacks it."""
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def _pack(self, t: torch.Tensor) -> Any:
+        if not self._by_storage or t.layout != torch.strided:
+            return t
+        ptr = t.untyped_storage().data_ptr()
+        owners = self._by_storage.get(ptr)
+        if not owners:
+            return t
+        for p in owners:
+            start = p.data.storage_offset()
+            if (p.data.untyped_storage().data_ptr() == ptr and p.data.dtype == t.dtype
+                    and start <= t.storage_offset() < start + max(p.data.numel(), 1)):
+                return _SavedParam(p, tuple(t.shape), t.stride(), t.storage_offset() - start)
+        return t
+
+    def _unpack(self, x: Any) -> torch.Tensor:
+        if not isinstance(x, _SavedParam):
+            return x
+        p = x.param
+        if p.data.numel() == 0:  # not gathered (a backward outside the usual order): gather its unit
+            self._gather_now(self.units[self.unit_of[id(p)][0]])
+        return p.data.as_strided(x.shape, x.stride, p.data.storage_offset() + x.offset)
+
     # -- gather / free ----------------------------------------------------------------------------
     def _start_gather(self, u: Unit) -> None:
         if u.gathered or u.pending is not None:
@@ -166,8 +206,18 @@ class Stage3Strategy(OrderedReduction, Strategy):
         with torch.no_grad():
             for p, o, c, n, shape in zip(u.params, u.offsets, u.chunks, u.numels, u.shapes, strict=True):
                 # the column block is strided, so reshape copies it out once; the gather buffer is then freed
+                self._forget_storage(p)  # a persistent unit refreshed after step() replaces live data
                 p.data = rows[:, o:o + c].reshape(-1)[:n].view(shape) if self.world > 1 else buf[o:o + n].view(shape)
+                self._by_storage.setdefault(p.data.untyped_storage().data_ptr(), []).append(p)
         u.gathered = True
+
+    def _forget_storage(self, p: torch.nn.Parameter) -> None:
+        ptr = p.data.untyped_storage().data_ptr()
+        owners = [q for q in self._by_storage.get(ptr, []) if q is not p]
+        if owners:
+            self._by_storage[ptr] = owners
+        else:
+            self._by_storage.pop(ptr, None)
 
     def _free(self, u: Unit) -> None:
         if u.pending is not None:  # a prefetch nobody used: finish it so collectives stay matched
@@ -175,6 +225,7 @@ class Stage3Strategy(OrderedReduction, Strategy):
             u.pending = None
         with torch.no_grad():
             for p in u.params:
+                self._forget_storage(p)
                 p.data = self._placeholder
         u.gathered = False
 
@@ -290,6 +341,12 @@ class Stage3Strategy(OrderedReduction, Strategy):
         direct = u.shard_fresh and wire.dtype == torch.float32
         out = u.grad_shard if direct else wire.new_empty(u.shard_numel)
         self._inflight.append((u, reduce_scatter(out, wire, group=self.group, async_op=o.overlap), out))
+        # [Note: bounded reduction memory] each launched unit holds a full-size gradient buffer
+        # until its reduce-scatter is done; retire the oldest once more than reduce_bucket_size
+        # elements are in flight, or every unit's full gradients would be alive at the end of
+        # backward (4 bytes per parameter of the whole model, not of this rank's shard)
+        while len(self._inflight) > 1 and sum(e[2].numel() * self.world for e in self._inflight) > o.bucket_numel:
+            self._retire(self._inflight.pop(0))
 
     def finish_backward(self) -> None:
         self._launch_ready(flush=True)
@@ -302,17 +359,22 @@ class Stage3Strategy(OrderedReduction, Strategy):
         if not self._boundary:
             self._drain_all()
 
-    def _drain(self) -> None:
+    def _retire(self, entry: tuple[Unit, Handle, torch.Tensor]) -> None:
+        """Wait for one unit's reduce-scatter, average into its gradient shard, drop the buffer."""
+        u, handle, out = entry
         o = self.opts
         post = self.world / (o.predivide_factor if o.prescale else 1.0)
-        for u, handle, out in self._inflight:
-            handle.wait()
-            if out is u.grad_shard:
-                out.div_(post)
-            else:
-                u.grad_shard.add_(out.to(torch.float32), alpha=1.0 / post)
-            u.shard_fresh = False
-            u.grad_in = None
+        handle.wait()
+        if out is u.grad_shard:
+            out.div_(post)
+        else:
+            u.grad_shard.add_(out.to(torch.float32), alpha=1.0 / post)
+        u.shard_fresh = False
+        u.grad_in = None
+
+    def _drain(self) -> None:
+        for entry in self._inflight:
+            self._retire(entry)
         self._inflight.clear()
         for u in self.units:
             u.accumulated = 0

@@ -9,8 +9,9 @@ the module. The engine never branches on the stage; it calls these methods.
 
 from __future__ import annotations
 
+
 from abc import ABC, abstractmethod
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +72,10 @@ class Strategy(ABC):
     @abstractmethod
     def master_for(self, param: torch.nn.Parameter) -> torch.Tensor:
         """The fp32 tensor the optimizer updates in place of ``param``."""
+
+    def forward_context(self) -> Any:
+        """Entered around the module's forward (stage 3 decides what autograd may keep)."""
+        return nullcontext()
 
     @abstractmethod
     def finish_backward(self) -> None:
