@@ -32,8 +32,9 @@ from common import ANCHORS_DIR, ROOT, append_result, read_results  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GIB = 2 ** 30
-ZERO = {"stage3_prefetch_bucket_size": 20_000_000, "stage3_max_live_parameters": 60_000_000,
-        "reduce_bucket_size": 20_000_000}
+# small transients: at 1.4B parameters the model states alone take 21 of the machine's 23.5 GiB
+ZERO = {"stage3_prefetch_bucket_size": 5_000_000, "stage3_max_live_parameters": 20_000_000,
+        "reduce_bucket_size": 5_000_000}
 PEERS = {"ddp": ["--mode", "ddp"], "fsdp2": ["--mode", "fsdp2", "--lazy-init"],
          "ds3": ["--mode", "ds", "--zero", "3", "--lazy-init", "--ds-zero-extra", json.dumps(ZERO)]}
 
@@ -46,8 +47,9 @@ def guarded(cmd: list[str], timeout: float, min_avail_gib: float, log: str, cwd:
         time.sleep(1)
     start, peak_used, status = time.time(), 0, None
     with open(log, "w") as f:
+        # MALLOC_MMAP_THRESHOLD_: large blocks go back to the system when freed (CONVENTIONS.md)
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                env={**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"})
         while status is None:
             rc = proc.poll()
             vm = psutil.virtual_memory()
@@ -59,10 +61,25 @@ def guarded(cmd: list[str], timeout: float, min_avail_gib: float, log: str, cwd:
             elif time.time() - start > timeout:
                 status = "killed (time)"
             if status and rc is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                _kill_tree(proc)
             time.sleep(0.2)
     return {"status": status, "wall_s": round(time.time() - start, 1), "peak_sys_used_gib": round(peak_used / GIB, 2)}
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """The launcher starts each rank in a session of its own: kill the whole tree, not a group."""
+    try:
+        procs = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        procs = []
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    psutil.wait_procs(procs, timeout=30)
 
 
 def run_ours(layers: int, args: argparse.Namespace, log_dir: str) -> bool:

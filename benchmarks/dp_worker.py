@@ -156,7 +156,8 @@ def main():
         if i >= args.warmup:
             times.append(t)
     if rank == 0:
-        append_result("stage0", {"mode": args.mode, "dtype": args.dtype, "stage": args.stage, "tag": args.tag, "model": args.model, "adam": args.adam,
+        append_result("stage0", {"mode": args.mode, "dtype": args.dtype, "stage": args.stage, "tag": args.tag,
+                                 "model": args.model, "adam": args.adam,
                                  "median_step_s": median(times), "times": times, "losses": losses})
 
 

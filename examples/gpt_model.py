@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from shardspeed import checkpointing
+
 
 @dataclass
 class GPTConfig:
@@ -23,6 +25,7 @@ class GPTConfig:
     heads: int = 8
     dropout: float = 0.0
     tie_embeddings: bool = False
+    recompute: bool = False  # activation checkpointing per block (shardspeed.checkpointing)
 
 
 class Linear(nn.Linear):
@@ -78,7 +81,7 @@ class GPT(nn.Module):
         t = tokens.shape[1]
         x = self.tok(tokens) + self.pos(torch.arange(t, device=tokens.device))
         for blk in self.blocks:
-            x = blk(x)
+            x = checkpointing.checkpoint(blk, x) if self.c.recompute and self.training else blk(x)
         logits = self.head(self.ln(x))
         if targets is None:
             return logits

@@ -31,6 +31,14 @@ class Accelerator:
         if self.name == "cuda":
             torch.cuda.synchronize()
 
+    def get_rng_state(self) -> torch.Tensor | None:
+        """The device generator's state (CUDA); None where the CPU generator is the only one."""
+        return torch.cuda.get_rng_state() if self.name == "cuda" else None
+
+    def set_rng_state(self, state: torch.Tensor | None) -> None:
+        if self.name == "cuda" and state is not None:
+            torch.cuda.set_rng_state(state)
+
     def memory_allocated(self) -> int:
         """Bytes of live tensors on the device (CPU: resident set size of this process)."""
         if self.name == "cuda":

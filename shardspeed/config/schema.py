@@ -108,6 +108,20 @@ class MonitorConfig(Section):
     job_name: str = "DeepSpeedJobName"
 
 
+class ProgressBarConfig(Section):
+    """shardspeed's own: a one-line progress display on rank 0's stderr."""
+
+    enabled: bool = False
+    total_steps: int | None = None
+
+
+class ThroughputConfig(Section):
+    """shardspeed's own: what turns samples/s into tokens/s, TFLOP/s and MFU."""
+
+    seq_length: int | None = Field(None, ge=1)  # tokens per sample
+    peak_tflops: float | None = Field(None, gt=0)  # per rank; None: measured once with a matmul
+
+
 class WandbConfig(Section):
     enabled: bool = False
     group: str | None = None
@@ -159,6 +173,8 @@ class ShardspeedConfig(Section):
     flops_profiler: FlopsProfilerConfig = Field(default_factory=FlopsProfilerConfig)
     tensorboard: MonitorConfig = Field(default_factory=MonitorConfig)
     csv_monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    progress_bar: ProgressBarConfig = Field(default_factory=ProgressBarConfig)
+    throughput: ThroughputConfig = Field(default_factory=ThroughputConfig)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
     comms_logger: CommsLoggerConfig = Field(default_factory=CommsLoggerConfig)
     data_types: DataTypesConfig = Field(default_factory=DataTypesConfig)

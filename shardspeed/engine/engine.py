@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -22,6 +21,7 @@ from shardspeed.comm import Topology, broadcast, enable_comm_log, get_global_ran
 from shardspeed.config import ShardspeedConfig, resolve_batch_sizes
 from shardspeed.data import ResumableLoader, build_dataloader
 from shardspeed.engine.components import make_optimizer, make_scheduler, param_groups
+from shardspeed.engine.reporting import StepReporter
 from shardspeed.engine.timers import Timers
 from shardspeed.precision import LossScaler, PrecisionPolicy
 from shardspeed.zero import Stage3Options, StrategyOptions, make_strategy
@@ -45,6 +45,7 @@ class ShardspeedEngine(torch.nn.Module):
         self.device = self.accelerator.device(local_rank)
         self.module = model.to(device=self.device)
         self._broadcast_module()
+        self.reporter = StepReporter(self)  # counts parameters before stage 3 partitions them
         groups = param_groups(self.module, model_parameters, optimizer)
         z = config.zero_optimization
         z3 = Stage3Options(prefetch_numel=z.stage3_prefetch_bucket_size,
@@ -77,9 +78,6 @@ class ShardspeedEngine(torch.nn.Module):
         self.comm_stats = enable_comm_log(config.comms_logger.verbose) if config.comms_logger.enabled else None
         self._in_no_sync = False
         self._last_grad_norm: float | None = None
-        self._loss_sum = 0.0
-        self._loss_count = 0
-        self._last_print = (time.perf_counter(), 0)
         if config.memory_breakdown and get_rank() == 0:
             log.info("memory breakdown (bytes): %s", self.memory_breakdown())
 
@@ -177,10 +175,13 @@ class ShardspeedEngine(torch.nn.Module):
 
     # -- the loop ---------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self.reporter.before_forward()
         with self.timers("forward"):
             args, kwargs = self._to_device((args, kwargs))
             with self.strategy.forward_context():
-                return self.module(*args, **kwargs)
+                out = self.module(*args, **kwargs)
+        self.reporter.after_forward()
+        return out
 
     def _to_device(self, obj: Any) -> Any:
         """Move tensors to this rank's device; floating inputs take the compute dtype."""
@@ -204,8 +205,7 @@ class ShardspeedEngine(torch.nn.Module):
             scale = self.loss_scale / (self.batch.gradient_accumulation_steps if scale_wrt_gas else 1)
             (loss.float() * scale).backward(retain_graph=retain_graph)
             self.strategy.finish_backward()
-        self._loss_sum += loss.detach().float().item()
-        self._loss_count += 1
+        self.reporter.on_backward(loss)
         return loss
 
     @contextmanager
@@ -234,7 +234,7 @@ class ShardspeedEngine(torch.nn.Module):
                 self._optimizer_step()
             self.global_steps += 1
             self.global_samples += self.batch.train_batch_size
-            self._maybe_print()
+            self.reporter.on_step()
         self.micro_steps += 1
 
     def _optimizer_step(self) -> None:
@@ -275,22 +275,3 @@ class ShardspeedEngine(torch.nn.Module):
             log.warning("step %d: fp16 gradient overflow, step skipped; loss scale %g -> %g",
                         self.global_steps, scale, self.loss_scaler.scale)
 
-    def _maybe_print(self) -> None:
-        every = self.config.steps_per_print
-        if not every or self.global_steps % every != 0:
-            return
-        now = time.perf_counter()
-        then, steps_then = self._last_print
-        samples_per_s = (self.global_steps - steps_then) * self.batch.train_batch_size / max(now - then, 1e-9)
-        self._last_print = (now, self.global_steps)
-        loss = self._loss_sum / max(self._loss_count, 1)
-        self._loss_sum, self._loss_count = 0.0, 0
-        breakdown = self.timers.summary_ms() if self.config.wall_clock_breakdown else {}
-        if get_rank() != 0:
-            return
-        lr = ",".join(f"{x:.3e}" for x in self.get_lr())
-        msg = (f"step={self.global_steps} loss={loss:.4f} lr={lr} loss_scale={self.loss_scale:g} "
-               f"samples/s={samples_per_s:.2f} skipped={self.skipped_steps}")
-        if breakdown:
-            msg += " | " + " ".join(f"{k}={v:.1f}ms" for k, v in sorted(breakdown.items()))
-        log.info(msg)

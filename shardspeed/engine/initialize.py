@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from shardspeed.activation import checkpointing
 from shardspeed.comm import init_distributed, topology_from_mpu
 from shardspeed.config import config_from_args
 from shardspeed.engine.engine import ShardspeedEngine
@@ -52,6 +53,8 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
     cfg = config_from_args(args, config if config is not None else config_params)
     env = init_distributed()
     topo = topology_from_mpu(mpu)
+    if "activation_checkpointing" in cfg.model_fields_set:  # as Megatron's configure(mpu, deepspeed_config=...)
+        checkpointing.configure(mpu, deepspeed_config=cfg)
     engine = ShardspeedEngine(model, cfg, topo, local_rank=env.local_rank, optimizer=optimizer,
                               model_parameters=model_parameters, lr_scheduler=lr_scheduler,
                               training_data=training_data, collate_fn=collate_fn)

@@ -119,6 +119,7 @@ class Stage3Strategy(OrderedReduction, Strategy):
         self.unit_of: dict[int, tuple[int, int]] = {}  # id(param) -> (unit, position)
         self.module_units: dict[int, tuple[int, ...]] = {}
         self._by_storage: dict[int, list[torch.nn.Parameter]] = {}  # gathered parameters by storage
+        self._peak_transient = 0
         created = _unit_members(module, z3)
         # reverse registration order: roughly the order backward finishes units in
         root_unit: dict[int, int] = {}
@@ -194,6 +195,7 @@ class Stage3Strategy(OrderedReduction, Strategy):
             return
         buf = torch.empty(self.world * u.shard_numel, dtype=u.local.dtype, device=u.local.device)
         u.pending = (buf, all_gather(buf, u.local, group=self.group, async_op=True))
+        self._note_peak()
 
     def _gather_now(self, u: Unit) -> None:
         if u.gathered:
@@ -210,6 +212,9 @@ class Stage3Strategy(OrderedReduction, Strategy):
                 p.data = rows[:, o:o + c].reshape(-1)[:n].view(shape) if self.world > 1 else buf[o:o + n].view(shape)
                 self._by_storage.setdefault(p.data.untyped_storage().data_ptr(), []).append(p)
         u.gathered = True
+        # while the copies out of it exist the gather buffer is still alive
+        copied = buf.numel() * buf.element_size() if self.world > 1 and len(u.params) > 1 else 0
+        self._peak_transient = max(self._peak_transient, self._transient_bytes() + copied)
 
     def _forget_storage(self, p: torch.nn.Parameter) -> None:
         ptr = p.data.untyped_storage().data_ptr()
@@ -308,6 +313,7 @@ class Stage3Strategy(OrderedReduction, Strategy):
         if u.grad_in is None:
             u.grad_in = torch.zeros(self.world * u.shard_numel, dtype=self.opts.grad_accum_dtype,
                                     device=u.local.device)
+            self._note_peak()
         rows = u.grad_in.view(self.world, u.shard_numel)
         flat, c, o = p.grad.reshape(-1), u.chunks[pos], u.offsets[pos]
         for r in range(self.world):
@@ -452,12 +458,30 @@ class Stage3Strategy(OrderedReduction, Strategy):
         for _, p in self.named_params:
             p.grad = None
 
+    def _transient_bytes(self) -> int:
+        """Bytes held beyond the shards right now: gathered parameters, gathers in flight, full-size
+        gradient buffers waiting for (or in) their reduce-scatter."""
+        total = 0
+        for u in self.units:
+            el = u.local.element_size()
+            if u.gathered and not u.persistent:
+                total += sum(u.numels) * el
+            if u.pending is not None:
+                total += self.world * u.shard_numel * el
+            if u.grad_in is not None:
+                total += u.grad_in.numel() * u.grad_in.element_size()
+        return total
+
+    def _note_peak(self) -> None:
+        self._peak_transient = max(self._peak_transient, self._transient_bytes())
+
     def state_bytes(self) -> dict[str, int]:
         out = {"parameters": 0, "gradients": 0, "master_parameters": 0}
         for u in self.units:
             out["parameters"] += u.local.numel() * u.local.element_size()
             out["gradients"] += u.grad_shard.numel() * 4
             out["master_parameters"] += 0 if u.master_is_view else u.master.numel() * 4
+        out["peak_transient"] = self._peak_transient  # not model state at rest: the high-water mark
         return out
 
     # -- full parameters on demand ----------------------------------------------------------------

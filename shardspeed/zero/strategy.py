@@ -9,7 +9,6 @@ the module. The engine never branches on the stage; it calls these methods.
 
 from __future__ import annotations
 
-
 from abc import ABC, abstractmethod
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
