@@ -34,7 +34,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 GIB = 2 ** 30
 # small transients: at 1.4B parameters the model states alone take 21 of the machine's 23.5 GiB
 ZERO = {"stage3_prefetch_bucket_size": 5_000_000, "stage3_max_live_parameters": 20_000_000,
-        "reduce_bucket_size": 5_000_000}
+        "reduce_bucket_size": 5_000_000, "stage3_max_reuse_distance": 0}
 PEERS = {"ddp": ["--mode", "ddp"], "fsdp2": ["--mode", "fsdp2", "--lazy-init"],
          "ds3": ["--mode", "ds", "--zero", "3", "--lazy-init", "--ds-zero-extra", json.dumps(ZERO)]}
 

@@ -51,7 +51,8 @@ class ShardspeedEngine(torch.nn.Module):
         z3 = Stage3Options(prefetch_numel=z.stage3_prefetch_bucket_size,
                            persistence_threshold=z.stage3_param_persistence_threshold,
                            max_live_numel=z.stage3_max_live_parameters,
-                           coalesce_layers=z.stage3_coalesce_layers)
+                           coalesce_layers=z.stage3_coalesce_layers,
+                           max_reuse_distance=z.stage3_max_reuse_distance)
         self.strategy = make_strategy(z.stage, self.module, topo, self._strategy_options(),
                                       [g["params"] for g in groups], z3)
         if self.policy.compute != torch.float32:

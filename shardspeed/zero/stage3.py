@@ -23,22 +23,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from shardspeed.comm import Handle, Topology, all_gather, all_reduce, reduce_scatter
 from shardspeed.zero.param_shard import chunk_numel, local_chunk, valid_in_chunk
+from shardspeed.zero.stage3_parts import (
+    SavedParam,
+    Stage3Options,
+    register_external_parameter,
+    unit_members,
+    wrap_outputs,
+)
 from shardspeed.zero.strategy import OrderedReduction, Piece, Strategy, StrategyOptions
 
-
-@dataclass(frozen=True)
-class Stage3Options:
-    prefetch_numel: int = 50_000_000
-    persistence_threshold: int = 100_000
-    max_live_numel: int = 1_000_000_000
-    coalesce_layers: bool = True
+__all__ = ["Stage3Options", "Stage3Strategy", "register_external_parameter"]
 
 
 class Unit:
@@ -72,6 +72,7 @@ class Unit:
         self.gathered = False
         self.pending: tuple[torch.Tensor, Handle] | None = None
         self.grad_in: torch.Tensor | None = None
+        self.written: list[bool] = []  # which parameters' gradients are in grad_in this backward
         self.accumulated = 0
         self.launched = False
         self.shard_fresh = True
@@ -84,14 +85,6 @@ class Unit:
     def complete(self) -> bool:
         """Every trainable parameter has accumulated its gradient in this backward."""
         return self.accumulated >= self.trainable
-
-
-@dataclass(frozen=True, eq=False)
-class _SavedParam:
-    param: torch.nn.Parameter
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    offset: int  # from the start of the parameter's data
 
 
 class _PreBackward(torch.autograd.Function):
@@ -120,7 +113,8 @@ class Stage3Strategy(OrderedReduction, Strategy):
         self.module_units: dict[int, tuple[int, ...]] = {}
         self._by_storage: dict[int, list[torch.nn.Parameter]] = {}  # gathered parameters by storage
         self._peak_transient = 0
-        created = _unit_members(module, z3)
+        self._grad_pool: dict[tuple[int, torch.dtype], list[torch.Tensor]] = {}
+        created = unit_members(module, z3)
         # reverse registration order: roughly the order backward finishes units in
         root_unit: dict[int, int] = {}
         for root, members in reversed(created):
@@ -155,6 +149,7 @@ class Stage3Strategy(OrderedReduction, Strategy):
         self._boundary = True
         self._trace: list[int] = []
         self._trace_done = False
+        self._after_in_trace: list[int] = []  # parameters gathered after each trace position
         self._position: dict[int, int] = {}
         self._deferred: list[Unit] = []
 
@@ -178,11 +173,11 @@ class Stage3Strategy(OrderedReduction, Strategy):
             start = p.data.storage_offset()
             if (p.data.untyped_storage().data_ptr() == ptr and p.data.dtype == t.dtype
                     and start <= t.storage_offset() < start + max(p.data.numel(), 1)):
-                return _SavedParam(p, tuple(t.shape), t.stride(), t.storage_offset() - start)
+                return SavedParam(p, tuple(t.shape), t.stride(), t.storage_offset() - start)
         return t
 
     def _unpack(self, x: Any) -> torch.Tensor:
-        if not isinstance(x, _SavedParam):
+        if not isinstance(x, SavedParam):
             return x
         p = x.param
         if p.data.numel() == 0:  # not gathered (a backward outside the usual order): gather its unit
@@ -281,13 +276,26 @@ class Stage3Strategy(OrderedReduction, Strategy):
                 # [Note: deferred release] with autograd on, the unit released last in forward is
                 # the first backward needs: keep it until the next module starts (usually one
                 # more unit of memory for no time at all) so backward does not gather it again
+                if grad and self._reused_soon(u):
+                    continue  # stays gathered for its backward (Note: reuse distance)
                 if grad:
                     self._deferred.append(u)
                 else:
                     self._free(u)
         if grad:
-            return _wrap_outputs(output, lambda ts: _PreBackward.apply(self, ids, *ts))
+            return wrap_outputs(output, lambda ts: _PreBackward.apply(self, ids, *ts))
         return output
+
+    def _reused_soon(self, u: Unit) -> bool:
+        """[Note: reuse distance] Backward needs a unit again after the units that follow it in
+        forward: if those hold at most ``stage3_max_reuse_distance`` parameters (as recorded in
+        the first step's trace), releasing it now would only make backward gather it again. Kept
+        units count against ``stage3_max_live_parameters``."""
+        if not self._trace_done or u.index not in self._position or self.z3.max_reuse_distance <= 0:
+            return False
+        if self._after_in_trace[self._position[u.index]] > self.z3.max_reuse_distance:
+            return False
+        return self._live_numel() <= self.z3.max_live_numel
 
     # -- backward ---------------------------------------------------------------------------------
     def begin_backward(self, boundary: bool) -> None:
@@ -311,15 +319,21 @@ class Stage3Strategy(OrderedReduction, Strategy):
         ui, pos = self.unit_of[id(p)]
         u = self.units[ui]
         if u.grad_in is None:
-            u.grad_in = torch.zeros(self.world * u.shard_numel, dtype=self.opts.grad_accum_dtype,
-                                    device=u.local.device)
+            u.grad_in = self._grad_buffer(u)
+            u.written = [False] * len(u.params)
             self._note_peak()
         rows = u.grad_in.view(self.world, u.shard_numel)
         flat, c, o = p.grad.reshape(-1), u.chunks[pos], u.offsets[pos]
+        first = not u.written[pos]
+        u.written[pos] = True
         for r in range(self.world):
             lo, hi = r * c, min((r + 1) * c, flat.numel())
             if hi > lo:
-                rows[r, o:o + hi - lo].add_(flat[lo:hi])
+                # the buffer comes uninitialised from the pool: the first gradient is copied in and
+                # the padding zeroed, which is cheaper than zero-filling everything and adding
+                (rows[r, o:o + hi - lo].copy_ if first else rows[r, o:o + hi - lo].add_)(flat[lo:hi])
+            if first and hi - lo < c:
+                rows[r, o + max(hi - lo, 0):o + c].zero_()
         p.grad = None
         if u.launched:
             raise RuntimeError(f"parameter '{u.names[pos]}' received a second gradient in one backward after its "
@@ -331,6 +345,14 @@ class Stage3Strategy(OrderedReduction, Strategy):
                 self._free(u)
             self._launch_ready()
 
+    def _grad_buffer(self, u: Unit) -> torch.Tensor:
+        """A full-size gradient buffer for ``u``, uninitialised (see _on_grad)."""
+        key = (self.world * u.shard_numel, self.opts.grad_accum_dtype)
+        free = self._grad_pool.get(key)
+        if free:
+            return free.pop()
+        return torch.empty(key[0], dtype=key[1], device=u.local.device)
+
     def _reduction_units(self) -> list[Unit]:
         return self.units
 
@@ -340,7 +362,12 @@ class Stage3Strategy(OrderedReduction, Strategy):
         u.launched = True
         o = self.opts
         if u.grad_in is None:  # no gradient reached it: still join the collective, with zeros
-            u.grad_in = torch.zeros(self.world * u.shard_numel, dtype=o.grad_accum_dtype, device=u.local.device)
+            u.grad_in = self._grad_buffer(u)
+            u.written = [False] * len(u.params)
+        rows = u.grad_in.view(self.world, u.shard_numel)
+        for pos, done in enumerate(u.written):
+            if not done:  # a parameter that got no gradient this backward contributes zeros
+                rows[:, u.offsets[pos]:u.offsets[pos] + u.chunks[pos]].zero_()
         wire = u.grad_in if o.reduce_dtype == u.grad_in.dtype else u.grad_in.to(o.reduce_dtype)
         if o.prescale and o.predivide_factor != 1.0:
             wire.div_(o.predivide_factor)
@@ -362,6 +389,8 @@ class Stage3Strategy(OrderedReduction, Strategy):
                 self._free(u)
         if not self._trace_done and self._trace:
             self._trace_done = True
+            sizes = [sum(self.units[i].numels) for i in self._trace]
+            self._after_in_trace = [sum(sizes[k + 1:]) for k in range(len(sizes))]
         if not self._boundary:
             self._drain_all()
 
@@ -376,6 +405,8 @@ class Stage3Strategy(OrderedReduction, Strategy):
         else:
             u.grad_shard.add_(out.to(torch.float32), alpha=1.0 / post)
         u.shard_fresh = False
+        # reused by the next unit of this size in this backward; the pool is emptied by step()
+        self._grad_pool.setdefault((u.grad_in.numel(), u.grad_in.dtype), []).append(u.grad_in)
         u.grad_in = None
 
     def _drain(self) -> None:
@@ -442,6 +473,7 @@ class Stage3Strategy(OrderedReduction, Strategy):
     @torch.no_grad()
     def after_step(self) -> None:
         self._release_deferred()
+        self._grad_pool.clear()  # at rest stage 3 holds shards only
         for u in self.units:
             if not u.master_is_view:
                 u.local.copy_(u.master)
@@ -470,7 +502,7 @@ class Stage3Strategy(OrderedReduction, Strategy):
                 total += self.world * u.shard_numel * el
             if u.grad_in is not None:
                 total += u.grad_in.numel() * u.grad_in.element_size()
-        return total
+        return total + sum(t.numel() * t.element_size() for ts in self._grad_pool.values() for t in ts)
 
     def _note_peak(self) -> None:
         self._peak_transient = max(self._peak_transient, self._transient_bytes())
@@ -511,80 +543,3 @@ class Stage3Strategy(OrderedReduction, Strategy):
                 u.refs -= 1
                 if u.refs == 0 and not u.persistent:
                     self._free(u)
-
-
-def _unit_members(module: torch.nn.Module, z3: Stage3Options) -> list[tuple[torch.nn.Module, list]]:
-    """Which parameters are gathered together, as (root module, [(name, param)]) in registration order.
-
-    [Note: units] Every collective has a fixed cost (a round trip, a Python call, a copy), so a
-    transformer layer gathered as one tensor is faster than its six sub-modules gathered one by one,
-    and holds no more memory while it runs. With ``coalesce_layers`` each entry of a ``ModuleList``
-    or ``nn.Sequential`` (the repeated layers of almost every model) is one unit when it holds at
-    most half of ``max_live_numel`` (so two can be live: the running one and the prefetched next).
-    Everything else is one unit per module that registers parameters. A parameter belongs to the
-    first unit that reaches it, so tied weights are gathered once."""
-    layers: set[int] = set()
-    if z3.coalesce_layers:
-        for m in module.modules():
-            if isinstance(m, (torch.nn.ModuleList, torch.nn.Sequential)):
-                layers.update(id(c) for c in m.children())
-    owned: set[int] = set()
-    out = []
-    for mname, m in module.named_modules():
-        if id(m) in layers:
-            mine = [(f"{mname}.{n}", p) for n, p in m.named_parameters() if id(p) not in owned]
-            if sum(p.numel() if not hasattr(p, "ds_shape") else torch.Size(p.ds_shape).numel()
-                   for _, p in mine) * 2 > z3.max_live_numel:
-                mine = []  # too large to coalesce: its modules become units one by one
-        else:
-            mine = []
-        if not mine:
-            mine = [(f"{mname}.{n}" if mname else n, p) for n, p in m.named_parameters(recurse=False)
-                    if id(p) not in owned]
-        owned.update(id(p) for _, p in mine)
-        if mine:
-            out.append((m, mine))
-    return out
-
-
-def register_external_parameter(module: torch.nn.Module, parameter: torch.nn.Parameter) -> None:
-    """Declare that ``module``'s forward uses ``parameter`` although another module owns it (e.g.
-    ``x @ self.embed.weight.t()`` in a parent), so stage 3 gathers it whenever ``module`` runs.
-    Call it before ``initialize()``; without ZeRO stage 3 it changes nothing."""
-    external = module.__dict__.setdefault("_shardspeed_external", [])
-    if all(p is not parameter for p in external):
-        external.append(parameter)
-
-
-def _wrap_outputs(output: Any, fn: Any) -> Any:
-    """Apply ``fn`` to the tensors in ``output`` that require grad, keeping its structure."""
-    flat: list[torch.Tensor] = []
-
-    def collect(x: Any) -> None:
-        if torch.is_tensor(x):
-            if x.requires_grad:
-                flat.append(x)
-        elif isinstance(x, (list, tuple)):
-            for y in x:
-                collect(y)
-        elif isinstance(x, dict):
-            for y in x.values():
-                collect(y)
-
-    collect(output)
-    if not flat:
-        return output
-    mapped = dict(zip((id(t) for t in flat), fn(flat), strict=True))
-
-    def rebuild(x: Any) -> Any:
-        if torch.is_tensor(x):
-            return mapped.get(id(x), x)
-        if isinstance(x, tuple) and hasattr(x, "_fields"):
-            return type(x)(*(rebuild(y) for y in x))
-        if isinstance(x, (list, tuple)):
-            return type(x)(rebuild(y) for y in x)
-        if isinstance(x, dict):
-            return {k: rebuild(v) for k, v in x.items()}
-        return x
-
-    return rebuild(output)

@@ -3,7 +3,8 @@
 import torch
 
 from examples.gpt_model import GPT, GPTConfig
-from shardspeed.zero.stage3 import Stage3Options, _unit_members
+from shardspeed.zero.stage3_parts import Stage3Options
+from shardspeed.zero.stage3_parts import unit_members as _unit_members
 
 
 def _names(units):

@@ -1,0 +1,103 @@
+"""Pieces of stage 3 that do not hold its state: which parameters form a unit, external
+parameters, the recipe autograd keeps for a saved parameter view, and the output wrapper."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Stage3Options:
+    prefetch_numel: int = 50_000_000
+    persistence_threshold: int = 100_000
+    max_live_numel: int = 1_000_000_000
+    coalesce_layers: bool = True
+    max_reuse_distance: int = 0
+
+
+@dataclass(frozen=True, eq=False)
+class SavedParam:
+    param: torch.nn.Parameter
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int  # from the start of the parameter's data
+
+
+def unit_members(module: torch.nn.Module, z3: Stage3Options) -> list[tuple[torch.nn.Module, list]]:
+    """Which parameters are gathered together, as (root module, [(name, param)]) in registration order.
+
+    [Note: units] Every collective has a fixed cost (a round trip, a Python call, a copy), so a
+    transformer layer gathered as one tensor is faster than its six sub-modules gathered one by one,
+    and holds no more memory while it runs. With ``coalesce_layers`` each entry of a ``ModuleList``
+    or ``nn.Sequential`` (the repeated layers of almost every model) is one unit when it holds at
+    most half of ``max_live_numel`` (so two can be live: the running one and the prefetched next).
+    Everything else is one unit per module that registers parameters. A parameter belongs to the
+    first unit that reaches it, so tied weights are gathered once."""
+    layers: set[int] = set()
+    if z3.coalesce_layers:
+        for m in module.modules():
+            if isinstance(m, (torch.nn.ModuleList, torch.nn.Sequential)):
+                layers.update(id(c) for c in m.children())
+    owned: set[int] = set()
+    out = []
+    for mname, m in module.named_modules():
+        if id(m) in layers:
+            mine = [(f"{mname}.{n}", p) for n, p in m.named_parameters() if id(p) not in owned]
+            if sum(p.numel() if not hasattr(p, "ds_shape") else torch.Size(p.ds_shape).numel()
+                   for _, p in mine) * 2 > z3.max_live_numel:
+                mine = []  # too large to coalesce: its modules become units one by one
+        else:
+            mine = []
+        if not mine:
+            mine = [(f"{mname}.{n}" if mname else n, p) for n, p in m.named_parameters(recurse=False)
+                    if id(p) not in owned]
+        owned.update(id(p) for _, p in mine)
+        if mine:
+            out.append((m, mine))
+    return out
+
+
+def register_external_parameter(module: torch.nn.Module, parameter: torch.nn.Parameter) -> None:
+    """Declare that ``module``'s forward uses ``parameter`` although another module owns it (e.g.
+    ``x @ self.embed.weight.t()`` in a parent), so stage 3 gathers it whenever ``module`` runs.
+    Call it before ``initialize()``; without ZeRO stage 3 it changes nothing."""
+    external = module.__dict__.setdefault("_shardspeed_external", [])
+    if all(p is not parameter for p in external):
+        external.append(parameter)
+
+
+def wrap_outputs(output: Any, fn: Any) -> Any:
+    """Apply ``fn`` to the tensors in ``output`` that require grad, keeping its structure."""
+    flat: list[torch.Tensor] = []
+
+    def collect(x: Any) -> None:
+        if torch.is_tensor(x):
+            if x.requires_grad:
+                flat.append(x)
+        elif isinstance(x, (list, tuple)):
+            for y in x:
+                collect(y)
+        elif isinstance(x, dict):
+            for y in x.values():
+                collect(y)
+
+    collect(output)
+    if not flat:
+        return output
+    mapped = dict(zip((id(t) for t in flat), fn(flat), strict=True))
+
+    def rebuild(x: Any) -> Any:
+        if torch.is_tensor(x):
+            return mapped.get(id(x), x)
+        if isinstance(x, tuple) and hasattr(x, "_fields"):
+            return type(x)(*(rebuild(y) for y in x))
+        if isinstance(x, (list, tuple)):
+            return type(x)(rebuild(y) for y in x)
+        if isinstance(x, dict):
+            return {k: rebuild(v) for k, v in x.items()}
+        return x
+
+    return rebuild(output)
