@@ -1,4 +1,6 @@
-"""``shardspeed [--num_procs N | --num_gpus N] [--master_port P] script.py ARGS`` on one machine."""
+"""``shardspeed [--num_procs N | --num_gpus N] [--master_port P] script.py ARGS``: on this machine, or
+across the machines of a hostfile through pdsh, ssh, Open MPI, MPICH or Slurm (runners.py), or as one
+node of a job started by hand on every node (``--no_ssh --node_rank N``)."""
 
 from __future__ import annotations
 
@@ -7,12 +9,20 @@ import os
 import socket
 import sys
 
+from shardspeed.launcher import multinode
+from shardspeed.launcher.hostfile import HostfileError
 from shardspeed.launcher.supervisor import RankSpec, Supervisor
 
 EXAMPLES = """examples:
   shardspeed --num_procs 2 train.py --deepspeed --deepspeed_config ds_config.json
   shardspeed --num_gpus 8 --master_port 29600 train.py
   python -m shardspeed.launcher --num_procs 4 --module my_pkg.train --lr 1e-3
+  shardspeed --hostfile hosts --include "worker-0:0,1@worker-1" train.py     # pdsh to two machines
+  shardspeed --hostfile hosts --launcher ssh --launcher_args "-p 2222" train.py
+  shardspeed --hostfile hosts --launcher openmpi --num_nodes 2 --num_gpus 4 train.py
+  shardspeed --hostfile hosts --no_ssh --node_rank 1 --master_addr worker-0 train.py   # on each node
+
+hostfile lines: "worker-0 slots=4" (# comments and blank lines allowed)
 """
 
 DEFAULT_PORT = 29500
@@ -32,6 +42,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--module", action="store_true", help="run the target as a module: python -m TARGET")
     p.add_argument("--no_python", action="store_true", help="run the target as an executable, not with python")
     p.add_argument("--no_prefix", action="store_true", help="do not prefix output lines with [rank N]")
+    p.add_argument("--hostfile", default=None, help="machines and their slots, 'host slots=N' per line; e.g. "
+                   "--hostfile /job/hostfile (without it: this machine only)")
+    p.add_argument("--include", default="", help="only these hosts/slots, e.g. --include 'worker-0:0,2@worker-1'")
+    p.add_argument("--exclude", default="", help="all but these hosts/slots, e.g. --exclude 'worker-1:3'")
+    p.add_argument("--num_nodes", type=int, default=-1, help="use the first N hosts of the selection, e.g. 2")
+    p.add_argument("--launcher", default="pdsh", choices=["pdsh", "ssh", "openmpi", "mpich", "slurm"],
+                   help="how to start the nodes (default pdsh), e.g. --launcher slurm")
+    p.add_argument("--launcher_args", default="", help="extra arguments for the launcher tool, e.g. "
+                   "--launcher_args '--mca btl ^openib'")
+    p.add_argument("--force_multi", action="store_true",
+                   help="use the multi-node launcher even for one host, e.g. to test ssh to localhost")
+    p.add_argument("--no_ssh", action="store_true",
+                   help="start only this node's ranks (run the same command on every node with its --node_rank)")
+    p.add_argument("--node_rank", type=int, default=-1, help="this node's index in the selection, with --no_ssh")
+    p.add_argument("--world_info", default="", help=argparse.SUPPRESS)  # the selection, from the runners
     p.add_argument("target", help="the training script (or module with --module)")
     p.add_argument("target_args", nargs=argparse.REMAINDER, help="arguments for the script")
     return p
@@ -80,17 +105,26 @@ def rank_command(args: argparse.Namespace, local_rank: int) -> list[str]:
     return cmd + list(args.target_args)
 
 
-def rank_env(base: dict[str, str], rank: int, world: int, addr: str, port: int) -> dict[str, str]:
+def rank_env(base: dict[str, str], rank: int, world: int, addr: str, port: int, local_rank: int | None = None,
+             local_world: int | None = None) -> dict[str, str]:
+    local_rank = rank if local_rank is None else local_rank
+    local_world = world if local_world is None else local_world
     env = dict(base)
-    env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+    env.update(RANK=str(rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(local_world),
                MASTER_ADDR=addr, MASTER_PORT=str(port), PYTHONUNBUFFERED="1")
     # Ranks share the cores; oversubscribed intra-op threads slow every rank down (torchrun does the same).
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // local_world)))
     return env
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.no_ssh or args.hostfile or args.world_info or args.force_multi:
+        try:
+            return multinode.run(args)
+        except (HostfileError, ValueError) as e:
+            print(f"shardspeed: {e}", file=sys.stderr)
+            return 2
     n = args.num_procs if args.num_procs is not None else default_num_procs()
     if n < 1:
         print(f"shardspeed: --num_procs must be at least 1, got {n}", file=sys.stderr)
