@@ -17,6 +17,7 @@ from typing import Any
 import torch.distributed as dist
 
 from shardspeed.accelerator import get_accelerator
+from shardspeed.comm import health
 from shardspeed.comm.env import DistEnv, read_dist_env
 
 log = logging.getLogger("shardspeed")
@@ -77,6 +78,7 @@ def init_distributed(
     os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
     dist.init_process_group(backend=backend, init_method=init_method or "env://", rank=env.rank,
                             world_size=env.world_size, timeout=timeout)
+    health.start_heartbeat()
     if env.rank == 0:
         log.info("initialised %s process group: %d ranks (from %s)", backend, env.world_size, env.source)
     return env
@@ -87,6 +89,10 @@ def _leave_at_exit() -> None:
     finalises while its peer still holds the connection aborts ("terminate called without an active
     exception", SIGABRT) after an otherwise clean run."""
     if not is_initialized():
+        return
+    health.stop_heartbeat()
+    if health.has_failed():  # nobody would come to a barrier, and teardown can block on a dead link
+        health.within(5.0, destroy)
         return
     try:
         if dist.get_world_size() > 1:

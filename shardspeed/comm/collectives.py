@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from shardspeed.comm import health
 from shardspeed.comm.backend import ProcessGroup, get_world_size
 
 Observer = Callable[[str, int, float, int], None]
@@ -39,14 +40,20 @@ def remove_observer(fn: Observer) -> None:
 class Handle:
     """An in-flight collective; ``wait()`` blocks until it is done and reports it to observers."""
 
-    def __init__(self, op: str, nbytes: int, size: int, work: Any | None, start: float):
+    def __init__(self, op: str, nbytes: int, size: int, work: Any | None, start: float, group: Any = None):
         self.op, self.nbytes, self.size, self._work, self._start = op, nbytes, size, work, start
+        self.group = group
         self.done = work is None
 
     def wait(self) -> None:
         if self.done:
             return
-        self._work.wait()
+        try:
+            self._work.wait()
+        except RuntimeError as e:
+            if health.is_comm_failure(e):
+                raise health.explain(self.op, self.nbytes, self.group, e) from e
+            raise
         self.done = True
         _notify(self.op, self.nbytes, time.perf_counter() - self._start, self.size)
 
@@ -62,8 +69,14 @@ def _run(op: str, nbytes: int, group: ProcessGroup | None, async_op: bool,
     start = time.perf_counter()
     if size == 1:  # nothing to exchange (see backend.py, [Note: single process])
         return Handle(op, nbytes, size, None, start)
-    work = launch()
-    handle = Handle(op, nbytes, size, work if async_op else None, start)
+    health.count_issued()
+    try:
+        work = launch()
+    except RuntimeError as e:
+        if health.is_comm_failure(e):
+            raise health.explain(op, nbytes, group, e) from e
+        raise
+    handle = Handle(op, nbytes, size, work if async_op else None, start, group)
     if not async_op:
         _notify(op, nbytes, time.perf_counter() - start, size)
     return handle

@@ -78,3 +78,17 @@ def test_deepspeed_script_trains_on_two_ranks(tmp_path):
     sums = sorted(line.split("checksum ")[1] for line in out.splitlines() if "checksum" in line)
     assert len(sums) == 2 and sums[0] == sums[1] and sums[0].endswith("steps 3")
     assert "[rank 0] [shardspeed] step=3 loss=" in out
+
+
+def test_a_hung_rank_ends_the_job_with_the_collective_and_the_missing_rank_named():
+    env = {**os.environ, "SHARDSPEED_COMM_TIMEOUT_S": "4"}
+    start = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "shardspeed.launcher", "--num_procs", "2", "--no_local_rank",
+                        f"{SCRIPTS}/stall.py", "hang"], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0
+    assert time.monotonic() - start < 30, out
+    assert "CollectiveError: all_reduce of 4 bytes on ranks [0, 1] failed on rank 0" in out, out
+    assert "SHARDSPEED_COMM_TIMEOUT_S=4" in out
+    assert "ranks [1] did not arrive (they had issued fewer collectives)" in out
+    assert "[shardspeed] rank 0 exited with code 1; stopping the other ranks" in out

@@ -1,0 +1,140 @@
+"""Knowing which ranks are alive, so that a collective that fails says who is missing.
+
+[Note: heartbeat] Each rank of a multi-rank job runs a daemon thread that writes
+``shardspeed/heartbeat/<rank>`` = ``<unix time> <collectives issued>`` into the rendezvous store
+every ``HEARTBEAT_S`` seconds (one small TCP write, nothing on the collective path). When a
+collective fails (gloo/NCCL timeout after SHARDSPEED_COMM_TIMEOUT_S, or a peer's connection
+closed), ``CollectiveError`` names the collective and lists the ranks that had issued fewer
+collectives than this one (they never arrived at it) and the ranks whose heartbeat went silent
+(dead, hung in native code, or cut off). If the store itself is unreachable, the message says
+so: this rank has lost its link to rank 0's host.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from datetime import timedelta
+from typing import Any
+
+import torch.distributed as dist
+
+HEARTBEAT_S = 2.0
+_KEY = "shardspeed/heartbeat/"
+_state = {"issued": 0, "failed": False}
+_thread: _Heartbeat | None = None
+
+
+class CollectiveError(RuntimeError):
+    """A collective that timed out or lost a peer; the message names it and the missing ranks."""
+
+
+def count_issued() -> int:
+    _state["issued"] += 1
+    return _state["issued"]
+
+
+def has_failed() -> bool:
+    return _state["failed"]
+
+
+class _Heartbeat(threading.Thread):
+    def __init__(self, store: Any, rank: int):
+        super().__init__(name="shardspeed-heartbeat", daemon=True)
+        self.store, self.rank = store, rank
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.store.set(f"{_KEY}{self.rank}", f"{time.time():.3f} {_state['issued']}")
+            except Exception:  # the store is gone (job ending, link cut): the failure report says so
+                pass
+            self.stop.wait(HEARTBEAT_S)
+
+
+def start_heartbeat() -> None:
+    global _thread
+    if _thread is not None or dist.get_world_size() == 1:
+        return
+    store = dist.distributed_c10d._get_default_store()
+    _thread = _Heartbeat(store, dist.get_rank())
+    _thread.start()
+
+
+def stop_heartbeat() -> None:
+    global _thread
+    if _thread is not None:
+        _thread.stop.set()
+        _thread = None
+
+
+_FAILURE_WORDS = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe",
+                  "connection refused", "no route", "socket", "peer")
+
+
+def is_comm_failure(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and any(w in text for w in _FAILURE_WORDS)
+
+
+def explain(op: str, nbytes: int, group: Any, error: BaseException) -> CollectiveError:
+    """The error a user reads when ``op`` failed on ``group``."""
+    _state["failed"] = True
+    me = dist.get_rank()
+    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+    limit = os.environ.get("SHARDSPEED_COMM_TIMEOUT_S", "600")
+    head = (f"{op} of {nbytes} bytes on ranks {ranks} failed on rank {me} (collective #{_state['issued']} of this "
+            f"rank; SHARDSPEED_COMM_TIMEOUT_S={limit}): {str(error).splitlines()[0][:200]}")
+    found = within(5.0, lambda: _who_is_missing(ranks, me))
+    if isinstance(found, BaseException) or found is None:
+        why = type(found).__name__ if found is not None else "no answer in 5 s"
+        return CollectiveError(f"{head}. The rendezvous store on rank 0's host cannot be reached either "
+                               f"({why}): this rank has lost its link to the job")
+    behind, silent = found
+    parts = []
+    if behind:
+        parts.append(f"ranks {behind} did not arrive (they had issued fewer collectives)")
+    if silent:
+        parts.append(f"ranks {silent} stopped sending heartbeats (dead, hung or cut off)")
+    return CollectiveError(f"{head}. " + ("; ".join(parts) if parts else "every rank was alive and had arrived: "
+                                          "a network problem between them"))
+
+
+def within(seconds: float, fn: Any) -> Any:
+    """``fn()`` in a daemon thread: its result or exception, or None if it did not return in time
+    (a store read over a dead link can block in the kernel far beyond any store timeout)."""
+    box: list[Any] = []
+
+    def run() -> None:
+        try:
+            box.append(fn())
+        except BaseException as e:  # noqa: BLE001 (handed to the caller)
+            box.append(e)
+
+    t = threading.Thread(target=run, name="shardspeed-health", daemon=True)
+    t.start()
+    t.join(seconds)
+    return box[0] if box else None
+
+
+def _who_is_missing(ranks: list[int], me: int) -> tuple[list[int], list[int]]:
+    store = dist.distributed_c10d._get_default_store()
+    store.set_timeout(timedelta(seconds=5))
+    store.check([f"{_KEY}{me}"])  # raises when the store is unreachable
+    now, mine = time.time(), _state["issued"]
+    behind, silent = [], []
+    for r in ranks:
+        if r == me:
+            continue
+        key = f"{_KEY}{r}"
+        if not store.check([key]):
+            silent.append(r)
+            continue
+        stamp, issued = store.get(key).decode().split()
+        if now - float(stamp) > 3 * HEARTBEAT_S:
+            silent.append(r)
+        elif int(issued) < mine:
+            behind.append(r)
+    return behind, silent
