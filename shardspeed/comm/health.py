@@ -64,9 +64,12 @@ def start_heartbeat() -> None:
 
 
 def stop_heartbeat() -> None:
+    """Before the process group (and its store) is destroyed: a store write racing the teardown
+    aborts the process (SIGABRT from C++)."""
     global _thread
     if _thread is not None:
         _thread.stop.set()
+        _thread.join(timeout=HEARTBEAT_S + 3.0)
         _thread = None
 
 
