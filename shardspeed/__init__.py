@@ -1,22 +1,51 @@
 """shardspeed: ZeRO data parallelism, mixed precision and large-batch training for PyTorch.
 
 A DeepSpeed script runs after ``import shardspeed as deepspeed``.
+
+[Note: lazy package] The names below are imported on first use, so ``python -m shardspeed.launcher``
+starts ranks without importing torch in the launcher (about a second saved on every launch), and
+``import shardspeed`` costs only what a script touches.
 """
 
-import sys
+from __future__ import annotations
 
-from shardspeed import ops, zero
-from shardspeed.activation import checkpointing
-from shardspeed.comm import init_distributed
-from shardspeed.config import ConfigError, ShardspeedConfig
-from shardspeed.data import RepeatingLoader
-from shardspeed.engine import ShardspeedEngine, add_config_arguments, initialize
-
-# ``deepspeed.checkpointing`` is a module: make ``import shardspeed.checkpointing`` work the same way
-sys.modules[f"{__name__}.checkpointing"] = checkpointing
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
-DeepSpeedEngine = ShardspeedEngine  # the name DeepSpeed scripts type-check against
 
-__all__ = ["ConfigError", "checkpointing", "DeepSpeedEngine", "RepeatingLoader", "ShardspeedConfig", "ShardspeedEngine",
-           "__version__", "add_config_arguments", "init_distributed", "initialize", "ops", "zero"]
+_NAMES = {
+    "ConfigError": ("shardspeed.config", "ConfigError"),
+    "ShardspeedConfig": ("shardspeed.config", "ShardspeedConfig"),
+    "RepeatingLoader": ("shardspeed.data", "RepeatingLoader"),
+    "ShardspeedEngine": ("shardspeed.engine", "ShardspeedEngine"),
+    "DeepSpeedEngine": ("shardspeed.engine", "ShardspeedEngine"),  # the name DeepSpeed scripts check against
+    "add_config_arguments": ("shardspeed.engine", "add_config_arguments"),
+    "initialize": ("shardspeed.engine", "initialize"),
+    "init_distributed": ("shardspeed.comm", "init_distributed"),
+}
+
+__all__ = ["ConfigError", "DeepSpeedEngine", "RepeatingLoader", "ShardspeedConfig", "ShardspeedEngine",
+           "__version__", "add_config_arguments", "checkpointing", "comm", "init_distributed", "initialize",
+           "monitor", "ops", "profiling", "zero"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _NAMES:
+        module, attr = _NAMES[name]
+        value = getattr(importlib.import_module(module), attr)
+    elif not name.startswith("_"):
+        try:  # a subpackage: shardspeed.zero, shardspeed.checkpointing, ...
+            value = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module 'shardspeed' has no attribute {name!r}") from None
+    else:
+        raise AttributeError(f"module 'shardspeed' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
