@@ -30,18 +30,25 @@ DEFAULT_PORT = 29500
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="shardspeed", description="Launch a training script on several local ranks.",
+        prog="shardspeed", description="Launch a training script on several ranks, on this machine or across machines.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num_procs", "--num_gpus", dest="num_procs", type=int, default=None,
                    help="ranks on this machine (default: number of GPUs, or 1 on CPU); e.g. --num_procs 2")
-    p.add_argument("--master_addr", default="127.0.0.1", help="address of rank 0 (default 127.0.0.1)")
+    p.add_argument("--master_addr", default="127.0.0.1",
+                   help="address of rank 0 (default 127.0.0.1; with a hostfile: the first host), "
+                   "e.g. --master_addr 10.0.0.5")
     p.add_argument("--master_port", type=int, default=None,
-                   help=f"TCP port of the rendezvous (default {DEFAULT_PORT}, or a free one if it is taken)")
+                   help=f"TCP port of the rendezvous (default {DEFAULT_PORT}, or a free one if it is taken), "
+                   "e.g. --master_port 29600")
     p.add_argument("--no_local_rank", action="store_true",
-                   help="do not pass --local_rank=N to the script (LOCAL_RANK is still set)")
-    p.add_argument("--module", action="store_true", help="run the target as a module: python -m TARGET")
-    p.add_argument("--no_python", action="store_true", help="run the target as an executable, not with python")
-    p.add_argument("--no_prefix", action="store_true", help="do not prefix output lines with [rank N]")
+                   help="do not pass --local_rank=N to the script (LOCAL_RANK is still set), e.g. for scripts "
+                   "without that argument")
+    p.add_argument("--module", action="store_true", help="run the target as a module: python -m TARGET, "
+                   "e.g. --module my_pkg.train")
+    p.add_argument("--no_python", action="store_true", help="run the target as an executable, not with python, "
+                   "e.g. --no_python ./train.sh")
+    p.add_argument("--no_prefix", action="store_true", help="do not prefix output lines with [rank N], "
+                   "e.g. when the script tags its own lines")
     p.add_argument("--hostfile", default=None, help="machines and their slots, 'host slots=N' per line; e.g. "
                    "--hostfile /job/hostfile (without it: this machine only)")
     p.add_argument("--include", default="", help="only these hosts/slots, e.g. --include 'worker-0:0,2@worker-1'")
@@ -54,8 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force_multi", action="store_true",
                    help="use the multi-node launcher even for one host, e.g. to test ssh to localhost")
     p.add_argument("--no_ssh", action="store_true",
-                   help="start only this node's ranks (run the same command on every node with its --node_rank)")
-    p.add_argument("--node_rank", type=int, default=-1, help="this node's index in the selection, with --no_ssh")
+                   help="start only this node's ranks (run the same command on every node with its --node_rank), "
+                   "e.g. --no_ssh --node_rank 1")
+    p.add_argument("--node_rank", type=int, default=-1,
+                   help="this node's index in the selection, with --no_ssh, e.g. --node_rank 0")
     p.add_argument("--world_info", default="", help=argparse.SUPPRESS)  # the selection, from the runners
     p.add_argument("target", help="the training script (or module with --module)")
     p.add_argument("target_args", nargs=argparse.REMAINDER, help="arguments for the script")

@@ -109,3 +109,11 @@ def test_node_mode_errors(tmp_path):
     p = _node(3, hostfile, 29632)
     out = p.communicate(timeout=60)[0]
     assert p.returncode == 2 and "--node_rank 3: the selection has nodes 0-0 (a)" in out
+
+
+def test_help_gives_an_example_for_every_flag():
+    from shardspeed.launcher.cli import build_parser
+
+    for action in build_parser()._actions:
+        if action.option_strings and action.help not in (None, "==SUPPRESS==") and "-h" not in action.option_strings:
+            assert "e.g." in action.help, action.option_strings
