@@ -117,3 +117,16 @@ def test_help_gives_an_example_for_every_flag():
     for action in build_parser()._actions:
         if action.option_strings and action.help not in (None, "==SUPPRESS==") and "-h" not in action.option_strings:
             assert "e.g." in action.help, action.option_strings
+
+
+@pytest.mark.skipif(not __import__("shutil").which("mpirun"),
+                    reason="Open MPI's mpirun is not installed (make installs Debian's openmpi-bin where it can)")
+def test_openmpi_runner_for_real():
+    extra = "--oversubscribe" + (" --allow-run-as-root" if os.geteuid() == 0 else "")
+    p = subprocess.run([sys.executable, "-m", "shardspeed.launcher", "--force_multi", "--launcher", "openmpi",
+                        "--num_procs", "2", "--master_port", "29656", "--launcher_args", extra, "--no_local_rank",
+                        f"{SCRIPTS}/allreduce.py"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out
+    assert "openmpi: 1 node(s), 2 rank(s)" in out
+    assert "rank 0 of 2 local 0 sum 1" in out and "rank 1 of 2 local 1 sum 1" in out
