@@ -16,21 +16,17 @@ import torch  # noqa: E402
 from common import anchors_batch, append_result, batch, build_anchors_model, build_model, median  # noqa: E402
 
 
-def run_ddp(args, model, world, rank):
+def _torch_loop(args, train_model, opt, world, rank, autocast):
+    """Step, timing and loss functions of a plain torch.distributed training loop (DDP, FSDP2)."""
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
-    dist.init_process_group("gloo")
-    ddp = DDP(model)
-    # by default the same fused AdamW kernel shardspeed runs, so step times compare engines, not kernels
-    opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3, weight_decay=0.01, fused=args.adam == "fused")
     micro = args.global_batch // world
 
     def step(i):
         x, y = args.batch(i, args.global_batch)
         x, y = x[rank * micro:(rank + 1) * micro], y[rank * micro:(rank + 1) * micro]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
-            loss = ddp(x, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = train_model(x, y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -47,6 +43,17 @@ def run_ddp(args, model, world, rank):
         return v.item() / world
 
     return step, sync_max, mean_loss, dist.barrier
+
+
+def run_ddp(args, model, world, rank):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo")
+    ddp = DDP(model)
+    # by default the same fused AdamW kernel shardspeed runs, so step times compare engines, not kernels
+    opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3, weight_decay=0.01, fused=args.adam == "fused")
+    return _torch_loop(args, ddp, opt, world, rank, autocast=args.dtype == "bf16")
 
 
 def run_fsdp2(args, model, world, rank):
@@ -64,27 +71,7 @@ def run_fsdp2(args, model, world, rank):
         fully_shard(blk, **kw)
     fully_shard(model, **kw)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, fused=args.adam == "fused")
-    micro = args.global_batch // world
-
-    def step(i):
-        x, y = args.batch(i, args.global_batch)
-        loss = model(x[rank * micro:(rank + 1) * micro], y[rank * micro:(rank + 1) * micro])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    def sync_max(t):
-        v = torch.tensor([t])
-        dist.all_reduce(v, op=dist.ReduceOp.MAX)
-        return v.item()
-
-    def mean_loss(loss):
-        v = loss.detach().float().reshape(1)
-        dist.all_reduce(v)
-        return v.item() / world
-
-    return step, sync_max, mean_loss, dist.barrier
+    return _torch_loop(args, model, opt, world, rank, autocast=False)
 
 
 def run_shardspeed(args, model, world, rank):

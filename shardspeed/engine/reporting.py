@@ -13,20 +13,9 @@ import torch
 
 from shardspeed.comm import get_rank, get_world_size
 from shardspeed.monitor import MonitorMaster
-from shardspeed.profiling import FlopsProfiler, Throughput
+from shardspeed.profiling import FlopsProfiler, Throughput, param_count
 
 log = logging.getLogger("shardspeed")
-
-
-def full_param_count(module: torch.nn.Module) -> int:
-    """Parameters of the whole model (stage 3 placeholders at their full size), shared ones once."""
-    seen, total = set(), 0
-    for p in module.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            shape = getattr(p, "ds_shape", None)
-            total += int(torch.Size(shape).numel()) if shape is not None else p.numel()
-    return total
 
 
 class StepReporter:
@@ -36,7 +25,7 @@ class StepReporter:
         self.rank = get_rank()
         self.monitor = MonitorMaster(cfg, self.rank)
         self.throughput = Throughput(get_world_size(), cfg.throughput.seq_length, cfg.throughput.peak_tflops,
-                                     full_param_count(engine.module), engine.policy.compute)
+                                     param_count(engine.module), engine.policy.compute)
         self.flops_profiler: FlopsProfiler | None = None
         self.last: dict[str, float] = {}
         self._step_start: float | None = None

@@ -69,7 +69,7 @@ class FlopsProfiler:
                 continue
             key = name or "(model)"
             depth = 0 if not name else name.count(".") + 1
-            self.stats[key] = ModuleStats(key, type(m).__name__, depth, _param_count(m))
+            self.stats[key] = ModuleStats(key, type(m).__name__, depth, param_count(m))
             if name:
                 parent = name.rsplit(".", 1)[0] if "." in name else "(model)"
                 if parent in self.stats:
@@ -171,7 +171,7 @@ class FlopsProfiler:
         return text
 
 
-def _param_count(m: torch.nn.Module) -> int:
+def param_count(m: torch.nn.Module) -> int:
     """A module's parameters (shared ones once); stage 3 placeholders count at their full size."""
     seen: set[int] = set()
     total = 0

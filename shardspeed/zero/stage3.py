@@ -113,6 +113,10 @@ class Stage3Strategy(OrderedReduction, Strategy):
         self.module_units: dict[int, tuple[int, ...]] = {}
         self._by_storage: dict[int, list[torch.nn.Parameter]] = {}  # gathered parameters by storage
         self._peak_transient = 0
+        # kept up to date at each gather, release and buffer allocation, so the hot path never walks
+        # every unit: elements gathered or in flight, and bytes beyond the shards by kind
+        self._live = 0
+        self._held = {"parameters": 0, "in_flight": 0, "gradient_buffers": 0}
         self._grad_pool: dict[tuple[int, torch.dtype], list[torch.Tensor]] = {}
         created = unit_members(module, z3)
         # reverse registration order: roughly the order backward finishes units in
@@ -190,6 +194,8 @@ class Stage3Strategy(OrderedReduction, Strategy):
             return
         buf = torch.empty(self.world * u.shard_numel, dtype=u.local.dtype, device=u.local.device)
         u.pending = (buf, all_gather(buf, u.local, group=self.group, async_op=True))
+        self._live += sum(u.numels)
+        self._held["in_flight"] += buf.numel() * buf.element_size()
         self._note_peak()
 
     def _gather_now(self, u: Unit) -> None:
@@ -199,6 +205,9 @@ class Stage3Strategy(OrderedReduction, Strategy):
         buf, handle = u.pending
         handle.wait()
         u.pending = None
+        self._held["in_flight"] -= buf.numel() * buf.element_size()
+        if not u.persistent:
+            self._held["parameters"] += sum(u.numels) * buf.element_size()
         rows = buf.view(self.world, u.shard_numel)
         with torch.no_grad():
             for p, o, c, n, shape in zip(u.params, u.offsets, u.chunks, u.numels, u.shapes, strict=True):
@@ -221,8 +230,15 @@ class Stage3Strategy(OrderedReduction, Strategy):
 
     def _free(self, u: Unit) -> None:
         if u.pending is not None:  # a prefetch nobody used: finish it so collectives stay matched
-            u.pending[1].wait()
+            buf, handle = u.pending
+            handle.wait()
             u.pending = None
+            self._held["in_flight"] -= buf.numel() * buf.element_size()
+            self._live -= sum(u.numels)
+        if u.gathered:
+            self._live -= sum(u.numels)
+            if not u.persistent:
+                self._held["parameters"] -= sum(u.numels) * u.local.element_size()
         with torch.no_grad():
             for p in u.params:
                 self._forget_storage(p)
@@ -230,7 +246,7 @@ class Stage3Strategy(OrderedReduction, Strategy):
         u.gathered = False
 
     def _live_numel(self) -> int:
-        return sum(sum(u.numels) for u in self.units if u.gathered or u.pending is not None)
+        return self._live
 
     def _prefetch(self, after: int, step: int) -> None:
         """Start gathering the units that follow trace position ``after`` (step +1 forward, -1 backward)."""
@@ -351,6 +367,7 @@ class Stage3Strategy(OrderedReduction, Strategy):
         free = self._grad_pool.get(key)
         if free:
             return free.pop()
+        self._held["gradient_buffers"] += key[0] * torch.tensor([], dtype=key[1]).element_size()
         return torch.empty(key[0], dtype=key[1], device=u.local.device)
 
     def _reduction_units(self) -> list[Unit]:
@@ -473,14 +490,17 @@ class Stage3Strategy(OrderedReduction, Strategy):
     @torch.no_grad()
     def after_step(self) -> None:
         self._release_deferred()
-        self._grad_pool.clear()  # at rest stage 3 holds shards only
+        # at rest stage 3 holds shards only (every buffer is back in the pool once reductions drained)
+        self._held["gradient_buffers"] -= sum(t.numel() * t.element_size() for ts in self._grad_pool.values()
+                                              for t in ts)
+        self._grad_pool.clear()
         for u in self.units:
             if not u.master_is_view:
                 u.local.copy_(u.master)
             if u.gathered and u.refs == 0 and not u.persistent:  # would hold pre-step values
                 self._free(u)
             if u.persistent:  # kept whole: refresh from the updated chunks now
-                u.gathered = False
+                self._free(u)
                 self._gather_now(u)
 
     def zero_grad(self) -> None:
@@ -491,18 +511,9 @@ class Stage3Strategy(OrderedReduction, Strategy):
             p.grad = None
 
     def _transient_bytes(self) -> int:
-        """Bytes held beyond the shards right now: gathered parameters, gathers in flight, full-size
-        gradient buffers waiting for (or in) their reduce-scatter."""
-        total = 0
-        for u in self.units:
-            el = u.local.element_size()
-            if u.gathered and not u.persistent:
-                total += sum(u.numels) * el
-            if u.pending is not None:
-                total += self.world * u.shard_numel * el
-            if u.grad_in is not None:
-                total += u.grad_in.numel() * u.grad_in.element_size()
-        return total + sum(t.numel() * t.element_size() for ts in self._grad_pool.values() for t in ts)
+        """Bytes held beyond the shards right now: gathered parameters (persistent ones excluded),
+        gathers in flight, full-size gradient buffers (in use or pooled)."""
+        return sum(self._held.values())
 
     def _note_peak(self) -> None:
         self._peak_transient = max(self._peak_transient, self._transient_bytes())
@@ -514,6 +525,7 @@ class Stage3Strategy(OrderedReduction, Strategy):
             out["gradients"] += u.grad_shard.numel() * 4
             out["master_parameters"] += 0 if u.master_is_view else u.master.numel() * 4
         out["peak_transient"] = self._peak_transient  # not model state at rest: the high-water mark
+        out["transient"] = self._transient_bytes()  # now; 0 at rest between steps
         return out
 
     # -- full parameters on demand ----------------------------------------------------------------

@@ -7,22 +7,9 @@ from tests.distributed.harness import run_ranks
 
 
 def _worker(rank, contiguous):
-    import torch.distributed as dist
-
     import shardspeed
     from shardspeed import checkpointing
-    from tests.distributed.workloads import tiny_gpt
-
-    class MPU:  # both ranks in one model-parallel group, each its own data-parallel group
-        def __init__(self):
-            self.dp = [dist.new_group([0]), dist.new_group([1])]
-            self.mp = dist.new_group([0, 1])
-
-        def get_data_parallel_group(self):
-            return self.dp[dist.get_rank()]
-
-        def get_model_parallel_group(self):
-            return self.mp
+    from tests.distributed.workloads import SplitMPU, tiny_gpt
 
     shardspeed.init_distributed()
     model = tiny_gpt(dropout=0.2)
@@ -40,7 +27,7 @@ def _worker(rank, contiguous):
         return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     ref = [run(False, s) for s in range(2)]
-    checkpointing.configure(MPU(), partition_activations=True, contiguous_checkpointing=contiguous,
+    checkpointing.configure(SplitMPU(), partition_activations=True, contiguous_checkpointing=contiguous,
                             num_checkpoints=len(model.blocks) if contiguous else None)
     kept = []
     orig = checkpointing._Kept.__init__

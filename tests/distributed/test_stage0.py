@@ -131,28 +131,15 @@ def test_no_sync_defers_the_reduction():
 
 
 def _mpu_worker(rank, stage=0):
-    import torch.distributed as dist
-
     import shardspeed
-    from tests.distributed.workloads import micro_slices, tiny_gpt
-
-    class MPU:  # model-parallel size 2: each rank is its own data-parallel group
-        def __init__(self):
-            self.dp = [dist.new_group([0]), dist.new_group([1])]
-            self.mp = dist.new_group([0, 1])
-
-        def get_data_parallel_group(self):
-            return self.dp[dist.get_rank()]
-
-        def get_model_parallel_group(self):
-            return self.mp
+    from tests.distributed.workloads import SplitMPU, micro_slices, tiny_gpt
 
     shardspeed.init_distributed()  # Megatron-style: groups exist before initialize()
     model = tiny_gpt()
     model.head.weight.model_parallel = True
     cfg = {"train_micro_batch_size_per_gpu": 2, "optimizer": ADAMW, "steps_per_print": None,
            "zero_optimization": {"stage": stage}}
-    engine, *_ = shardspeed.initialize(model=model, config=cfg, mpu=MPU())
+    engine, *_ = shardspeed.initialize(model=model, config=cfg, mpu=SplitMPU())
     if stage in (1, 2):  # partitions span the data-parallel group (one rank here), not the world
         assert all(b.splan.shard == b.splan.padded for b in engine.strategy.buckets)
     (x, y), = micro_slices(0, rank, 2, 2, 1)

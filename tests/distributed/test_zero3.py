@@ -144,6 +144,11 @@ def test_memory_is_a_shard():
     mem = ranks[0]["memory"]
     total = mem["parameters"] + mem["gradients"] + mem["master_parameters"] + mem["optimizer_states"]
     assert total <= 1.1 * 16 * n / 2
+    # between steps nothing beyond the shards is held; during the step at least the largest block was
+    # gathered (fp32), and at most the whole model twice (gathered and in flight) plus full gradients
+    block = sum(p.numel() for p in tiny_gpt().blocks[0].parameters())
+    assert mem["transient"] == 0
+    assert 4 * block <= mem["peak_transient"] <= 12 * n
 
 
 def test_reuse_distance_keeps_units_for_backward_with_parity_and_fewer_gathers():

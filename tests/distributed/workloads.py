@@ -98,3 +98,21 @@ def max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
         diff = torch.linalg.vector_norm(a[name].double() - b[name].double()).item()
         worst = max(worst, diff / max(torch.linalg.vector_norm(b[name].double()).item(), 1e-30))
     return worst
+
+
+class SplitMPU:
+    """Megatron's mpu interface for 2 ranks in one model-parallel group, each rank its own
+    data-parallel group. Build it after the process group exists, on every rank."""
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self._rank = dist.get_rank()
+        self.dp = [dist.new_group([0]), dist.new_group([1])]
+        self.mp = dist.new_group([0, 1])
+
+    def get_data_parallel_group(self):
+        return self.dp[self._rank]
+
+    def get_model_parallel_group(self):
+        return self.mp

@@ -43,6 +43,20 @@ def two_hosts():
         _ip("netns", "del", b, check=False)
 
 
+def _start_nodes(two_hosts, tmp_path, env, port, *script):
+    """The node launcher in each namespace (node 0 at 10.77.0.1 is the master), gloo on its veth."""
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("10.77.0.1 slots=1\n10.77.0.2 slots=1\n")
+    procs = []
+    for node, (ns, dev) in enumerate(zip(two_hosts["ns"], two_hosts["dev"])):
+        cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "shardspeed.launcher", "--hostfile", str(hostfile),
+               "--no_ssh", "--node_rank", str(node), "--master_addr", "10.77.0.1", "--master_port", str(port),
+               "--no_local_rank", *script]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env={**env, "GLOO_SOCKET_IFNAME": dev},
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
 def _result(out):
     m = re.search(r"RESULT world=(\d+) fingerprint=(\S+) losses=(\[.*\])", out)
     assert m, out
@@ -54,15 +68,7 @@ def test_training_across_two_hosts_equals_one_host(two_hosts, tmp_path):
     one = subprocess.run([sys.executable, "-m", "shardspeed.launcher", "--num_procs", "2", "--no_local_rank",
                           SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert one.returncode == 0, one.stdout + one.stderr
-    hostfile = tmp_path / "hosts"
-    hostfile.write_text("10.77.0.1 slots=1\n10.77.0.2 slots=1\n")
-    procs = []
-    for node, (ns, dev) in enumerate(zip(two_hosts["ns"], two_hosts["dev"])):
-        cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "shardspeed.launcher", "--hostfile", str(hostfile),
-               "--no_ssh", "--node_rank", str(node), "--master_addr", "10.77.0.1", "--master_port", "29641",
-               "--no_local_rank", SCRIPT]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env={**env, "GLOO_SOCKET_IFNAME": dev},
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    procs = _start_nodes(two_hosts, tmp_path, env, 29641, SCRIPT)
     outs = [p.communicate(timeout=180)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert _result(outs[0]) == _result(one.stdout)
@@ -73,15 +79,7 @@ def test_cutting_the_link_ends_both_sides_with_the_collective_named(two_hosts, t
     import time
 
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "SHARDSPEED_COMM_TIMEOUT_S": "6"}
-    hostfile = tmp_path / "hosts"
-    hostfile.write_text("10.77.0.1 slots=1\n10.77.0.2 slots=1\n")
-    procs = []
-    for node, (ns, dev) in enumerate(zip(two_hosts["ns"], two_hosts["dev"])):
-        cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "shardspeed.launcher", "--hostfile", str(hostfile),
-               "--no_ssh", "--node_rank", str(node), "--master_addr", "10.77.0.1", "--master_port", "29642",
-               "--no_local_rank", os.path.join(HERE, "scripts", "stall.py"), "loop"]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env={**env, "GLOO_SOCKET_IFNAME": dev},
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    procs = _start_nodes(two_hosts, tmp_path, env, 29642, os.path.join(HERE, "scripts", "stall.py"), "loop")
     first = procs[0].stdout.readline()
     while "step 20" not in first:  # training runs across the link
         assert first, "node 0 ended before training started"
