@@ -83,3 +83,12 @@ def test_the_deepspeed_import_path():
 
     mod = importlib.import_module("shardspeed.checkpointing")
     assert mod is shardspeed.checkpointing and callable(mod.checkpoint) and callable(mod.configure)
+
+
+def test_more_live_checkpoints_than_num_checkpoints_is_an_error_naming_the_fix():
+    checkpointing.configure(None, partition_activations=True, contiguous_checkpointing=True, num_checkpoints=1)
+    lin = torch.nn.Linear(4, 4)
+    h = checkpointing.checkpoint(lin, torch.randn(2, 4, requires_grad=True))
+    with pytest.raises(RuntimeError, match="more than num_checkpoints=1 checkpoint.. regions are alive at once; "
+                                           "raise num_checkpoints"):
+        checkpointing.checkpoint(lin, h)
