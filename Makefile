@@ -16,13 +16,16 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[dev,plots,tensorboard]"
 	touch $(STAMP)
 
-# Open MPI from Debian's packages, so the launcher's openmpi runner is tested for real; where it
-# cannot be installed (no apt, not root, no network) that test skips and says why.
+# Open MPI, pdsh and OpenSSH from Debian's packages, so the launcher's openmpi, pdsh and ssh runners
+# are tested for real; where they cannot be installed (no apt, not root, no network) those tests skip
+# and say why.
+DEBS := openmpi-bin pdsh openssh-server openssh-client
 $(TOOLS): $(STAMP)
-	@command -v mpirun >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
-	  { apt-get install -y -q --no-install-recommends openmpi-bin >/dev/null 2>&1 || \
-	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends openmpi-bin >/dev/null 2>&1; }; }; } || \
-	  echo "note: Open MPI could not be installed; its launcher test will skip"
+	@{ command -v mpirun && command -v pdsh && [ -x /usr/sbin/sshd ] && command -v ssh; } >/dev/null 2>&1 || \
+	  { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+	  { apt-get install -y -q --no-install-recommends $(DEBS) >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends $(DEBS) >/dev/null 2>&1; }; }; } || \
+	  echo "note: $(DEBS) could not all be installed; the launcher tests that need them will skip"
 	touch $(TOOLS)
 
 install: $(STAMP) $(TOOLS)

@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node_rank", type=int, default=-1,
                    help="this node's index in the selection, with --no_ssh, e.g. --node_rank 0")
     p.add_argument("--world_info", default="", help=argparse.SUPPRESS)  # the selection, from the runners
+    p.add_argument("--watch_stdin", action="store_true", help=argparse.SUPPRESS)  # started by pdsh/ssh
     p.add_argument("target", help="the training script (or module with --module)")
     p.add_argument("target_args", nargs=argparse.REMAINDER, help="arguments for the script")
     return p

@@ -76,10 +76,11 @@ def _target(job: Job) -> list[str]:
 
 
 def node_spawner(job: Job, node_rank: str) -> list[str]:
-    """This launcher in node mode, started on one node (``node_rank`` may be pdsh's ``%n``)."""
+    """This launcher in node mode, started on one node (``node_rank`` may be pdsh's ``%n``); it stops
+    its ranks when its stdin closes, i.e. when the pdsh/ssh client that started it is gone."""
     from shardspeed.launcher.hostfile import encode_world
 
-    cmd = [job.python, "-u", "-m", "shardspeed.launcher", "--no_ssh", "--node_rank", node_rank,
+    cmd = [job.python, "-u", "-m", "shardspeed.launcher", "--no_ssh", "--watch_stdin", "--node_rank", node_rank,
            "--world_info", encode_world(job.world), "--master_addr", job.master_addr,
            "--master_port", str(job.master_port)]
     cmd += [flag for flag, on in (("--module", job.module), ("--no_python", job.no_python),

@@ -3,6 +3,12 @@
 [Note: process groups] Each rank starts in its own session so that stopping it also stops whatever
 it started (data-loader workers, compilers). The launcher forwards Ctrl-C (SIGINT) and SIGTERM to
 every rank; a rank that does not exit within ``grace_s`` after SIGTERM gets SIGKILL.
+
+[Note: remote nodes] The multi-node launcher supervises pdsh/ssh clients instead of ranks. Their
+output is watched for a node's report of a failed rank (``watch``), which takes the job down at once
+even while the failed node's client is still running; a node launcher started that way stops its
+ranks when its stdin closes, which is what sshd does when the client that started it goes away
+(``abort`` from a thread).
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO
 
@@ -23,6 +29,11 @@ class RankSpec:
     rank: int
     cmd: list[str]
     env: dict[str, str]
+    label: str = ""  # how messages name it; "rank N" unless set (a node's client: "node 1 (host)")
+    keep_stdin: bool = False  # an open pipe instead of /dev/null: ssh sends EOF to the remote side otherwise
+
+    def name(self) -> str:
+        return self.label or f"rank {self.rank}"
 
 
 def _describe(code: int) -> str:
@@ -40,7 +51,7 @@ def _exit_code(code: int) -> int:
 
 class Supervisor:
     def __init__(self, specs: Sequence[RankSpec], out: IO[str] | None = None, prefix: bool = True,
-                 grace_s: float = 5.0, who: str = "shardspeed"):
+                 grace_s: float = 5.0, who: str = "shardspeed", watch: Callable[[str], str | None] | None = None):
         self.specs = list(specs)
         self.out = out or sys.stdout
         self.prefix = prefix
@@ -49,25 +60,41 @@ class Supervisor:
         self._lock = threading.Lock()
         self.procs: list[subprocess.Popen] = []
         self._threads: list[threading.Thread] = []
+        self.watch = watch  # line -> a failure it reports (or None)
+        self._abort: str | None = None
+
+    def abort(self, reason: str) -> None:
+        """Take the job down from another thread; ``wait`` returns 1 after saying ``reason``."""
+        if self._abort is None:
+            self._abort = reason
+
+    def _write(self, text: str) -> None:
+        # Output is best effort: a node launcher whose ssh connection is gone writes into a closed pipe,
+        # and must still stop its ranks.
+        with self._lock:
+            try:
+                self.out.write(text)
+                self.out.flush()
+            except (OSError, ValueError):
+                pass
 
     def say(self, msg: str) -> None:
-        with self._lock:
-            self.out.write(f"[{self.who}] {msg}\n")
-            self.out.flush()
+        self._write(f"[{self.who}] {msg}\n")
 
     def _pump(self, rank: int, stream: IO[bytes]) -> None:
         tag = f"[rank {rank}] " if self.prefix else ""
         for raw in iter(stream.readline, b""):
             line = raw.decode(errors="replace")
-            with self._lock:
-                self.out.write(tag + line if line.endswith("\n") else tag + line + "\n")
-                self.out.flush()
+            if self.watch is not None and (failure := self.watch(line)) is not None:
+                self.abort(failure)
+            self._write(tag + line if line.endswith("\n") else tag + line + "\n")
         stream.close()
 
     def start(self) -> None:
         for spec in self.specs:
             p = subprocess.Popen(spec.cmd, env=spec.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, start_new_session=True)
+                                 stdin=subprocess.PIPE if spec.keep_stdin else subprocess.DEVNULL,
+                                 start_new_session=True)
             self.procs.append(p)
             t = threading.Thread(target=self._pump, args=(spec.rank, p.stdout), daemon=True)
             t.start()
@@ -90,6 +117,8 @@ class Supervisor:
         self._signal_all(signal.SIGKILL)
         for p in self.procs:
             p.wait()
+            if p.stdin is not None:
+                p.stdin.close()
 
     def wait(self) -> int:
         """Block until every rank succeeded (0) or one failed (its exit code, after stopping the rest)."""
@@ -106,10 +135,17 @@ class Supervisor:
                     self.say(f"received {signal.Signals(interrupted[0]).name}; stopping all ranks")
                     self._wait_or_kill()
                     return 128 + interrupted[0]
-                for spec, p in zip(self.specs, self.procs, strict=True):
+                if self._abort is not None:
+                    self.say(f"{self._abort}; stopping {self._everything}")
+                    self.stop_all()
+                    self._join()
+                    return 1
+                for spec, p, pump in zip(self.specs, self.procs, self._threads, strict=True):
                     code = p.poll()
                     if code not in (None, 0):
-                        self.say(f"rank {spec.rank} {_describe(code)}; stopping the other ranks")
+                        pump.join(timeout=1.0)  # a node's own report of which rank failed may still be in the pipe
+                        what = self._abort or f"{spec.name()} {_describe(code)}"
+                        self.say(f"{what}; stopping {self._everything}")
                         self.stop_all()
                         self._join()
                         return _exit_code(code)
@@ -117,9 +153,16 @@ class Supervisor:
                     self._join()
                     return 0
                 time.sleep(0.05)
+        except BaseException:  # never leave ranks behind: they run in sessions of their own
+            self.stop_all()
+            raise
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
+
+    @property
+    def _everything(self) -> str:
+        return "every node" if self.watch is not None else "the other ranks"
 
     def _wait_or_kill(self) -> None:
         deadline = time.monotonic() + self.grace_s

@@ -37,7 +37,8 @@ def test_pdsh_starts_the_node_spawner_everywhere_with_its_rank():
     assert cmd[:7] == ["pdsh", "-S", "-f", "1024", "-R", "ssh", "-w"] and cmd[7] == "w0,w1"
     remote = cmd[8]
     assert remote.startswith("export NCCL_DEBUG=INFO; cd '/job dir' && /venv/bin/python -u -m shardspeed.launcher")
-    assert "--no_ssh --node_rank %n --world_info w0:0,1@w1:0,1 --master_addr 10.0.0.1 --master_port 29500" in remote
+    assert ("--no_ssh --watch_stdin --node_rank %n --world_info w0:0,1@w1:0,1 --master_addr 10.0.0.1 "
+            "--master_port 29500") in remote
     assert remote.endswith("train.py --lr 1")
 
 
