@@ -7,12 +7,13 @@ import argparse
 import os
 import re
 import shlex
+import shutil
 import socket
 import threading
 from collections import OrderedDict
 
 from shardspeed.launcher.hostfile import HostfileError, decode_world, read_hostfile, select
-from shardspeed.launcher.runners import RUNNERS, Job, env_to_export, ssh_commands
+from shardspeed.launcher.runners import MPIRUN, RUNNERS, Job, env_to_export, ssh_commands
 from shardspeed.launcher.supervisor import RankSpec, Supervisor
 
 DEFAULT_PORT = 29500
@@ -61,7 +62,10 @@ def run(args: argparse.Namespace) -> int:
         specs = [RankSpec(i, cmd, dict(os.environ), label=f"node {i} ({hosts[i]})", keep_stdin=True)
                  for i, cmd in enumerate(ssh_commands(job))]
     else:
-        specs = [RankSpec(0, RUNNERS[args.launcher](job), dict(os.environ), label=args.launcher)]
+        exe = MPIRUN.get(args.launcher)
+        build = RUNNERS[args.launcher]
+        cmd = build(job, exe) if exe and shutil.which(exe) else build(job)
+        specs = [RankSpec(0, cmd, dict(os.environ), label=args.launcher)]
     # each node's launcher prefixes its own ranks' lines: this one reads their reports of failures
     remote = args.launcher in ("pdsh", "ssh")
     sup = Supervisor(specs, prefix=False, who="shardspeed", watch=node_failure if remote else None)

@@ -109,9 +109,9 @@ def _rendezvous_env(job: Job) -> dict[str, str]:
     return {"MASTER_ADDR": job.master_addr, "MASTER_PORT": str(job.master_port), **job.env}
 
 
-def openmpi_command(job: Job) -> list[str]:
+def openmpi_command(job: Job, exe: str = "mpirun") -> list[str]:
     hosts = ",".join(f"{h}:{len(s)}" for h, s in job.world.items())
-    cmd = ["mpirun", "-n", str(job.total), "--host", hosts, "--map-by", "slot", "--bind-to", "none"]
+    cmd = [exe, "-n", str(job.total), "--host", hosts, "--map-by", "slot", "--bind-to", "none"]
     for k, v in sorted(_rendezvous_env(job).items()):
         cmd += ["-x", f"{k}={v}"]
     return cmd + job.launcher_args + _target(job)
@@ -125,8 +125,8 @@ def _uniform_slots(job: Job, tool: str) -> int:
     return counts.pop()
 
 
-def mpich_command(job: Job) -> list[str]:
-    cmd = ["mpirun", "-n", str(job.total), "-ppn", str(_uniform_slots(job, "mpich")), "-hosts", ",".join(job.world)]
+def mpich_command(job: Job, exe: str = "mpirun") -> list[str]:
+    cmd = [exe, "-n", str(job.total), "-ppn", str(_uniform_slots(job, "mpich")), "-hosts", ",".join(job.world)]
     for k, v in sorted(_rendezvous_env(job).items()):
         cmd += ["-genv", k, v]
     return cmd + job.launcher_args + _target(job)
@@ -141,3 +141,5 @@ def slurm_command(job: Job) -> list[str]:
 
 
 RUNNERS = {"pdsh": pdsh_command, "openmpi": openmpi_command, "mpich": mpich_command, "slurm": slurm_command}
+# Debian installs both MPIs side by side; their own names beat whichever one ``mpirun`` points to.
+MPIRUN = {"openmpi": "mpirun.openmpi", "mpich": "mpirun.mpich"}

@@ -2,6 +2,7 @@
 run for real (two "nodes" on this machine, started by hand as --no_ssh --node_rank N)."""
 
 import os
+import shutil
 import subprocess
 import sys
 from collections import OrderedDict
@@ -120,8 +121,8 @@ def test_help_gives_an_example_for_every_flag():
             assert "e.g." in action.help, action.option_strings
 
 
-@pytest.mark.skipif(not __import__("shutil").which("mpirun"),
-                    reason="Open MPI's mpirun is not installed (make installs Debian's openmpi-bin where it can)")
+@pytest.mark.skipif(not shutil.which("mpirun.openmpi"),
+                    reason="mpirun.openmpi is not installed (make installs Debian's openmpi-bin where it can)")
 def test_openmpi_runner_for_real():
     extra = "--oversubscribe" + (" --allow-run-as-root" if os.geteuid() == 0 else "")
     p = subprocess.run([sys.executable, "-m", "shardspeed.launcher", "--force_multi", "--launcher", "openmpi",
@@ -130,4 +131,16 @@ def test_openmpi_runner_for_real():
     out = p.stdout + p.stderr
     assert p.returncode == 0, out
     assert "openmpi: 1 node(s), 2 rank(s)" in out
+    assert "rank 0 of 2 local 0 sum 1" in out and "rank 1 of 2 local 1 sum 1" in out
+
+
+@pytest.mark.skipif(not shutil.which("mpirun.mpich"),
+                    reason="MPICH's mpirun.mpich is not installed (make installs Debian's mpich where it can)")
+def test_mpich_runner_for_real():
+    p = subprocess.run([sys.executable, "-m", "shardspeed.launcher", "--force_multi", "--launcher", "mpich",
+                        "--num_procs", "2", "--master_port", "29657", "--no_local_rank",
+                        f"{SCRIPTS}/allreduce.py"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out
+    assert "mpich: 1 node(s), 2 rank(s)" in out
     assert "rank 0 of 2 local 0 sum 1" in out and "rank 1 of 2 local 1 sum 1" in out
