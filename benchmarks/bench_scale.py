@@ -83,12 +83,14 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 
 
 def run_ours(layers: int, args: argparse.Namespace, log_dir: str) -> bool:
+    zero = {**ZERO, "optimizer_in_backward": args.optimizer_in_backward}
     cmd = [sys.executable, "-m", "shardspeed.launcher", "--num_procs", "2", "--no_local_rank",
-           os.path.join(HERE, "scale_worker.py"), "--layers", str(layers), "--zero", json.dumps(ZERO),
+           os.path.join(HERE, "scale_worker.py"), "--layers", str(layers), "--zero", json.dumps(zero),
            "--tag", args.tag]
     g = guarded(cmd, args.timeout, args.min_avail_gib, os.path.join(log_dir, f"shardspeed_L{layers}.log"), ROOT)
     if g["status"] != "ok":
-        append_result("scale", {"mode": "shardspeed-z3", "layers": layers, "tag": args.tag, **g})
+        mode = "shardspeed-z3" + ("-oib" if args.optimizer_in_backward else "")
+        append_result("scale", {"mode": mode, "layers": layers, "tag": args.tag, **g})
         return False
     rows = read_results("scale")
     rows[-1].update(g)  # the worker's row, with the guard's view of it
@@ -142,6 +144,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=480)
     ap.add_argument("--min-avail-gib", type=float, default=1.0)
     ap.add_argument("--tag", default="run")
+    ap.add_argument("--optimizer-in-backward", action="store_true",
+                    help="zero_optimization.optimizer_in_backward: no gradient shards held (12 B/param, not 16)")
     ap.add_argument("--ds-venv", default=os.path.join(ROOT, "..", ".venv-deepspeed"))
     args = ap.parse_args()
     log_dir = os.path.join(HERE, "out", "scale_logs")

@@ -55,7 +55,8 @@ def main() -> None:
     mem["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     rows = comm.all_gather_object(mem)
     if rank == 0:
-        append_result("scale", {"mode": "shardspeed-z3", "layers": args.layers, "n_params": n, "tag": args.tag,
+        mode = "shardspeed-z3" + ("-oib" if config["zero_optimization"].get("optimizer_in_backward") else "")
+        append_result("scale", {"mode": mode, "layers": args.layers, "n_params": n, "tag": args.tag,
                                 "init_s": init_s, "step_s": times, "losses": losses, "per_rank": rows})
 
 

@@ -80,6 +80,9 @@ class ZeroConfig(Section):
     )
     # shardspeed's own: gather each entry of a ModuleList/Sequential as one unit (zero/stage3.py, Note: units)
     stage3_coalesce_layers: bool = True
+    # shardspeed's own: step each unit's optimizer state as soon as its gradients are reduced, during
+    # backward, so no gradient shard outlives its unit's reduction (zero/stage3.py, Note: optimizer in backward)
+    optimizer_in_backward: bool = False
     round_robin_gradients: bool = False
     ignore_unused_parameters: bool = True
     memory_efficient_linear: bool = True

@@ -70,6 +70,32 @@ def _check_tested(cfg: ShardspeedConfig, optimizer: torch.optim.Optimizer) -> No
         "Adagrad, RMSprop, Lamb). If its update is elementwise, set \"zero_allow_untested_optimizer\": true")
 
 
+def check_optimizer_in_backward(cfg: ShardspeedConfig, optimizer: Any, clip_norm: float,
+                                gradient_accumulation_steps: int) -> None:
+    """zero_optimization.optimizer_in_backward steps each unit during backward (zero/stage3.py, Note:
+    optimizer in backward): refuse what needs the whole model's gradients before any step."""
+    if not cfg.zero_optimization.optimizer_in_backward:
+        return
+    why = "steps each unit's parameters as soon as their gradients are reduced, during backward"
+    stage = cfg.zero_optimization.stage
+    if stage != 3:
+        raise ConfigError(f"zero_optimization.optimizer_in_backward needs ZeRO stage 3, got stage {stage}")
+    if clip_norm > 0:
+        raise ConfigError(f"zero_optimization.optimizer_in_backward {why}, before the global gradient norm is "
+                          f"known: set gradient_clipping to 0 (it is {clip_norm:g}) or turn optimizer_in_backward off")
+    if gradient_accumulation_steps > 1:
+        raise ConfigError(f"zero_optimization.optimizer_in_backward {why}, so gradients cannot accumulate over "
+                          f"micro-batches: gradient_accumulation_steps is {gradient_accumulation_steps}; use 1 or "
+                          "turn optimizer_in_backward off")
+    if cfg.fp16.enabled:
+        raise ConfigError(f"zero_optimization.optimizer_in_backward {why}, before fp16's overflow check has seen "
+                          "every gradient: use bf16 or fp32, or turn optimizer_in_backward off")
+    if hasattr(optimizer, "set_partition"):
+        raise ConfigError(f"zero_optimization.optimizer_in_backward {why}; {type(optimizer).__name__} needs "
+                          "norms over whole parameters across ranks at its step: use an element-wise optimizer "
+                          "(Adam, AdamW, SGD, ...) or turn optimizer_in_backward off")
+
+
 def make_scheduler(cfg: ShardspeedConfig, client: Any, optimizer: torch.optim.Optimizer | None) -> Any:
     if client is not None and cfg.scheduler is not None:
         raise ConfigError("an lr scheduler was given twice: to initialize(lr_scheduler=...) and in the config's "

@@ -20,7 +20,7 @@ from shardspeed.checkpoint import load_checkpoint, save_checkpoint
 from shardspeed.comm import Topology, broadcast, enable_comm_log, get_global_rank, get_rank
 from shardspeed.config import ShardspeedConfig, resolve_batch_sizes
 from shardspeed.data import ResumableLoader, build_dataloader
-from shardspeed.engine.components import make_optimizer, make_scheduler, param_groups
+from shardspeed.engine.components import check_optimizer_in_backward, make_optimizer, make_scheduler, param_groups
 from shardspeed.engine.reporting import StepReporter
 from shardspeed.engine.timers import Timers
 from shardspeed.precision import LossScaler, PrecisionPolicy
@@ -52,7 +52,8 @@ class ShardspeedEngine(torch.nn.Module):
                            persistence_threshold=z.stage3_param_persistence_threshold,
                            max_live_numel=z.stage3_max_live_parameters,
                            coalesce_layers=z.stage3_coalesce_layers,
-                           max_reuse_distance=z.stage3_max_reuse_distance)
+                           max_reuse_distance=z.stage3_max_reuse_distance,
+                           optimizer_in_backward=z.optimizer_in_backward)
         self.strategy = make_strategy(z.stage, self.module, topo, self._strategy_options(),
                                       [g["params"] for g in groups], z3)
         if self.policy.compute != torch.float32:
@@ -64,6 +65,7 @@ class ShardspeedEngine(torch.nn.Module):
         if self.optimizer is not None:
             self.strategy.attach_optimizer(self.optimizer)
         self.clip_norm = config.gradient_clipping or opt_clip
+        check_optimizer_in_backward(config, self.optimizer, self.clip_norm, self.batch.gradient_accumulation_steps)
         self.lr_scheduler = make_scheduler(config, lr_scheduler, self.optimizer)
         self.loss_scaler = LossScaler.from_config(config.fp16) if config.fp16.enabled else None
         self.training_dataloader = None
@@ -240,7 +242,16 @@ class ShardspeedEngine(torch.nn.Module):
 
     def _optimizer_step(self) -> None:
         with self.timers("reduce_wait"):
-            self.strategy.wait_reductions()
+            self.strategy.wait_reductions()  # with the optimizer in backward, this steps the last units
+        if not getattr(self.strategy, "steps_in_backward", False) and not self._update():
+            return
+        self.strategy.after_step()
+        self.strategy.zero_grad()
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+
+    def _update(self) -> bool:
+        """Unscale, clip and step; False when an fp16 overflow skipped the step."""
         scale = self.loss_scale
         factor = 1.0 / scale
         # The global norm costs a full pass over the gradients: take it only when clipping or fp16
@@ -249,7 +260,7 @@ class ShardspeedEngine(torch.nn.Module):
             norm_sq = self.strategy.grad_norm_sq()
             if not torch.isfinite(norm_sq):
                 self._skip_step(scale)
-                return
+                return False
             if self.loss_scaler is not None:
                 self.loss_scaler.update(overflow=False)
             norm = math.sqrt(norm_sq.item()) / scale
@@ -259,10 +270,7 @@ class ShardspeedEngine(torch.nn.Module):
         if factor != 1.0:
             self.strategy.scale_grads(factor)
         self.optimizer.step()
-        self.strategy.after_step()
-        self.strategy.zero_grad()
-        if self.lr_scheduler is not None:
-            self.lr_scheduler.step()
+        return True
 
     def _skip_step(self, scale: float) -> None:
         if self.loss_scaler is None:

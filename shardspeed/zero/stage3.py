@@ -19,6 +19,17 @@
   units (up to ``stage3_prefetch_bucket_size`` elements, and never more than
   ``stage3_max_live_parameters`` gathered at once) are gathered asynchronously ahead of use,
   forward and backward.
+
+[Note: optimizer in backward] With ``zero_optimization.optimizer_in_backward`` a unit's gradient
+shard exists only from the launch of its reduce-scatter until the optimizer has stepped that unit's
+master chunks, right after the reduction is retired, still inside backward. No rank then holds
+gradient shards for the whole model: 12 bytes per parameter of model state instead of 16 with fp32
+AdamW, which is what lets the largest models fit. The step is the same element-wise update, so
+results equal the ordinary step; it needs what an ordinary step would know only after backward to
+be absent: no clipping by the global norm, no fp16 overflow check, no gradient accumulation, and an
+optimizer without whole-model reductions (LAMB/LARS); the engine checks these at initialize().
+A parameter whose value is used after its own gradient is complete (a detached second use whose
+backward comes later) would see the stepped value: such models need the ordinary step.
 """
 
 from __future__ import annotations
@@ -43,7 +54,7 @@ __all__ = ["Stage3Options", "Stage3Strategy", "register_external_parameter"]
 
 class Unit:
     def __init__(self, index: int, names: list[str], params: list[torch.nn.Parameter], rank: int, world: int,
-                 opts: StrategyOptions, persistent_threshold: int):
+                 opts: StrategyOptions, persistent_threshold: int, lazy_grads: bool = False):
         self.index, self.names, self.params = index, names, params
         self.world = world
         self.shapes = [tuple(getattr(p, "ds_shape", p.shape)) for p in params]
@@ -60,11 +71,11 @@ class Unit:
         self.master_is_view = opts.compute_dtype == torch.float32
         self.local = fp32 if self.master_is_view else fp32.to(opts.compute_dtype)
         self.master = fp32 if self.master_is_view else fp32.clone()
-        self.grad_shard = torch.zeros(self.shard_numel, dtype=torch.float32, device=self.local.device)
         self.master_chunks = [self.master[o:o + c] for o, c in zip(self.offsets, self.chunks, strict=True)]
-        for m, g in zip(self.master_chunks, [self.grad_shard[o:o + c] for o, c in
-                                             zip(self.offsets, self.chunks, strict=True)], strict=True):
-            m.grad = g
+        # optimizer in backward: a shard only between reduction and step (Note: optimizer in backward)
+        self.grad_shard: torch.Tensor | None = None
+        if not lazy_grads:
+            self.attach_grads(torch.zeros(self.shard_numel, dtype=torch.float32, device=self.local.device))
         self.trainable = sum(1 for p in params if p.requires_grad)
         self.persistent = sum(self.numels) <= persistent_threshold
         self.refs = 0
@@ -81,6 +92,17 @@ class Unit:
                 if hasattr(p, attr):
                     delattr(p, attr)
 
+
+    def attach_grads(self, shard: torch.Tensor) -> None:
+        """``shard`` becomes this unit's gradient shard, seen by the optimizer through its master chunks."""
+        self.grad_shard = shard
+        for m, o, c in zip(self.master_chunks, self.offsets, self.chunks, strict=True):
+            m.grad = shard[o:o + c]
+
+    def detach_grads(self) -> None:
+        self.grad_shard = None
+        for m in self.master_chunks:
+            m.grad = None
 
     def complete(self) -> bool:
         """Every trainable parameter has accumulated its gradient in this backward."""
@@ -116,14 +138,16 @@ class Stage3Strategy(OrderedReduction, Strategy):
         # kept up to date at each gather, release and buffer allocation, so the hot path never walks
         # every unit: elements gathered or in flight, and bytes beyond the shards by kind
         self._live = 0
-        self._held = {"parameters": 0, "in_flight": 0, "gradient_buffers": 0}
+        self._held = {"parameters": 0, "in_flight": 0, "gradient_buffers": 0, "gradient_shards": 0}
+        self.steps_in_backward = z3.optimizer_in_backward
+        self._optimizer: Any = None
         self._grad_pool: dict[tuple[int, torch.dtype], list[torch.Tensor]] = {}
         created = unit_members(module, z3)
         # reverse registration order: roughly the order backward finishes units in
         root_unit: dict[int, int] = {}
         for root, members in reversed(created):
             u = Unit(len(self.units), [n for n, _ in members], [p for _, p in members], self.rank, self.world,
-                     opts, z3.persistence_threshold)
+                     opts, z3.persistence_threshold, lazy_grads=z3.optimizer_in_backward)
             for pos, (_, p) in enumerate(members):
                 self.unit_of[id(p)] = (u.index, pos)
                 p._shardspeed_z3 = (self, u.index)  # for GatheredParameters
@@ -388,6 +412,11 @@ class Stage3Strategy(OrderedReduction, Strategy):
         wire = u.grad_in if o.reduce_dtype == u.grad_in.dtype else u.grad_in.to(o.reduce_dtype)
         if o.prescale and o.predivide_factor != 1.0:
             wire.div_(o.predivide_factor)
+        if u.grad_shard is None:  # optimizer in backward: this unit's shard lives until its step
+            fp32 = wire.dtype == torch.float32  # written whole by the reduce-scatter, else summed into
+            shard = (torch.empty if fp32 else torch.zeros)(u.shard_numel, dtype=torch.float32, device=wire.device)
+            u.grad_shard, u.shard_fresh = shard, True
+            self._held["gradient_shards"] += shard.numel() * 4
         direct = u.shard_fresh and wire.dtype == torch.float32
         out = u.grad_shard if direct else wire.new_empty(u.shard_numel)
         self._inflight.append((u, reduce_scatter(out, wire, group=self.group, async_op=o.overlap), out))
@@ -425,6 +454,23 @@ class Stage3Strategy(OrderedReduction, Strategy):
         # reused by the next unit of this size in this backward; the pool is emptied by step()
         self._grad_pool.setdefault((u.grad_in.numel(), u.grad_in.dtype), []).append(u.grad_in)
         u.grad_in = None
+        if self.steps_in_backward:
+            self._step_unit(u)
+
+    @torch.no_grad()
+    def _step_unit(self, u: Unit) -> None:
+        """Step ``u``'s master chunks now and drop its gradient shard. Only this unit's chunks carry
+        gradients while the optimizer runs (others get theirs here, in turn), so a torch optimizer,
+        which skips parameters without one, updates exactly these."""
+        if self._optimizer is None:
+            raise RuntimeError("zero_optimization.optimizer_in_backward needs the optimizer at initialize(): "
+                               "pass optimizer=... or add an 'optimizer' section to the config")
+        shard = u.grad_shard
+        u.attach_grads(shard)
+        self._optimizer.step()
+        u.detach_grads()
+        u.shard_fresh = True
+        self._held["gradient_shards"] -= shard.numel() * 4
 
     def _drain(self) -> None:
         for entry in self._inflight:
@@ -457,6 +503,7 @@ class Stage3Strategy(OrderedReduction, Strategy):
         return self.units[ui].master_chunks[pos]
 
     def attach_optimizer(self, optimizer: Any) -> None:
+        self._optimizer = optimizer
         if not hasattr(optimizer, "set_partition"):
             return
         index = {id(p): i for i, (_, p) in enumerate(self.named_params)}
@@ -477,7 +524,8 @@ class Stage3Strategy(OrderedReduction, Strategy):
         if self.topo.mp_world_size > 1:
             return self._model_parallel_norm_sq([(m.grad, p) for u in self.units
                                                  for p, m in zip(u.params, u.master_chunks, strict=True)])
-        sq = [torch.linalg.vector_norm(u.grad_shard, dtype=torch.float32) ** 2 for u in self.units]
+        sq = [torch.linalg.vector_norm(u.grad_shard, dtype=torch.float32) ** 2 for u in self.units
+              if u.grad_shard is not None]
         total = torch.stack(sq).sum() if sq else torch.zeros(())
         all_reduce(total, group=self.group)  # one collective: the global norm, and any overflow
         return total
@@ -485,7 +533,8 @@ class Stage3Strategy(OrderedReduction, Strategy):
     @torch.no_grad()
     def scale_grads(self, factor: float) -> None:
         for u in self.units:
-            u.grad_shard.mul_(factor)
+            if u.grad_shard is not None:
+                u.grad_shard.mul_(factor)
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -505,7 +554,8 @@ class Stage3Strategy(OrderedReduction, Strategy):
 
     def zero_grad(self) -> None:
         for u in self.units:
-            u.grad_shard.zero_()
+            if u.grad_shard is not None:
+                u.grad_shard.zero_()
             u.shard_fresh = True
         for _, p in self.named_params:
             p.grad = None
@@ -522,7 +572,7 @@ class Stage3Strategy(OrderedReduction, Strategy):
         out = {"parameters": 0, "gradients": 0, "master_parameters": 0}
         for u in self.units:
             out["parameters"] += u.local.numel() * u.local.element_size()
-            out["gradients"] += u.grad_shard.numel() * 4
+            out["gradients"] += 0 if u.grad_shard is None else u.grad_shard.numel() * 4
             out["master_parameters"] += 0 if u.master_is_view else u.master.numel() * 4
         out["peak_transient"] = self._peak_transient  # not model state at rest: the high-water mark
         out["transient"] = self._transient_bytes()  # now; 0 at rest between steps

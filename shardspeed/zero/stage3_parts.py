@@ -16,6 +16,7 @@ class Stage3Options:
     max_live_numel: int = 1_000_000_000
     coalesce_layers: bool = True
     max_reuse_distance: int = 0
+    optimizer_in_backward: bool = False
 
 
 @dataclass(frozen=True, eq=False)

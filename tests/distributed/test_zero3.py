@@ -163,3 +163,21 @@ def test_reuse_distance_keeps_units_for_backward_with_parity_and_fewer_gathers()
         gathered[reuse] = ranks[0]["comm_bytes"]["all_gather"]
     # from the second step on, backward no longer gathers what forward released
     assert gathered[10**9] < 0.8 * gathered[0]
+
+
+@pytest.mark.parametrize("world,zero_init", [(2, False), (3, True)])
+def test_optimizer_in_backward_equals_plain_pytorch_and_holds_no_gradient_shards(world, zero_init):
+    """Each unit is stepped as soon as its gradients are reduced: same result as plain AdamW, and no
+    gradient shard is held between steps (12 bytes per parameter of state instead of 16)."""
+    steps = 4
+    cfg = {**_config(world, optimizer_in_backward=True, stage3_prefetch_bucket_size=3000),
+           "train_batch_size": 2 * world, "gradient_clipping": 0.0}
+    ranks = run_ranks(engine_run, world, cfg, steps, ODD, zero_init)
+    ref = reference_run(steps, 2 * world, 3e-3, 0.01, 0.0, ODD)
+    for r in ranks:
+        assert max_rel_diff(r["params"], ref["params"]) < 1e-5
+        assert r["memory"]["gradients"] == 0 and r["memory"]["transient"] == 0
+        assert r["memory"]["optimizer_states"] > 0
+    ordinary = run_ranks(engine_run, world, {**cfg, "zero_optimization": {**cfg["zero_optimization"],
+                                                                         "optimizer_in_backward": False}}, 1, ODD)
+    assert ordinary[0]["memory"]["gradients"] > 0

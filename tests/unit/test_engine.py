@@ -1,6 +1,7 @@
 """The engine in one process (no launcher): the loop, counters, components, precision, errors."""
 
 import io
+import re
 import logging
 
 import pytest
@@ -245,3 +246,35 @@ def test_loader_position_round_trips():
     b.load_state_dict(state)
     assert list(b) == rest_a and state == {"epoch": 0, "position": 3} and len(first) == 3
     assert [x for batch in list(b) for x in batch] != [x for batch in first + rest_a for x in batch]  # new epoch
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"zero_optimization": {"stage": 2, "optimizer_in_backward": True}},
+     "zero_optimization.optimizer_in_backward needs ZeRO stage 3, got stage 2"),
+    ({"gradient_clipping": 1.0},
+     "before the global gradient norm is known: set gradient_clipping to 0 (it is 1) or turn optimizer_in_backward"),
+    ({"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2},
+     "gradients cannot accumulate over micro-batches: gradient_accumulation_steps is 2; use 1"),
+    ({"fp16": {"enabled": True}}, "before fp16's overflow check has seen every gradient: use bf16 or fp32"),
+    ({"optimizer": {"type": "Lamb", "params": {"lr": 1e-3}}},
+     "FusedLamb needs norms over whole parameters across ranks at its step: use an element-wise optimizer"),
+])
+def test_optimizer_in_backward_refuses_what_needs_every_gradient_first(extra, message):
+    config = {"train_batch_size": 2, "optimizer": ADAMW,
+              "zero_optimization": {"stage": 3, "optimizer_in_backward": True}, **extra}
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        _engine(config)
+
+
+def test_optimizer_in_backward_single_process_equals_plain_pytorch():
+    engine, *_ = _engine({"train_batch_size": 4, "optimizer": ADAMW,
+                          "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 2, "warmup_max_lr": 3e-3}},
+                          "zero_optimization": {"stage": 3, "optimizer_in_backward": True}})
+    _train(engine, 3)
+    ref, *_ = _engine({"train_batch_size": 4, "optimizer": ADAMW,  # stage 0: the ordinary step after backward
+                       "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 2, "warmup_max_lr": 3e-3}}})
+    _train(ref, 3)
+    ours = {n: p.detach() for n, p in engine.module.state_dict().items()}
+    theirs = {n: p.detach() for n, p in ref.module.state_dict().items()}
+    assert max_rel_diff(ours, theirs) < 1e-6
+    assert engine.get_lr() == ref.get_lr()
