@@ -1,8 +1,8 @@
 """The engine in one process (no launcher): the loop, counters, components, precision, errors."""
 
 import io
-import re
 import logging
+import re
 
 import pytest
 import torch
