@@ -1,11 +1,12 @@
-"""Per-parameter sharding for stage 3: each parameter, flattened and padded to a multiple of N,
-is cut into N equal chunks; rank r keeps chunk r. Pure functions.
+"""Per-parameter chunks, the form ``zero.Init`` keeps a parameter in while the model is being
+built: each parameter, flattened and padded to a multiple of N, is cut into N equal chunks; rank r
+keeps chunk r. Pure functions.
 
-[Note: why per parameter] Stage 3 gathers parameters module by module, and a module's parameters
-may belong to different optimizer groups (weights decay, biases do not) or be built one module at
-a time under ``zero.Init``. Cutting every parameter on its own keeps each shard meaningful alone:
-this rank's piece of ``name`` is elements [r*c, r*c + c) of its flat form, whatever else is in
-the module and whatever the world size was when it was written.
+[Note: why per parameter while building] Under ``zero.Init`` a module's parameters are partitioned
+as soon as its own ``__init__`` returns, before anyone knows which parameters will be gathered
+together (stage 3's units are found at initialize()). A chunk per parameter is meaningful alone
+and does not depend on what else the module holds. At initialize() stage 3 gathers each parameter
+once and cuts its units' flat shards from it (unit_layout.py, Note: flat units).
 """
 
 from __future__ import annotations
@@ -26,9 +27,3 @@ def local_chunk(full: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     if hi > lo:
         out[:hi - lo].copy_(flat[lo:hi])
     return out
-
-
-def valid_in_chunk(numel: int, world_size: int, rank: int) -> int:
-    """How many of the chunk's elements are real (the rest is padding)."""
-    c = chunk_numel(numel, world_size)
-    return max(0, min(c, numel - rank * c))

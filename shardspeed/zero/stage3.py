@@ -1,19 +1,22 @@
-"""ZeRO stage 3: parameters, gradients and optimizer states all partitioned (per parameter, see
-``param_shard.py``). A module's parameters exist in full only while it runs.
+"""ZeRO stage 3: parameters, gradients and optimizer states all partitioned (per unit, see
+``unit_layout.py``). A module's parameters exist in full only while it runs.
 
 [Note: the life of a parameter]
-- At rest a parameter's ``.data`` is an empty placeholder; this rank keeps its chunk in its unit's
-  ``local`` buffer (compute dtype) and the fp32 master chunk (a view of ``local`` in fp32 training).
-- A unit is the set of parameters first registered by one module. A forward pre-hook on every
-  module that registers a unit's parameter (tied weights register in two) gathers the unit
-  (all-gather, then one copy into each parameter's full tensor); the forward post-hook releases it
-  when no running module needs it. Gathers are reference counted, so a module called twice or a
-  parent holding its own parameters while children run is handled.
+- At rest a parameter's ``.data`` is an empty placeholder; this rank keeps its shard of the unit's
+  flat form in the unit's ``local`` buffer (compute dtype), and the fp32 master (the same tensor in
+  fp32 training); its piece of each parameter is a view of that.
+- A unit is the set of parameters first registered by one module (or one entry of a ModuleList).
+  A forward pre-hook on every module that registers a unit's parameter (tied weights register in
+  two) gathers the unit: one all-gather, whose output buffer every parameter then views (no copy);
+  the forward post-hook releases it when no running module needs it. Gathers are reference
+  counted, so a module called twice or a parent holding its own parameters while children run is
+  handled.
 - For backward, the post-hook threads the module's outputs through an identity autograd function
   whose backward re-gathers the unit before the module's own backward runs. When every trainable
   parameter of a unit has accumulated its gradient (autograd sums all uses first), the unit is
-  freed and its gradients are reduce-scattered into the fp32 gradient chunks (overlapping the rest
-  of backward), in unit order so every rank issues the same collectives.
+  freed and its gradients (copied end to end into one flat buffer) are reduce-scattered into the
+  fp32 gradient shard (overlapping the rest of backward), in unit order so every rank issues the
+  same collectives.
 - Units at most ``stage3_param_persistence_threshold`` elements stay gathered.
 - After the first step the order in which units were gathered is known; from then on the next
   units (up to ``stage3_prefetch_bucket_size`` elements, and never more than
@@ -39,7 +42,6 @@ from typing import Any
 import torch
 
 from shardspeed.comm import Handle, Topology, all_gather, all_reduce, reduce_scatter
-from shardspeed.zero.param_shard import chunk_numel, local_chunk, valid_in_chunk
 from shardspeed.zero.stage3_parts import (
     SavedParam,
     Stage3Options,
@@ -47,66 +49,10 @@ from shardspeed.zero.stage3_parts import (
     unit_members,
     wrap_outputs,
 )
+from shardspeed.zero.stage3_unit import Unit
 from shardspeed.zero.strategy import OrderedReduction, Piece, Strategy, StrategyOptions
 
 __all__ = ["Stage3Options", "Stage3Strategy", "register_external_parameter"]
-
-
-class Unit:
-    def __init__(self, index: int, names: list[str], params: list[torch.nn.Parameter], rank: int, world: int,
-                 opts: StrategyOptions, persistent_threshold: int, lazy_grads: bool = False):
-        self.index, self.names, self.params = index, names, params
-        self.world = world
-        self.shapes = [tuple(getattr(p, "ds_shape", p.shape)) for p in params]
-        self.numels = [int(torch.Size(s).numel()) for s in self.shapes]
-        self.chunks = [chunk_numel(n, world) for n in self.numels]
-        self.offsets = [sum(self.chunks[:i]) for i in range(len(params))]
-        self.shard_numel = sum(self.chunks)
-        self.valid = [valid_in_chunk(n, world, rank) for n in self.numels]
-        pieces = []
-        for p in params:
-            pre = getattr(p, "ds_chunk", None)  # built under zero.Init: only the chunk exists
-            pieces.append(pre.float() if pre is not None else local_chunk(p.data.float(), rank, world))
-        fp32 = torch.cat(pieces) if pieces else torch.zeros(0)
-        self.master_is_view = opts.compute_dtype == torch.float32
-        self.local = fp32 if self.master_is_view else fp32.to(opts.compute_dtype)
-        self.master = fp32 if self.master_is_view else fp32.clone()
-        self.master_chunks = [self.master[o:o + c] for o, c in zip(self.offsets, self.chunks, strict=True)]
-        # optimizer in backward: a shard only between reduction and step (Note: optimizer in backward)
-        self.grad_shard: torch.Tensor | None = None
-        if not lazy_grads:
-            self.attach_grads(torch.zeros(self.shard_numel, dtype=torch.float32, device=self.local.device))
-        self.trainable = sum(1 for p in params if p.requires_grad)
-        self.persistent = sum(self.numels) <= persistent_threshold
-        self.refs = 0
-        self.in_backward = False
-        self.gathered = False
-        self.pending: tuple[torch.Tensor, Handle] | None = None
-        self.grad_in: torch.Tensor | None = None
-        self.written: list[bool] = []  # which parameters' gradients are in grad_in this backward
-        self.accumulated = 0
-        self.launched = False
-        self.shard_fresh = True
-        for p in params:
-            for attr in ("ds_chunk",):
-                if hasattr(p, attr):
-                    delattr(p, attr)
-
-
-    def attach_grads(self, shard: torch.Tensor) -> None:
-        """``shard`` becomes this unit's gradient shard, seen by the optimizer through its master chunks."""
-        self.grad_shard = shard
-        for m, o, c in zip(self.master_chunks, self.offsets, self.chunks, strict=True):
-            m.grad = shard[o:o + c]
-
-    def detach_grads(self) -> None:
-        self.grad_shard = None
-        for m in self.master_chunks:
-            m.grad = None
-
-    def complete(self) -> bool:
-        """Every trainable parameter has accumulated its gradient in this backward."""
-        return self.accumulated >= self.trainable
 
 
 class _PreBackward(torch.autograd.Function):
@@ -147,7 +93,7 @@ class Stage3Strategy(OrderedReduction, Strategy):
         root_unit: dict[int, int] = {}
         for root, members in reversed(created):
             u = Unit(len(self.units), [n for n, _ in members], [p for _, p in members], self.rank, self.world,
-                     opts, z3.persistence_threshold, lazy_grads=z3.optimizer_in_backward)
+                     opts, z3.persistence_threshold, self._full_flat, lazy_grads=z3.optimizer_in_backward)
             for pos, (_, p) in enumerate(members):
                 self.unit_of[id(p)] = (u.index, pos)
                 p._shardspeed_z3 = (self, u.index)  # for GatheredParameters
@@ -180,6 +126,17 @@ class Stage3Strategy(OrderedReduction, Strategy):
         self._after_in_trace: list[int] = []  # parameters gathered after each trace position
         self._position: dict[int, int] = {}
         self._deferred: list[Unit] = []
+
+    @torch.no_grad()
+    def _full_flat(self, p: torch.nn.Parameter) -> torch.Tensor:
+        """``p`` whole and flat, in fp32. Built under zero.Init only per-parameter chunks exist
+        (param_shard.py): they are gathered once here, a parameter at a time, to cut the unit's shards."""
+        chunk = getattr(p, "ds_chunk", None)
+        if chunk is None:
+            return p.data.reshape(-1).float()
+        full = torch.empty(self.world * chunk.numel(), dtype=chunk.dtype, device=chunk.device)
+        all_gather(full, chunk.contiguous(), group=self.group)
+        return full[:p.ds_numel].float()
 
     # -- what autograd keeps ----------------------------------------------------------------------
     def forward_context(self) -> Any:
@@ -231,18 +188,15 @@ class Stage3Strategy(OrderedReduction, Strategy):
         u.pending = None
         self._held["in_flight"] -= buf.numel() * buf.element_size()
         if not u.persistent:
-            self._held["parameters"] += sum(u.numels) * buf.element_size()
-        rows = buf.view(self.world, u.shard_numel)
+            self._held["parameters"] += buf.numel() * buf.element_size()
         with torch.no_grad():
-            for p, o, c, n, shape in zip(u.params, u.offsets, u.chunks, u.numels, u.shapes, strict=True):
-                # the column block is strided, so reshape copies it out once; the gather buffer is then freed
+            for p, o, n, shape in zip(u.params, u.layout.offsets, u.numels, u.shapes, strict=True):
+                # the gather buffer is the flat form (Note: flat units): parameters are views of it
                 self._forget_storage(p)  # a persistent unit refreshed after step() replaces live data
-                p.data = rows[:, o:o + c].reshape(-1)[:n].view(shape) if self.world > 1 else buf[o:o + n].view(shape)
+                p.data = buf[o:o + n].view(shape)
                 self._by_storage.setdefault(p.data.untyped_storage().data_ptr(), []).append(p)
         u.gathered = True
-        # while the copies out of it exist the gather buffer is still alive
-        copied = buf.numel() * buf.element_size() if self.world > 1 and len(u.params) > 1 else 0
-        self._peak_transient = max(self._peak_transient, self._transient_bytes() + copied)
+        self._note_peak()
 
     def _forget_storage(self, p: torch.nn.Parameter) -> None:
         ptr = p.data.untyped_storage().data_ptr()
@@ -262,7 +216,7 @@ class Stage3Strategy(OrderedReduction, Strategy):
         if u.gathered:
             self._live -= sum(u.numels)
             if not u.persistent:
-                self._held["parameters"] -= sum(u.numels) * u.local.element_size()
+                self._held["parameters"] -= u.full_numel * u.local.element_size()
         with torch.no_grad():
             for p in u.params:
                 self._forget_storage(p)
@@ -362,18 +316,15 @@ class Stage3Strategy(OrderedReduction, Strategy):
             u.grad_in = self._grad_buffer(u)
             u.written = [False] * len(u.params)
             self._note_peak()
-        rows = u.grad_in.view(self.world, u.shard_numel)
-        flat, c, o = p.grad.reshape(-1), u.chunks[pos], u.offsets[pos]
-        first = not u.written[pos]
-        u.written[pos] = True
-        for r in range(self.world):
-            lo, hi = r * c, min((r + 1) * c, flat.numel())
-            if hi > lo:
-                # the buffer comes uninitialised from the pool: the first gradient is copied in and
-                # the padding zeroed, which is cheaper than zero-filling everything and adding
-                (rows[r, o:o + hi - lo].copy_ if first else rows[r, o:o + hi - lo].add_)(flat[lo:hi])
-            if first and hi - lo < c:
-                rows[r, o + max(hi - lo, 0):o + c].zero_()
+        o, n = u.layout.offsets[pos], u.numels[pos]
+        dst = u.grad_in[o:o + n]
+        # the buffer comes uninitialised from the pool: the first gradient is copied in (padding is
+        # zeroed at launch), which is cheaper than zero-filling everything and adding
+        if u.written[pos]:
+            dst.add_(p.grad.reshape(-1))
+        else:
+            dst.copy_(p.grad.reshape(-1))
+            u.written[pos] = True
         p.grad = None
         if u.launched:
             raise RuntimeError(f"parameter '{u.names[pos]}' received a second gradient in one backward after its "
@@ -387,7 +338,7 @@ class Stage3Strategy(OrderedReduction, Strategy):
 
     def _grad_buffer(self, u: Unit) -> torch.Tensor:
         """A full-size gradient buffer for ``u``, uninitialised (see _on_grad)."""
-        key = (self.world * u.shard_numel, self.opts.grad_accum_dtype)
+        key = (u.full_numel, self.opts.grad_accum_dtype)
         free = self._grad_pool.get(key)
         if free:
             return free.pop()
@@ -405,10 +356,11 @@ class Stage3Strategy(OrderedReduction, Strategy):
         if u.grad_in is None:  # no gradient reached it: still join the collective, with zeros
             u.grad_in = self._grad_buffer(u)
             u.written = [False] * len(u.params)
-        rows = u.grad_in.view(self.world, u.shard_numel)
         for pos, done in enumerate(u.written):
             if not done:  # a parameter that got no gradient this backward contributes zeros
-                rows[:, u.offsets[pos]:u.offsets[pos] + u.chunks[pos]].zero_()
+                u.grad_in[u.layout.offsets[pos]:u.layout.offsets[pos] + u.numels[pos]].zero_()
+        for lo, hi in u.layout.gaps:  # alignment and tail padding: reduced, never read, kept finite
+            u.grad_in[lo:hi].zero_()
         wire = u.grad_in if o.reduce_dtype == u.grad_in.dtype else u.grad_in.to(o.reduce_dtype)
         if o.prescale and o.predivide_factor != 1.0:
             wire.div_(o.predivide_factor)
@@ -492,9 +444,9 @@ class Stage3Strategy(OrderedReduction, Strategy):
         """Frozen parameters too: under stage 3 they exist only as chunks."""
         out = []
         for u in self.units:
-            for name, m, c, valid in zip(u.names, u.master_chunks, u.chunks, u.valid, strict=True):
-                if valid:
-                    out.append(Piece(name, self.rank * c, valid, m, 0))
+            for name, m, (start, _, length) in zip(u.names, u.master_chunks, u.layout.pieces, strict=True):
+                if length:
+                    out.append(Piece(name, start, length, m, 0))
         return out
 
     # -- optimizer and step -----------------------------------------------------------------------
@@ -509,9 +461,9 @@ class Stage3Strategy(OrderedReduction, Strategy):
         index = {id(p): i for i, (_, p) in enumerate(self.named_params)}
         segments = {}
         for u in self.units:
-            for p, m, valid in zip(u.params, u.master_chunks, u.valid, strict=True):
+            for p, m, (_, _, length) in zip(u.params, u.master_chunks, u.layout.pieces, strict=True):
                 if id(p) in index:
-                    segments[id(m)] = [(index[id(p)], 0, valid)] if valid else []
+                    segments[id(m)] = [(index[id(p)], 0, length)] if length else []  # the whole chunk
         group = self.group
 
         def reduce_sum(v: torch.Tensor) -> torch.Tensor:
@@ -598,10 +550,11 @@ class Stage3Strategy(OrderedReduction, Strategy):
         with torch.no_grad():
             for u in units:
                 if modified:
-                    fresh = torch.cat([local_chunk(p.data.float(), self.rank, self.world) for p in u.params])
-                    u.master.copy_(fresh)
-                    if not u.master_is_view:
-                        u.local.copy_(fresh)
+                    for p, m, (start, at, length) in zip(u.params, u.master_chunks, u.layout.pieces, strict=True):
+                        if length:
+                            m.copy_(p.data.reshape(-1)[start:start + length])
+                            if not u.master_is_view:
+                                u.local[at:at + length].copy_(m)
                 u.refs -= 1
                 if u.refs == 0 and not u.persistent:
                     self._free(u)

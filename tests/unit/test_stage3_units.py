@@ -36,3 +36,29 @@ def test_layers_too_large_for_the_live_cap_and_switched_off_fall_back_to_modules
 def test_sequential_children_are_units():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
     assert _names(_unit_members(model, Stage3Options())) == [["0.weight", "0.bias"], ["2.weight", "2.bias"]]
+
+
+def test_flat_layout_pieces_cover_every_parameter_once():
+    from shardspeed.zero.unit_layout import flat_layout
+
+    numels = [5, 40, 1, 17]
+    for world in (1, 2, 3, 4, 7):
+        layouts = [flat_layout(numels, world, r, align=8) for r in range(world)]
+        lay = layouts[0]
+        assert lay.offsets == (0, 8, 48, 56) and all(o % 8 == 0 for o in lay.offsets)
+        assert world * lay.shard >= 73 and lay.shard == -(-73 // world)
+        # the gaps are exactly the flat positions no parameter covers
+        covered = set()
+        for o, n in zip(lay.offsets, numels, strict=True):
+            covered |= set(range(o, o + n))
+        gaps = {i for lo, hi in lay.gaps for i in range(lo, hi)}
+        assert gaps == set(range(world * lay.shard)) - covered
+        for i, n in enumerate(numels):  # the ranks' pieces of a parameter tile it exactly
+            got = sorted((lay_r.pieces[i][0], lay_r.pieces[i][2]) for lay_r in layouts if lay_r.pieces[i][2])
+            assert sum(length for _, length in got) == n
+            assert all(a + la == b for (a, la), (b, _) in zip(got, got[1:], strict=False))
+            for r, lay_r in enumerate(layouts):  # and sit where the rank's shard holds them
+                start, at, length = lay_r.pieces[i]
+                if length:
+                    assert r * lay.shard + at == lay.offsets[i] + start
+    assert flat_layout([], 2, 0).shard == 0

@@ -1,0 +1,71 @@
+"""A stage-3 unit: the parameters gathered together, this rank's shard of their flat form (compute
+dtype and fp32 master), its pieces of each parameter, and the per-step bookkeeping of its gather
+and reduction. zero/stage3.py drives it (Note: the life of a parameter)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from shardspeed.comm import Handle
+from shardspeed.zero.strategy import StrategyOptions
+from shardspeed.zero.unit_layout import flat_layout
+
+
+class Unit:
+    def __init__(self, index: int, names: list[str], params: list[torch.nn.Parameter], rank: int, world: int,
+                 opts: StrategyOptions, persistent_threshold: int, full_flat: Callable[[torch.nn.Parameter],
+                                                                                        torch.Tensor],
+                 lazy_grads: bool = False):
+        self.index, self.names, self.params = index, names, params
+        self.world = world
+        self.shapes = [tuple(getattr(p, "ds_shape", p.shape)) for p in params]
+        self.numels = [int(torch.Size(s).numel()) for s in self.shapes]
+        self.layout = flat_layout(self.numels, world, rank)  # Note: flat units (unit_layout.py)
+        self.shard_numel = self.layout.shard
+        self.full_numel = world * self.shard_numel
+        fp32 = torch.zeros(self.shard_numel, dtype=torch.float32,
+                           device=params[0].device if params else None)
+        for p, (start, at, length) in zip(params, self.layout.pieces, strict=True):
+            full = full_flat(p)  # on every rank, even for an empty piece: it may be a collective
+            if length:
+                fp32[at:at + length].copy_(full[start:start + length])
+        self.master_is_view = opts.compute_dtype == torch.float32
+        self.local = fp32 if self.master_is_view else fp32.to(opts.compute_dtype)
+        self.master = fp32 if self.master_is_view else fp32.clone()
+        # this rank's piece of each parameter (possibly empty): what the optimizer steps
+        self.master_chunks = [self.master[at:at + length] for _, at, length in self.layout.pieces]
+        # optimizer in backward: a shard only between reduction and step (Note: optimizer in backward)
+        self.grad_shard: torch.Tensor | None = None
+        if not lazy_grads:
+            self.attach_grads(torch.zeros(self.shard_numel, dtype=torch.float32, device=self.local.device))
+        self.trainable = sum(1 for p in params if p.requires_grad)
+        self.persistent = sum(self.numels) <= persistent_threshold
+        self.refs = 0
+        self.in_backward = False
+        self.gathered = False
+        self.pending: tuple[torch.Tensor, Handle] | None = None
+        self.grad_in: torch.Tensor | None = None
+        self.written: list[bool] = []  # which parameters' gradients are in grad_in this backward
+        self.accumulated = 0
+        self.launched = False
+        self.shard_fresh = True
+        for p in params:
+            if hasattr(p, "ds_chunk"):
+                delattr(p, "ds_chunk")
+
+    def attach_grads(self, shard: torch.Tensor) -> None:
+        """``shard`` becomes this unit's gradient shard, seen by the optimizer through its master chunks."""
+        self.grad_shard = shard
+        for m, (_, at, length) in zip(self.master_chunks, self.layout.pieces, strict=True):
+            m.grad = shard[at:at + length]
+
+    def detach_grads(self) -> None:
+        self.grad_shard = None
+        for m in self.master_chunks:
+            m.grad = None
+
+    def complete(self) -> bool:
+        """Every trainable parameter has accumulated its gradient in this backward."""
+        return self.accumulated >= self.trainable
