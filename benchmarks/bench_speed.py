@@ -50,7 +50,9 @@ def summarize(tag: str, stages: list[int]) -> str:
     ref_loss = next((r["losses"] for r in rows if r["mode"] == "ddp" and r["dtype"] == "fp32"), None)
     for dtype in ("fp32", "bf16"):
         ddp = [r["median_step_s"] for r in rows if r["mode"] == "ddp" and r["dtype"] == dtype]
-        for mode, stage in [("ddp", 0)] + [("shardspeed", s) for s in stages] + [("deepspeed", s) for s in stages]:
+        peers = [("fsdp2", 3)] if 3 in stages else []
+        for mode, stage in ([("ddp", 0)] + [("shardspeed", s) for s in stages] + peers
+                            + [("deepspeed", s) for s in stages]):
             mine = [r for r in rows if r["mode"] == mode and r["dtype"] == dtype and r["stage"] == stage]
             if not mine:
                 continue
@@ -60,7 +62,7 @@ def summarize(tag: str, stages: list[int]) -> str:
             diff = max(abs(a - b) for a, b in zip(losses, ref_loss, strict=True)) if ref_loss else float("nan")
             if mode == "deepspeed":  # another model init (anchors' script): its loss is not comparable
                 diff = float("nan")
-            name = {"ddp": "torch DDP", "shardspeed": f"shardspeed stage {stage}",
+            name = {"ddp": "torch DDP", "fsdp2": "torch FSDP2", "shardspeed": f"shardspeed stage {stage}",
                     "deepspeed": f"DeepSpeed ZeRO-{stage}"}[mode]
             reps = " / ".join(f"{r['median_step_s']:.3f}" for r in mine)
             lines.append(f"| {name} | {dtype} | {med:.3f} ({reps}) | {ratio:.3f} | {losses[0]:.4f} / "
@@ -80,6 +82,8 @@ def main() -> None:
     stages = [int(s) for s in args.stages.split(",")]
     modes = [("ddp", "fp32", 0), ("ddp", "bf16", 0)]
     modes += [("shardspeed", d, s) for d in ("fp32", "bf16") for s in stages]
+    if 3 in stages:  # stage 3's peer in torch; the same fused AdamW kernel as everyone else
+        modes += [("fsdp2", d, 3) for d in ("fp32", "bf16")]
     if has_ds:  # stage 0 is compared with DDP; DeepSpeed's ZeRO stages with ours
         modes += [("deepspeed", d, s) for d in ("fp32", "bf16") for s in stages if s > 0]
     path = os.path.join(OUT, "stage0.jsonl")
@@ -89,7 +93,8 @@ def main() -> None:
             if mode == "deepspeed":
                 run_deepspeed(args.ds_venv, stage, dtype, args.tag)
             else:
-                launch(2, WORKER, "--mode", mode, "--dtype", dtype, "--stage", str(stage), "--tag", args.tag)
+                extra = ["--adam", "fused"] if mode == "fsdp2" else []
+                launch(2, WORKER, "--mode", mode, "--dtype", dtype, "--stage", str(stage), "--tag", args.tag, *extra)
     print(summarize(args.tag, stages))
     print(f"raw: {path}")
 
