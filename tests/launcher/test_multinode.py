@@ -96,7 +96,7 @@ def test_two_nodes_started_by_hand_meet_in_one_job(tmp_path):
     hostfile.write_text("127.0.0.1 slots=2\nlocalhost slots=1  # the same machine under another name\n")
     nodes = [_node(r, hostfile, 29631, "--no_local_rank") for r in (0, 1)]
     outs = [p.communicate(timeout=120)[0] for p in nodes]
-    assert [p.returncode for p in nodes] == [0, 0], outs
+    assert [p.returncode for p in nodes] == [0, 0], "\n---\n".join(outs)  # whole, not a truncated repr
     assert "rank 0 of 3 local 0 sum 3" in outs[0] and "rank 1 of 3 local 1 sum 3" in outs[0]
     assert "rank 2 of 3 local 0 sum 3" in outs[1]
 

@@ -70,7 +70,7 @@ def test_training_across_two_hosts_equals_one_host(two_hosts, tmp_path):
     assert one.returncode == 0, one.stdout + one.stderr
     procs = _start_nodes(two_hosts, tmp_path, env, 29641, SCRIPT)
     outs = [p.communicate(timeout=180)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
+    assert [p.returncode for p in procs] == [0, 0], "\n---\n".join(outs)  # whole, not a truncated repr
     assert _result(outs[0]) == _result(one.stdout)
     assert "[rank 1]" in outs[1]  # node 1 ran global rank 1
 
