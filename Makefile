@@ -16,12 +16,12 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[dev,plots,tensorboard]"
 	touch $(STAMP)
 
-# Open MPI, MPICH, pdsh and OpenSSH from Debian's packages, so the launcher's openmpi, mpich, pdsh and ssh runners
-# are tested for real; where they cannot be installed (no apt, not root, no network) those tests skip
-# and say why.
-DEBS := openmpi-bin mpich pdsh openssh-server openssh-client
+# Open MPI, MPICH, pdsh, OpenSSH and Slurm from Debian's packages, so every runner of the launcher
+# (openmpi, mpich, pdsh, ssh, slurm) is tested for real; where they cannot be installed (no apt, not
+# root, no network) those tests skip and say why.
+DEBS := openmpi-bin mpich pdsh openssh-server openssh-client slurm-wlm
 $(TOOLS): $(STAMP)
-	@{ command -v mpirun.openmpi && command -v mpirun.mpich && command -v pdsh && [ -x /usr/sbin/sshd ] && command -v ssh; } >/dev/null 2>&1 || \
+	@{ command -v mpirun.openmpi && command -v mpirun.mpich && command -v pdsh && [ -x /usr/sbin/sshd ] && command -v ssh && command -v slurmd; } >/dev/null 2>&1 || \
 	  { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
 	  { apt-get install -y -q --no-install-recommends $(DEBS) >/dev/null 2>&1 || \
 	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends $(DEBS) >/dev/null 2>&1; }; }; } || \
