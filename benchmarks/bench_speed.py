@@ -94,7 +94,8 @@ def main() -> None:
                 run_deepspeed(args.ds_venv, stage, dtype, args.tag)
             else:
                 extra = ["--adam", "fused"] if mode == "fsdp2" else []
-                launch(2, WORKER, "--mode", mode, "--dtype", dtype, "--stage", str(stage), "--tag", args.tag, *extra)
+                launch(2, WORKER, "--mode", mode, "--dtype", dtype, "--stage", str(stage), "--tag", args.tag, *extra,
+                       results="stage0")
     print(summarize(args.tag, stages))
     print(f"raw: {path}")
 

@@ -6,6 +6,7 @@ Started by bench_stage0.py through the launcher (2 ranks, 1 thread each).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -81,7 +82,7 @@ def run_shardspeed(args, model, world, rank):
     cfg = {"train_batch_size": args.global_batch, "steps_per_print": None,
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01}},
            "bf16": {"enabled": args.dtype == "bf16"},
-           "zero_optimization": {"stage": args.stage, "overlap_comm": True}}
+           "zero_optimization": {"stage": args.stage, "overlap_comm": True, **json.loads(args.zero)}}
     client = None
     if args.adam == "foreach":  # what the anchors gave DeepSpeed and FSDP2: torch's foreach AdamW
         del cfg["optimizer"]
@@ -124,6 +125,7 @@ def main():
     ap.add_argument("--model", choices=["ours", "anchors"], default="ours",
                     help="anchors: the exact model and data of ../shared/anchors/bench.py")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--zero", default="{}", help="JSON merged into shardspeed's zero_optimization")
     args = ap.parse_args()
     if args.adam is None:
         args.adam = "foreach" if args.mode == "fsdp2" else "fused"

@@ -34,7 +34,7 @@ def main() -> None:
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01}},
               "zero_optimization": {"stage": args.stage, "reduce_bucket_size": 25_000_000 // 4,
                                     "stage3_prefetch_bucket_size": 5_000_000,
-                                    "stage3_max_live_parameters": 30_000_000, "stage3_max_reuse_distance": 0}}
+                                    "stage3_max_live_parameters": 30_000_000}}
     torch.manual_seed(1234)
     if args.zero_init:
         with shardspeed.zero.Init(config_dict_or_path=config):

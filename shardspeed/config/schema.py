@@ -72,9 +72,10 @@ class ZeroConfig(Section):
     stage3_prefetch_bucket_size: int = Field(50_000_000, alias="prefetch_bucket_size")
     stage3_param_persistence_threshold: int = Field(100_000, alias="param_persistence_threshold")
     stage3_max_live_parameters: int = Field(1_000_000_000, alias="max_live_parameters")
-    # DeepSpeed's default is 1e9; ours keeps nothing gathered across the forward->backward turn,
-    # so a model is never resident whole by default (zero/stage3.py, Note: reuse distance)
-    stage3_max_reuse_distance: int = Field(0, ge=0, alias="max_reuse_distance")
+    # DeepSpeed's default is 1e9 (keep everything). Ours, when unset, is stage3_prefetch_bucket_size: a
+    # unit stays gathered from forward into backward only if backward would prefetch it again at
+    # once, so keeping it costs no memory beyond the prefetch window (zero/stage3.py, Note: reuse distance)
+    stage3_max_reuse_distance: int | None = Field(None, ge=0, alias="max_reuse_distance")
     stage3_gather_16bit_weights_on_model_save: bool = Field(
         False, alias="stage3_gather_fp16_weights_on_model_save"
     )

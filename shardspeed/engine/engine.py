@@ -52,7 +52,8 @@ class ShardspeedEngine(torch.nn.Module):
                            persistence_threshold=z.stage3_param_persistence_threshold,
                            max_live_numel=z.stage3_max_live_parameters,
                            coalesce_layers=z.stage3_coalesce_layers,
-                           max_reuse_distance=z.stage3_max_reuse_distance,
+                           max_reuse_distance=(z.stage3_prefetch_bucket_size if z.stage3_max_reuse_distance is None
+                                               else z.stage3_max_reuse_distance),
                            optimizer_in_backward=z.optimizer_in_backward)
         self.strategy = make_strategy(z.stage, self.module, topo, self._strategy_options(),
                                       [g["params"] for g in groups], z3)

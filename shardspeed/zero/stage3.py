@@ -284,7 +284,9 @@ class Stage3Strategy(OrderedReduction, Strategy):
         """[Note: reuse distance] Backward needs a unit again after the units that follow it in
         forward: if those hold at most ``stage3_max_reuse_distance`` parameters (as recorded in
         the first step's trace), releasing it now would only make backward gather it again. Kept
-        units count against ``stage3_max_live_parameters``."""
+        units count against ``stage3_max_live_parameters``. Unset, the distance is
+        ``stage3_prefetch_bucket_size``: what backward's prefetch would gather right away anyway, so
+        keeping it adds no memory beyond the prefetch window and saves its second all-gather."""
         if not self._trace_done or u.index not in self._position or self.z3.max_reuse_distance <= 0:
             return False
         if self._after_in_trace[self._position[u.index]] > self.z3.max_reuse_distance:

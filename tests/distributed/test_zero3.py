@@ -154,15 +154,16 @@ def test_memory_is_a_shard():
 def test_reuse_distance_keeps_units_for_backward_with_parity_and_fewer_gathers():
     steps = 3
     gathered = {}
-    for reuse in (0, 10**9):
-        cfg = {**_config(2, stage3_param_persistence_threshold=0, stage3_max_reuse_distance=reuse),
-               "comms_logger": {"enabled": True}}
+    for reuse in (0, 10**9, None):  # None: unset, i.e. stage3_prefetch_bucket_size (50M: the whole model)
+        zero = {"stage3_max_reuse_distance": reuse} if reuse is not None else {}
+        cfg = {**_config(2, stage3_param_persistence_threshold=0, **zero), "comms_logger": {"enabled": True}}
         ranks = run_ranks(engine_run, 2, cfg, steps, ODD)
         ref = reference_run(steps, 8, 3e-3, 0.01, 0.3, ODD)
         assert max_rel_diff(ranks[0]["params"], ref["params"]) < 1e-5
         gathered[reuse] = ranks[0]["comm_bytes"]["all_gather"]
     # from the second step on, backward no longer gathers what forward released
     assert gathered[10**9] < 0.8 * gathered[0]
+    assert gathered[None] == gathered[10**9]  # the default keeps what backward would prefetch at once
 
 
 @pytest.mark.parametrize("world,zero_init", [(2, False), (3, True)])
