@@ -244,7 +244,7 @@ class ShardspeedEngine(torch.nn.Module):
     def _optimizer_step(self) -> None:
         with self.timers("reduce_wait"):
             self.strategy.wait_reductions()  # with the optimizer in backward, this steps the last units
-        if not getattr(self.strategy, "steps_in_backward", False) and not self._update():
+        if not self.strategy.steps_in_backward and not self._update():
             return
         self.strategy.after_step()
         self.strategy.zero_grad()

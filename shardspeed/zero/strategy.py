@@ -58,6 +58,9 @@ class Strategy(ABC):
         self.named_params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         self.reduce_enabled = True  # false inside no_sync() and on non-boundary micro-batches
         self._no_sync = False
+        # true when backward already ran the optimizer (stage 3's optimizer_in_backward): the engine's
+        # step then only finishes the reductions, publishes parameters and moves the schedule
+        self.steps_in_backward = False
 
     def begin_backward(self, boundary: bool) -> None:
         """Called before autograd runs; ``boundary``: this micro-batch ends an accumulation cycle.

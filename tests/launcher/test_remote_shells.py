@@ -5,13 +5,14 @@ not root (sshd needs root to log a user in)."""
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 
 import psutil
 import pytest
+
+from shardspeed.comm.env import free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPTS = os.path.join(HERE, "scripts")
@@ -22,12 +23,6 @@ pytestmark = pytest.mark.skipif(
     reason="needs Debian's openssh-server and openssh-client (make installs them where it can) and root")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory):
     d = tmp_path_factory.mktemp("sshd")
@@ -35,7 +30,7 @@ def sshd(tmp_path_factory):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
     shutil.copy(d / "user.pub", d / "authorized_keys")
     os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege-separation directory
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([SSHD, "-D", "-e", "-f", "/dev/null", "-p", str(port), "-h", str(d / "host"),
                              "-o", "ListenAddress=127.0.0.1", "-o", f"AuthorizedKeysFile={d / 'authorized_keys'}",
                              "-o", "StrictModes=no", "-o", "PidFile=none", "-o", "UsePAM=no",
@@ -65,7 +60,7 @@ def _launch(sshd, tmp_path, launcher, script, *script_args, hostfile="127.0.0.1 
     else:
         launcher_args = " ".join(sshd["client"])
     cmd = [sys.executable, "-m", "shardspeed.launcher", "--hostfile", str(tmp_path / "hosts"), "--launcher", launcher,
-           "--launcher_args", launcher_args, "--master_port", str(port or _free_port()), "--no_local_rank", *extra,
+           "--launcher_args", launcher_args, "--master_port", str(port or free_port()), "--no_local_rank", *extra,
            os.path.join(SCRIPTS, script), *script_args]
     # the launcher's working directory (with its .shardspeed_env) is where every node runs
     return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from shardspeed.comm.env import free_port
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 SCRIPTS = os.path.join(HERE, "scripts")
@@ -19,12 +21,6 @@ SCRIPTS = os.path.join(HERE, "scripts")
 pytestmark = pytest.mark.skipif(
     not all(shutil.which(t) for t in ("slurmctld", "slurmd", "srun", "sinfo")) or os.geteuid() != 0,
     reason="needs Debian's slurm-wlm (make installs it where it can) and root")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +34,7 @@ def slurm(tmp_path_factory):
         "ClusterName=shardspeedtest", f"SlurmctldHost={node}", "AuthType=auth/none", "CredType=cred/none",
         "SlurmUser=root", "SlurmdUser=root", f"StateSaveLocation={d / 'state'}", f"SlurmdSpoolDir={d / 'spool'}",
         f"SlurmctldPidFile={d / 'ctld.pid'}", f"SlurmdPidFile={d / 'd.pid'}",
-        f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}",
+        f"SlurmctldPort={free_port()}", f"SlurmdPort={free_port()}",
         "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "SelectType=select/cons_tres",
         "SelectTypeParameters=CR_CPU", "ReturnToService=2", "MpiDefault=none",
         "JobAcctGatherType=jobacct_gather/none", "AccountingStorageType=accounting_storage/none",
@@ -70,7 +66,7 @@ def slurm(tmp_path_factory):
 def test_slurm_runner_for_real(slurm, tmp_path):
     (tmp_path / "hosts").write_text(f"{slurm['node']} slots=2\n")
     p = subprocess.run([sys.executable, "-m", "shardspeed.launcher", "--hostfile", str(tmp_path / "hosts"),
-                        "--launcher", "slurm", "--master_port", str(_free_port()), "--no_local_rank",
+                        "--launcher", "slurm", "--master_port", str(free_port()), "--no_local_rank",
                         f"{SCRIPTS}/allreduce.py"], cwd=ROOT, env={**slurm["env"], "OMP_NUM_THREADS": "1"},
                        capture_output=True, text=True, timeout=120)
     out = p.stdout + p.stderr
