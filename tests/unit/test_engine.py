@@ -278,3 +278,13 @@ def test_optimizer_in_backward_single_process_equals_plain_pytorch():
     theirs = {n: p.detach() for n, p in ref.module.state_dict().items()}
     assert max_rel_diff(ours, theirs) < 1e-6
     assert engine.get_lr() == ref.get_lr()
+
+
+def test_optimizer_in_backward_without_an_optimizer_says_so_in_backward():
+    # reduce_bucket_size 1: each unit's reduction is retired (and stepped) as the next one launches
+    engine, *_ = _engine({"train_batch_size": 2, "zero_optimization": {"stage": 3, "optimizer_in_backward": True,
+                                                                       "reduce_bucket_size": 1}})
+    (x, y), = micro_slices(0, 0, 1, 2, 1)
+    with pytest.raises(RuntimeError, match=re.escape("zero_optimization.optimizer_in_backward needs the optimizer at "
+                                                     "initialize(): pass optimizer=... or add an 'optimizer' section")):
+        engine.backward(engine(x, y))
