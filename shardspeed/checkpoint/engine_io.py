@@ -6,6 +6,7 @@ rank or bucket, so loading into another world size or stage is a re-slice (``pie
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shutil
@@ -18,6 +19,8 @@ from shardspeed.checkpoint import files
 from shardspeed.checkpoint.files import CheckpointError
 from shardspeed.checkpoint.pieces import fill, split_state
 from shardspeed.comm import barrier, broadcast_object, get_rank, get_world_size, monitored_barrier
+
+log = logging.getLogger("shardspeed")
 
 SAVE_TIMEOUT_S = float(os.environ.get("SHARDSPEED_CHECKPOINT_TIMEOUT_S", "60"))
 
@@ -92,7 +95,9 @@ def _common(engine: Any, client_state: dict[str, Any] | None, frozen: dict[str, 
     opt, sched, loader = engine.optimizer, engine.lr_scheduler, engine.training_dataloader
     return {
         "counters": {"global_steps": engine.global_steps, "micro_steps": engine.micro_steps,
-                     "skipped_steps": engine.skipped_steps, "global_samples": engine.global_samples},
+                     "skipped_steps": engine.skipped_steps, "global_samples": engine.global_samples,
+                     "gradient_accumulation_steps": engine.gradient_accumulation_steps(),
+                     "samples_per_micro_step": engine.train_micro_batch_size_per_gpu() * engine.dp_world_size},
         "optimizer_groups": [] if opt is None else [{k: v for k, v in g.items() if k != "params"}
                                                     for g in opt.param_groups],
         "lr_scheduler": sched.state_dict() if sched is not None else None,
@@ -180,10 +185,30 @@ def _load_module_extras(engine: Any, common: dict[str, Any], strict: bool) -> No
                 params[name].data.copy_(value)
 
 
+def _restore_counters(engine: Any, saved: dict[str, Any]) -> None:
+    """[Note: counters across layouts] ``micro_steps`` counts micro-batches of *this* run's size, so
+    it means something else once the accumulation steps change (2 ranks x 2 micro-batches is 1 rank
+    x 4): it is rebuilt from the global step, which every layout with the same global batch shares.
+    Within an accumulation window (a save between two micro-batches) the partial gradients are not
+    saved; the offset into the window is kept only when the window is the same length."""
+    for key in ("global_steps", "skipped_steps", "global_samples"):
+        setattr(engine, key, saved[key])
+    gas = engine.gradient_accumulation_steps()
+    saved_gas = saved.get("gradient_accumulation_steps")
+    if saved_gas is None:  # written before the counters carried it
+        engine.micro_steps = saved["micro_steps"]
+        return
+    into_window = saved["micro_steps"] - saved["global_steps"] * saved_gas
+    if into_window and saved_gas != gas:
+        log.warning("checkpoint was saved %d micro-batches into an accumulation window of %d; resuming at the "
+                    "start of a window of %d (partial gradients are not saved)", into_window, saved_gas, gas)
+        into_window = 0
+    engine.micro_steps = saved["global_steps"] * gas + into_window
+
+
 def _load_training_state(engine: Any, common: dict[str, Any], ckpt: Path, manifest: dict[str, Any],
                          with_optimizer: bool, with_scheduler: bool) -> None:
-    for k, v in common["counters"].items():
-        setattr(engine, k, v)
+    _restore_counters(engine, common["counters"])
     if with_optimizer:
         for group, saved in zip(engine.optimizer.param_groups, common["optimizer_groups"], strict=False):
             group.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items()})
@@ -193,7 +218,14 @@ def _load_training_state(engine: Any, common: dict[str, Any], ckpt: Path, manife
         engine.loss_scaler.load_state_dict(common["loss_scaler"])
     loader = engine.training_dataloader
     if common["loader"] is not None and hasattr(loader, "load_state_dict"):
-        loader.load_state_dict(common["loader"])
+        state = dict(common["loader"])
+        # the position counts this rank's micro-batches; in samples it survives a change of world
+        # size or micro-batch size (the global batch is the same, and saves happen at step boundaries)
+        saved_per_micro = common["counters"].get("samples_per_micro_step")
+        if saved_per_micro:
+            here = engine.train_micro_batch_size_per_gpu() * engine.dp_world_size
+            state["position"] = state["position"] * saved_per_micro // here
+        loader.load_state_dict(state)
     own = ckpt / files.rank_file(get_rank())
     if manifest["world_size"] == get_world_size() and own.is_file():
         _set_rng_state(files.load_file(own)["rng"])  # the same rank's random streams: exact resume

@@ -46,6 +46,8 @@ class ShardspeedEngine(torch.nn.Module):
         self.module = model.to(device=self.device)
         self._broadcast_module()
         self.reporter = StepReporter(self)  # counts parameters before stage 3 partitions them
+        # what was trainable when the gradient buffers and partitions were planned (Note: frozen at initialize)
+        self._planned = [(n, p, p.requires_grad) for n, p in self.module.named_parameters()]
         groups = param_groups(self.module, model_parameters, optimizer)
         z = config.zero_optimization
         z3 = Stage3Options(prefetch_numel=z.stage3_prefetch_bucket_size,
@@ -234,12 +236,28 @@ class ShardspeedEngine(torch.nn.Module):
             if self.optimizer is None:
                 raise RuntimeError("engine.step() needs an optimizer: pass initialize(optimizer=...) or add an "
                                    "'optimizer' section to the config")
+            self._check_frozen()
             with self.timers("step"):
                 self._optimizer_step()
             self.global_steps += 1
             self.global_samples += self.batch.train_batch_size
             self.reporter.on_step()
         self.micro_steps += 1
+
+    def _check_frozen(self) -> None:
+        """[Note: frozen at initialize] Gradient buffers, buckets and ZeRO partitions are planned for
+        the parameters that require grad when ``initialize()`` runs. A parameter unfrozen later would
+        never be reduced (each rank would step on its own gradient), and one frozen later would still
+        be stepped (weight decay, momentum) where plain PyTorch skips it: both are refused by name."""
+        changed = [(n, planned) for n, p, planned in self._planned if p.requires_grad != planned]
+        if changed:
+            name, planned = changed[0]
+            what = "frozen (requires_grad=False)" if planned else "unfrozen (requires_grad=True)"
+            more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+            raise RuntimeError(
+                f"parameter '{name}' was {what} after initialize(){more}: "
+                "shardspeed plans gradient buffers and ZeRO partitions for the parameters trainable at initialize(). "
+                "Set requires_grad before initialize(), or build a new engine for the new set")
 
     def _optimizer_step(self) -> None:
         with self.timers("reduce_wait"):
@@ -270,6 +288,7 @@ class ShardspeedEngine(torch.nn.Module):
                 factor *= min(1.0, self.clip_norm / (norm + 1e-6))
         if factor != 1.0:
             self.strategy.scale_grads(factor)
+        self.strategy.link_grads()
         self.optimizer.step()
         return True
 

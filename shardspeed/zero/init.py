@@ -4,8 +4,9 @@
 parameters are broadcast from rank 0 (so every rank agrees whatever its RNG did), cut into
 per-parameter chunks (``param_shard.py``), and replaced by empty placeholders; only this rank's
 chunk is kept. Values therefore do not depend on the world size. A parent that initialises its
-children's parameters in its own ``__init__`` (``self.apply(init_fn)``) meets placeholders: do such
-initialisation in the child's ``__init__``, or under ``GatheredParameters(..., modifier_rank=0)``.
+children's parameters in its own ``__init__`` (``self.apply(init_fn)``, Hugging Face's
+``post_init()``) gets each of them whole for the calls that use it (init_touch.py, Note: touched
+after partitioning), so the model equals the one built without ``zero.Init``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 from shardspeed.comm import broadcast, get_global_rank, get_rank, get_world_size, init_distributed, world_group
+from shardspeed.zero.init_touch import TouchedParameters, placeholder
 from shardspeed.zero.param_shard import local_chunk
 
 
@@ -43,6 +45,7 @@ class Init:
         self.mpu = mpu
         self._patched: list[tuple[type, Any]] = []
         self._old_init_subclass: Any = None
+        self._touch: TouchedParameters | None = None
 
     def __enter__(self) -> Init:
         if not self.enabled:
@@ -61,9 +64,15 @@ class Init:
             ctx._patch(cls)
 
         torch.nn.Module.__init_subclass__ = classmethod(init_subclass)  # classes defined inside the block
+        self._touch = TouchedParameters(self.group, self.world, self._cut)
+        self._touch.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if self._touch is not None:
+            self._touch.__exit__(*exc)
+            self._touch.cut_all()
+            self._touch = None
         for cls, orig in reversed(self._patched):
             cls.__init__ = orig
         self._patched.clear()
@@ -82,6 +91,8 @@ class Init:
         def wrapped(module: torch.nn.Module, *args: Any, **kwargs: Any) -> None:
             orig(module, *args, **kwargs)
             self.partition(module)
+            if self._touch is not None:  # what this constructor re-initialised is cut again now
+                self._touch.cut_all()
 
         wrapped._shardspeed_wrapped = True  # type: ignore[attr-defined]
         cls.__init__ = wrapped
@@ -89,12 +100,19 @@ class Init:
 
     @torch.no_grad()
     def partition(self, module: torch.nn.Module) -> None:
-        src = get_global_rank(self.group, 0)
         for p in module.parameters(recurse=False):
             if hasattr(p, "ds_shape") or p.numel() == 0:
                 continue
-            broadcast(p.data, src=src, group=self.group)
-            p.ds_chunk = local_chunk(p.data, self.rank, self.world)
-            p.ds_shape = tuple(p.shape)
-            p.ds_numel = p.numel()
-            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+            self._cut(p)
+
+    @torch.no_grad()
+    def _cut(self, p: torch.nn.Parameter) -> None:
+        """Keep this rank's chunk of ``p`` (rank 0's values on every rank) and drop the rest."""
+        if self.world > 1:
+            broadcast(p.data, src=get_global_rank(self.group, 0), group=self.group)
+        p.ds_chunk = local_chunk(p.data, self.rank, self.world)
+        p.ds_shape = tuple(p.shape)
+        p.ds_numel = p.numel()
+        p.data = placeholder(p.dtype, p.device)
+        if self._touch is not None:
+            self._touch.track(p)

@@ -175,8 +175,10 @@ class ShardedStrategy(OrderedReduction, Strategy):
     # -- backward ---------------------------------------------------------------------------------
     def begin_backward(self, boundary: bool) -> None:
         self._boundary = boundary
-        self._pending = True
         super().begin_backward(boundary)
+        # stage 1 reduces only at the boundary: a micro-batch inside the window leaves nothing to wait
+        # for, so a wait_reductions() there (save_checkpoint) must not reduce partial gradients
+        self._pending = self._pending or self.reduce_enabled
 
     def _on_grad(self, p: torch.Tensor) -> None:
         b, s = self._where[id(p)]
@@ -258,6 +260,10 @@ class ShardedStrategy(OrderedReduction, Strategy):
     def scale_grads(self, factor: float) -> None:
         for b in self.buckets:
             b.grad_shard.mul_(factor)
+
+    def link_grads(self) -> None:
+        for b in self.buckets:
+            b.master.grad = b.grad_shard
 
     @torch.no_grad()
     def after_step(self) -> None:

@@ -127,6 +127,10 @@ class DataParallelStrategy(OrderedReduction, Strategy):
         for b in self.buckets:
             b.buffer.mul_(factor)
 
+    def link_grads(self) -> None:
+        for p in self.params:
+            self.masters[id(p)].grad = self._view(p)
+
     @torch.no_grad()
     def after_step(self) -> None:
         lowp = [p for p in self.params if self.masters[id(p)] is not p]

@@ -11,8 +11,8 @@
   the forward post-hook releases it when no running module needs it. Gathers are reference
   counted, so a module called twice or a parent holding its own parameters while children run is
   handled.
-- For backward, the post-hook threads the module's outputs through an identity autograd function
-  whose backward re-gathers the unit before the module's own backward runs. When every trainable
+- For backward, the post-hook registers a gradient hook on the module's outputs that re-gathers
+  the unit before the module's own backward runs (Note: pre-backward without touching outputs). When every trainable
   parameter of a unit has accumulated its gradient (autograd sums all uses first), the unit is
   freed and its gradients (copied end to end into one flat buffer) are reduce-scattered into the
   fp32 gradient shard (overlapping the rest of backward), in unit order so every rank issues the
@@ -45,28 +45,14 @@ from shardspeed.comm import Handle, Topology, all_gather, all_reduce, reduce_sca
 from shardspeed.zero.stage3_parts import (
     SavedParam,
     Stage3Options,
+    grad_tensors,
     register_external_parameter,
     unit_members,
-    wrap_outputs,
 )
 from shardspeed.zero.stage3_unit import Unit
 from shardspeed.zero.strategy import OrderedReduction, Piece, Strategy, StrategyOptions
 
 __all__ = ["Stage3Options", "Stage3Strategy", "register_external_parameter"]
-
-
-class _PreBackward(torch.autograd.Function):
-    """Identity on a module's outputs; its backward gathers the module's units first."""
-
-    @staticmethod
-    def forward(ctx: Any, strategy: Stage3Strategy, units: tuple[int, ...], *tensors: torch.Tensor) -> Any:
-        ctx.strategy, ctx.units = strategy, units
-        return tuple(t.view_as(t) for t in tensors)
-
-    @staticmethod
-    def backward(ctx: Any, *grads: torch.Tensor) -> Any:
-        ctx.strategy._pre_backward(ctx.units)
-        return (None, None, *grads)
 
 
 class Stage3Strategy(OrderedReduction, Strategy):
@@ -276,9 +262,15 @@ class Stage3Strategy(OrderedReduction, Strategy):
                     self._deferred.append(u)
                 else:
                     self._free(u)
-        if grad:
-            return wrap_outputs(output, lambda ts: _PreBackward.apply(self, ids, *ts))
-        return output
+        tensors = grad_tensors(output) if grad else []
+        if tensors:
+            # [Note: pre-backward without touching outputs] a hook that fires when the first gradient
+            # of any output arrives, i.e. before autograd enters this module's backward. Outputs are
+            # returned as they are (same objects, same types): an identity autograd Function here
+            # would return views, which in-place code after the module (ReLU(inplace=True),
+            # ``out += identity`` in every ResNet) may not modify.
+            torch.autograd.graph.register_multi_grad_hook(tensors, lambda _g: self._pre_backward(ids), mode="any")
+        return None
 
     def _reused_soon(self, u: Unit) -> bool:
         """[Note: reuse distance] Backward needs a unit again after the units that follow it in
@@ -490,6 +482,11 @@ class Stage3Strategy(OrderedReduction, Strategy):
             if u.grad_shard is not None:
                 u.grad_shard.mul_(factor)
 
+    def link_grads(self) -> None:
+        for u in self.units:
+            if u.grad_shard is not None:
+                u.attach_grads(u.grad_shard)
+
     @torch.no_grad()
     def after_step(self) -> None:
         self._release_deferred()
@@ -500,7 +497,8 @@ class Stage3Strategy(OrderedReduction, Strategy):
         for u in self.units:
             if not u.master_is_view:
                 u.local.copy_(u.master)
-            if u.gathered and u.refs == 0 and not u.persistent:  # would hold pre-step values
+            # a gathered unit, or one a backward prefetch left in flight, would hold pre-step values
+            if (u.gathered or u.pending is not None) and u.refs == 0 and not u.persistent:
                 self._free(u)
             if u.persistent:  # kept whole: refresh from the updated chunks now
                 self._free(u)

@@ -3,6 +3,7 @@ parameters, the recipe autograd keeps for a saved parameter view, and the output
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,35 +71,26 @@ def register_external_parameter(module: torch.nn.Module, parameter: torch.nn.Par
         external.append(parameter)
 
 
-def wrap_outputs(output: Any, fn: Any) -> Any:
-    """Apply ``fn`` to the tensors in ``output`` that require grad, keeping its structure."""
-    flat: list[torch.Tensor] = []
+def grad_tensors(output: Any) -> list[torch.Tensor]:
+    """The tensors in ``output`` that require grad: inside tensors, lists, tuples (named too), dicts
+    (subclasses too, e.g. Hugging Face's ``ModelOutput``) and dataclasses, to any depth."""
+    found: list[torch.Tensor] = []
+    seen: set[int] = set()
 
     def collect(x: Any) -> None:
         if torch.is_tensor(x):
-            if x.requires_grad:
-                flat.append(x)
+            if x.requires_grad and id(x) not in seen:
+                seen.add(id(x))
+                found.append(x)
         elif isinstance(x, (list, tuple)):
             for y in x:
                 collect(y)
         elif isinstance(x, dict):
             for y in x.values():
                 collect(y)
+        elif dataclasses.is_dataclass(x) and not isinstance(x, type):
+            for f in dataclasses.fields(x):
+                collect(getattr(x, f.name, None))
 
     collect(output)
-    if not flat:
-        return output
-    mapped = dict(zip((id(t) for t in flat), fn(flat), strict=True))
-
-    def rebuild(x: Any) -> Any:
-        if torch.is_tensor(x):
-            return mapped.get(id(x), x)
-        if isinstance(x, tuple) and hasattr(x, "_fields"):
-            return type(x)(*(rebuild(y) for y in x))
-        if isinstance(x, (list, tuple)):
-            return type(x)(rebuild(y) for y in x)
-        if isinstance(x, dict):
-            return {k: rebuild(v) for k, v in x.items()}
-        return x
-
-    return rebuild(output)
+    return found

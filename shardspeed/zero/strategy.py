@@ -96,6 +96,14 @@ class Strategy(ABC):
     def scale_grads(self, factor: float) -> None:
         """Multiply the gradients the optimizer will see by ``factor`` (unscale and clip at once)."""
 
+    def link_grads(self) -> None:
+        """Point each master's ``.grad`` at the gradient the strategy reduced, right before the
+        optimizer steps. [Note: zero_grad by the user] Hugging Face and Lightning loops call
+        ``optimizer.zero_grad()`` on the optimizer ``initialize()`` returned, which (set_to_none)
+        cuts the links made at start-up: without this, later steps would silently skip those
+        parameters. The base (gradients in ``param.grad``, the parameter its own master) has none."""
+        return None
+
     @abstractmethod
     def after_step(self) -> None:
         """Publish the updated fp32 parameters to the module's (possibly lower precision) parameters."""
