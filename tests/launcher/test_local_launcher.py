@@ -68,6 +68,12 @@ def test_missing_script_is_named():
     assert code == 2 and f"training script not found: {ROOT}/no_such_train.py" in out
 
 
+def test_an_executable_that_cannot_be_started_is_named():
+    code, out, _ = launch("--num_procs", "2", "--no_python", "no_such_tool")
+    assert code == 2 and "Traceback" not in out, out
+    assert "shardspeed: cannot start rank 0: no_such_tool: No such file or directory" in out
+
+
 def test_deepspeed_script_trains_on_two_ranks(tmp_path):
     cfg = tmp_path / "ds_config.json"
     cfg.write_text(json.dumps({"train_batch_size": 8, "gradient_accumulation_steps": 2, "gradient_clipping": 1.0,
