@@ -79,6 +79,7 @@ def init_distributed(
     dist.init_process_group(backend=backend, init_method=init_method or "env://", rank=env.rank,
                             world_size=env.world_size, timeout=timeout)
     health.start_heartbeat()
+    health.record_failures()  # after init_process_group, whose own excepthook ours chains
     if env.rank == 0:
         log.info("initialised %s process group: %d ranks (from %s)", backend, env.world_size, env.source)
     return env
@@ -95,7 +96,18 @@ def _leave_at_exit() -> None:
         health.within(5.0, destroy)
         return
     if dist.get_world_size() > 1:
-        health.leave_together()  # not dist.barrier(): health.py, Note: why not dist.barrier() at exit
+        why = health.leaving_on_failure()
+        if why is not None:  # peers wait in a collective for us: health.py, Note: leaving on failure
+            health.announce_failure(why)
+            # No destroy: it closes the links at once, the peers' collectives fail, and a peer's own
+            # exit could reach the launcher before ours, which would then name the wrong rank. Left
+            # open, the links close when this process is gone (30 of 30 runs: this rank named, with
+            # its own exit code, no abort).
+            return
+        # not dist.barrier(): health.py, Note: why not dist.barrier() at exit
+        if not health.leave_together():  # a peer failed or never came: teardown may block on it
+            health.within(5.0, destroy)
+            return
     destroy()
 
 

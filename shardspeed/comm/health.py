@@ -13,6 +13,7 @@ so: this rank has lost its link to rank 0's host.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from datetime import timedelta
@@ -108,8 +109,66 @@ def explain(op: str, nbytes: int, group: Any, error: BaseException) -> Collectiv
 _exits = [0]  # one exit rendezvous per process group this process joined
 
 
-def leave_together(timeout_s: float = 60.0) -> None:
+def _exit_key() -> str:
+    return f"shardspeed/exit/{_exits[0] + 1}"
+
+
+# [Note: leaving on failure] A rank that leaves because of an unhandled exception or a non-zero
+# ``sys.exit`` must not wait in the exit rendezvous: its peers are usually blocked in a collective
+# it will never join, so it would wait out the whole rendezvous timeout, and the launcher would
+# report the failure a minute late. Python does not tell atexit handlers why the interpreter is
+# ending, so we record it as it happens:
+# - an unhandled exception: a ``sys.excepthook`` chained in front of the current one (torch's, which
+#   prefixes ``[rankN]:``), and ``sys.last_value``, which the interpreter sets before calling any
+#   hook, for scripts that install their own hook later (rich.traceback.install(), for one);
+# - ``sys.exit(n)``, n non-zero: ``SystemExit`` never reaches excepthook and nothing is left set at
+#   atexit time (checked on 3.11), so ``sys.exit`` itself is wrapped. ``raise SystemExit(n)`` and the
+#   ``exit()`` builtin bypass it; such a rank falls back to the rendezvous, where it still leaves
+#   early once a failed peer has written the failed key (below), else after the timeout.
+# An exception in another thread does not end the process, so threading.excepthook is left alone.
+# The failing rank writes ``<exit key>/failed`` = "<rank> <why>" so that peers already waiting in
+# the rendezvous stop waiting for it.
+_leaving: list[str] = []  # why this process is leaving on failure, if it is
+_hooks_installed = [False]
+
+
+def record_failures() -> None:
+    """Chain ``sys.excepthook`` and wrap ``sys.exit`` so that exit knows this rank is failing."""
+    if _hooks_installed[0]:
+        return
+    _hooks_installed[0] = True
+    previous_hook, real_exit = sys.excepthook, sys.exit
+
+    def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        _leaving.append(f"unhandled {kind.__name__}")
+        previous_hook(kind, value, tb)
+
+    def exit_recording(status: object = None) -> None:
+        if status is not None and status != 0:
+            _leaving.append(f"sys.exit({status!r})")
+        real_exit(status)
+
+    sys.excepthook, sys.exit = hook, exit_recording
+
+
+def leaving_on_failure() -> str | None:
+    """Why this process is ending on a failure (see Note: leaving on failure), or None."""
+    if _leaving:
+        return _leaving[0]
+    value = getattr(sys, "last_value", None)
+    return f"unhandled {type(value).__name__}" if value is not None else None
+
+
+def announce_failure(why: str) -> None:
+    """Tell peers waiting in the exit rendezvous that this rank will not come (bounded: the store's
+    host may be gone)."""
+    key, me = f"{_exit_key()}/failed", dist.get_rank()
+    within(2.0, lambda: dist.distributed_c10d._get_default_store().set(key, f"{me} {why}"))
+
+
+def leave_together(timeout_s: float = 60.0) -> bool:
     """Wait until every rank has reached exit, through the rendezvous store, not a collective.
+    True when they all did; False when a peer announced a failure or ``timeout_s`` ran out.
 
     [Note: why not dist.barrier() at exit] gloo's barrier holds the operations still in flight when
     it was issued and drops them on its worker thread *after* the Python caller has moved on. If
@@ -117,17 +176,25 @@ def leave_together(timeout_s: float = 60.0) -> None:
     the thread is made to exit, and the process aborts ("terminate called without an active
     exception", seen here in about 1 run in 20 at the end of a clean job; core dump:
     ~AsyncBarrierWork -> ~AsyncAllgatherWork -> decref_pyobject -> take_gil -> pthread_exit)."""
+    key = _exit_key()
     _exits[0] += 1
-    key = f"shardspeed/exit/{_exits[0]}"
     world = dist.get_world_size()
     try:
         store = dist.distributed_c10d._get_default_store()
         store.add(key, 1)
         deadline = time.monotonic() + timeout_s
-        while store.add(key, 0) < world and time.monotonic() < deadline:
+        while store.add(key, 0) < world:
+            if store.check([f"{key}/failed"]):
+                rank, why = store.get(f"{key}/failed").decode().split(" ", 1)
+                print(f"shardspeed: rank {dist.get_rank()} leaves without waiting for the other ranks: "
+                      f"rank {rank} failed ({why})", file=sys.stderr, flush=True)
+                return False
+            if time.monotonic() > deadline:
+                return False
             time.sleep(0.01)
     except Exception:  # rank 0 (the store's host) already left: everyone had arrived
         pass
+    return True
 
 
 def within(seconds: float, fn: Any) -> Any:

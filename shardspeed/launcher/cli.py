@@ -11,7 +11,7 @@ import sys
 
 from shardspeed.launcher import multinode
 from shardspeed.launcher.hostfile import HostfileError
-from shardspeed.launcher.supervisor import RankSpec, Supervisor
+from shardspeed.launcher.supervisor import LaunchError, RankSpec, Supervisor
 
 EXAMPLES = """examples:
   shardspeed --num_procs 2 train.py --deepspeed --deepspeed_config ds_config.json
@@ -21,6 +21,8 @@ EXAMPLES = """examples:
   shardspeed --hostfile hosts --launcher ssh --launcher_args "-p 2222" train.py
   shardspeed --hostfile hosts --launcher openmpi --num_nodes 2 --num_gpus 4 train.py
   shardspeed --hostfile hosts --no_ssh --node_rank 1 --master_addr worker-0 train.py   # on each node
+  shardspeed --num_nodes 2 --node_rank 1 --num_procs 4 --master_addr 10.0.0.5 --master_port 29600 --no_ssh \
+      train.py                         # torchrun-style, no hostfile: the same on each node, its own --node_rank
 
 hostfile lines: "worker-0 slots=4" (# comments and blank lines allowed)
 """
@@ -34,9 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num_procs", "--num_gpus", dest="num_procs", type=int, default=None,
                    help="ranks on this machine (default: number of GPUs, or 1 on CPU); e.g. --num_procs 2")
-    p.add_argument("--master_addr", default="127.0.0.1",
-                   help="address of rank 0 (default 127.0.0.1; with a hostfile: the first host), "
-                   "e.g. --master_addr 10.0.0.5")
+    p.add_argument("--master_addr", default=None,
+                   help="address of rank 0 (default 127.0.0.1; with a hostfile: the first host; nodes started "
+                   "by hand without a hostfile must pass it), e.g. --master_addr 10.0.0.5")
     p.add_argument("--master_port", type=int, default=None,
                    help=f"TCP port of the rendezvous (default {DEFAULT_PORT}, or a free one if it is taken), "
                    "e.g. --master_port 29600")
@@ -53,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "--hostfile /job/hostfile (without it: this machine only)")
     p.add_argument("--include", default="", help="only these hosts/slots, e.g. --include 'worker-0:0,2@worker-1'")
     p.add_argument("--exclude", default="", help="all but these hosts/slots, e.g. --exclude 'worker-1:3'")
-    p.add_argument("--num_nodes", type=int, default=-1, help="use the first N hosts of the selection, e.g. 2")
+    p.add_argument("--num_nodes", type=int, default=-1, help="use the first N hosts of the selection; without a "
+                   "hostfile, with --no_ssh: the number of nodes started by hand, e.g. --num_nodes 2")
     p.add_argument("--launcher", default="pdsh", choices=["pdsh", "ssh", "openmpi", "mpich", "slurm"],
                    help="how to start the nodes (default pdsh), e.g. --launcher slurm")
     p.add_argument("--launcher_args", default="", help="extra arguments for the launcher tool, e.g. "
@@ -64,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start only this node's ranks (run the same command on every node with its --node_rank), "
                    "e.g. --no_ssh --node_rank 1")
     p.add_argument("--node_rank", type=int, default=-1,
-                   help="this node's index in the selection, with --no_ssh, e.g. --node_rank 0")
+                   help="this node's index in the selection (or 0..--num_nodes-1 without a hostfile), with "
+                   "--no_ssh, e.g. --node_rank 0")
     p.add_argument("--world_info", default="", help=argparse.SUPPRESS)  # the selection, from the runners
     p.add_argument("--watch_stdin", action="store_true", help=argparse.SUPPRESS)  # started by pdsh/ssh
     p.add_argument("target", help="the training script (or module with --module)")
@@ -129,10 +133,10 @@ def rank_env(base: dict[str, str], rank: int, world: int, addr: str, port: int, 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.no_ssh or args.hostfile or args.world_info or args.force_multi:
+    if args.no_ssh or args.hostfile or args.world_info or args.force_multi or args.num_nodes > 1:
         try:
             return multinode.run(args)
-        except (HostfileError, ValueError) as e:
+        except (HostfileError, LaunchError, ValueError) as e:
             print(f"shardspeed: {e}", file=sys.stderr)
             return 2
     n = args.num_procs if args.num_procs is not None else default_num_procs()
@@ -142,13 +146,17 @@ def main(argv: list[str] | None = None) -> int:
     if not args.module and not args.no_python and not os.path.isfile(args.target):
         print(f"shardspeed: training script not found: {os.path.abspath(args.target)}", file=sys.stderr)
         return 2
-    port, note = pick_port(args.master_addr, args.master_port)
-    specs = [RankSpec(r, rank_command(args, r), rank_env(dict(os.environ), r, n, args.master_addr, port))
-             for r in range(n)]
+    addr = args.master_addr or "127.0.0.1"
+    port, note = pick_port(addr, args.master_port)
+    specs = [RankSpec(r, rank_command(args, r), rank_env(dict(os.environ), r, n, addr, port)) for r in range(n)]
     sup = Supervisor(specs, prefix=not args.no_prefix)
     if note:
         sup.say(note)
-    sup.start()
+    try:
+        sup.start()
+    except LaunchError as e:
+        print(f"shardspeed: {e}", file=sys.stderr)
+        return 2
     return sup.wait()
 
 

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import sys
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 EXPORT_PREFIXES = ("NCCL_", "PYTHON")
@@ -143,3 +145,22 @@ def slurm_command(job: Job) -> list[str]:
 RUNNERS = {"pdsh": pdsh_command, "openmpi": openmpi_command, "mpich": mpich_command, "slurm": slurm_command}
 # Debian installs both MPIs side by side; their own names beat whichever one ``mpirun`` points to.
 MPIRUN = {"openmpi": "mpirun.openmpi", "mpich": "mpirun.mpich"}
+
+
+# What each runner needs on this machine, and where it comes from (Debian/Ubuntu package names).
+TOOLS = {"pdsh": ("pdsh", "apt-get install pdsh"), "ssh": ("ssh", "apt-get install openssh-client"),
+         "openmpi": ("mpirun", "apt-get install openmpi-bin"), "mpich": ("mpirun", "apt-get install mpich"),
+         "slurm": ("srun", "apt-get install slurm-client, and run inside the Slurm cluster")}
+
+
+def missing_tool(launcher: str, exe: str, which: Callable[[str], str | None] = shutil.which) -> str | None:
+    """The message for a runner whose tool ``exe`` is not installed here (None when it is), naming the
+    other runners whose tools are."""
+    if which(exe):
+        return None
+    others = [f"--launcher {name}" for name, (tool, _) in TOOLS.items()
+              if name != launcher and (which(tool) or which(MPIRUN.get(name, tool)))]
+    there = f"; found on this machine: {', '.join(others)}" if others else ""
+    return (f"--launcher {launcher} runs '{exe}', which is not installed on this machine (not on PATH). "
+            f"Install it ({TOOLS[launcher][1]}) or choose another --launcher{there}; or start each node "
+            f"by hand with --no_ssh --node_rank N")

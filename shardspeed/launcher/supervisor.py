@@ -24,6 +24,10 @@ from dataclasses import dataclass
 from typing import IO
 
 
+class LaunchError(RuntimeError):
+    """A rank or a runner's tool that cannot be started; the message says which and why."""
+
+
 @dataclass
 class RankSpec:
     rank: int
@@ -92,9 +96,13 @@ class Supervisor:
 
     def start(self) -> None:
         for spec in self.specs:
-            p = subprocess.Popen(spec.cmd, env=spec.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.PIPE if spec.keep_stdin else subprocess.DEVNULL,
-                                 start_new_session=True)
+            try:
+                p = subprocess.Popen(spec.cmd, env=spec.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.PIPE if spec.keep_stdin else subprocess.DEVNULL,
+                                     start_new_session=True)
+            except OSError as e:  # not installed, not executable: the ones already started must not linger
+                self.stop_all()
+                raise LaunchError(f"cannot start {spec.name()}: {spec.cmd[0]}: {e.strerror}") from None
             self.procs.append(p)
             t = threading.Thread(target=self._pump, args=(spec.rank, p.stdout), daemon=True)
             t.start()

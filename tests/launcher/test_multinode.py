@@ -101,6 +101,43 @@ def test_two_nodes_started_by_hand_meet_in_one_job(tmp_path):
     assert "rank 2 of 3 local 0 sum 3" in outs[1]
 
 
+def _node_by_hand(rank, *flags):
+    """torchrun's way: no hostfile, the same command on each node but its --node_rank."""
+    return subprocess.Popen([sys.executable, "-m", "shardspeed.launcher", "--num_nodes", "2", "--node_rank", str(rank),
+                             "--num_procs", "2", *flags, "--no_ssh", "--no_local_rank", f"{SCRIPTS}/allreduce.py"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_two_nodes_started_by_hand_without_a_hostfile_meet_in_one_job():
+    from shardspeed.comm.env import free_port
+
+    port = str(free_port())
+    nodes = [_node_by_hand(r, "--master_addr", "127.0.0.1", "--master_port", port) for r in (0, 1)]
+    outs = [p.communicate(timeout=120)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], "\n---\n".join(outs)
+    # node N runs global ranks 2N, 2N+1 with local ranks 0, 1; the sum of all four ranks is 6
+    for node, out in enumerate(outs):
+        for local in (0, 1):
+            assert f"[rank {2 * node + local}] rank {2 * node + local} of 4 local {local} sum 6" in out, out
+
+
+def test_nodes_by_hand_without_a_hostfile_need_master_addr_and_no_ssh():
+    p = _node_by_hand(1)
+    out = p.communicate(timeout=60)[0]
+    assert p.returncode == 2
+    assert ("shardspeed: --num_nodes 2 --no_ssh without a hostfile: pass --master_addr, the address of node 0 that "
+            "every node can reach, the same on every node (e.g. --master_addr 10.0.0.5)") in out
+    p = subprocess.run([sys.executable, "-m", "shardspeed.launcher", "--num_nodes", "2", "--num_procs", "2",
+                        f"{SCRIPTS}/allreduce.py"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2
+    assert ("shardspeed: --num_nodes 2 without --hostfile: either pass --hostfile (the nodes are started from here), "
+            "or run this command on every node with --no_ssh --node_rank N --master_addr ADDR (N = 0..1, ADDR = "
+            "node 0's address)") in p.stderr
+    p = _node_by_hand(2, "--master_addr", "127.0.0.1")
+    out = p.communicate(timeout=60)[0]
+    assert p.returncode == 2 and "--node_rank 2: the selection has nodes 0-1" in out
+
+
 def test_node_mode_errors(tmp_path):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("a slots=1\nb slots 2\n")
@@ -114,8 +151,9 @@ def test_node_mode_errors(tmp_path):
 
 
 def test_help_gives_an_example_for_every_flag():
-    from shardspeed.launcher.cli import build_parser
+    from shardspeed.launcher.cli import EXAMPLES, build_parser
 
+    assert "shardspeed --num_nodes 2 --node_rank 1 --num_procs 4 --master_addr 10.0.0.5" in EXAMPLES
     for action in build_parser()._actions:
         if action.option_strings and action.help not in (None, "==SUPPRESS==") and "-h" not in action.option_strings:
             assert "e.g." in action.help, action.option_strings
