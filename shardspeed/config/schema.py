@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
+from shardspeed.config.unsupported import unsupported_settings
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
@@ -216,6 +218,15 @@ class ShardspeedConfig(Section):
         if isinstance(value, str) and value.lower() in aliases:
             return aliases[value.lower()]
         return value
+
+    @model_validator(mode="after")
+    def _no_ignored_settings(self) -> ShardspeedConfig:
+        # Keys accepted for DeepSpeed's sake but not acted on must not be set to a value that asks
+        # for something we do not do (unsupported.py, Note: unsupported keys).
+        problems = unsupported_settings(self)
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
 
     @model_validator(mode="after")
     def _one_precision(self) -> ShardspeedConfig:
