@@ -72,7 +72,7 @@ def sample(engine, prompt: torch.Tensor, n: int, seq: int) -> torch.Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--out", default="runs/demo")
     parser = shardspeed.add_config_arguments(parser)
     args = parser.parse_args()
@@ -82,7 +82,7 @@ def main() -> None:
     index = {c: i for i, c in enumerate(vocab)}
     ids = torch.tensor([index[c] for c in text], dtype=torch.long)
     split = int(0.95 * len(ids))
-    cfg = GPTConfig(vocab=len(vocab), seq=128, layers=4, hidden=192, heads=6)
+    cfg = GPTConfig(vocab=len(vocab), seq=64, layers=4, hidden=128, heads=4)
     model = GPT(cfg)
     with open(args.deepspeed_config) as f:
         batch = json.load(f)["train_batch_size"]
@@ -91,10 +91,14 @@ def main() -> None:
     engine, _, loader, _ = shardspeed.initialize(args=args, model=model, training_data=train)
     rank = comm.get_rank()
     if rank == 0:
-        print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {len(vocab)}, "
-              f"{engine.dp_world_size} ranks, batch {engine.train_batch_size()}")
+        # Said before any step runs, so a newcomer knows at once what is being trained and how long.
+        print(f"training a char-GPT of {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
+              f"({cfg.layers} layers, hidden {cfg.hidden}, vocab {len(vocab)}) for {args.steps} steps of batch "
+              f"{engine.train_batch_size()} x {cfg.seq} chars on {engine.dp_world_size} ranks, "
+              f"precision {engine.policy.compute_name}", flush=True)
     val_before = evaluate(engine, val)
     curve, start = [], time.perf_counter()
+    every = max(1, args.steps // 10)
     for x, y in shardspeed.RepeatingLoader(loader):
         loss = engine(x, y)
         engine.backward(loss)
@@ -102,7 +106,12 @@ def main() -> None:
         t = torch.tensor([loss.float().item()])
         comm.all_reduce(t)
         curve.append(t.item() / engine.dp_world_size)
-        if engine.global_steps >= args.steps:
+        step = engine.global_steps
+        if rank == 0 and (step == 1 or step % every == 0 or step == args.steps):
+            spent = time.perf_counter() - start
+            print(f"step {step}/{args.steps} loss {curve[-1]:.3f} ({spent:.1f} s, "
+                  f"~{spent / step * (args.steps - step):.0f} s to go)", flush=True)
+        if step >= args.steps:
             break
     elapsed = time.perf_counter() - start
     val_after = evaluate(engine, val)
@@ -112,11 +121,11 @@ def main() -> None:
     mems = comm.all_gather_object(mem)
     if rank == 0:
         write_report(args.out, curve, val_before, val_after, elapsed, engine, mems, vocab,
-                     sample(engine, ids[split:split + 32], 120, cfg.seq))
+                     sample(engine, ids[split:split + 32], 120, cfg.seq), cfg.seq)
         torch.save(engine.module.state_dict(), os.path.join(args.out, "model.pt"))
 
 
-def write_report(out, curve, val_before, val_after, elapsed, engine, mems, vocab, text_ids) -> None:
+def write_report(out, curve, val_before, val_after, elapsed, engine, mems, vocab, text_ids, seq) -> None:
     os.makedirs(out, exist_ok=True)
     import matplotlib
 
@@ -135,11 +144,11 @@ def write_report(out, curve, val_before, val_after, elapsed, engine, mems, vocab
     samples_s = len(curve) * engine.train_batch_size() / elapsed
     lines = [
         "shardspeed demo summary",
-        f"  steps {len(curve)}, batch {engine.train_batch_size()} x 128 chars, "
-        f"{engine.dp_world_size} ranks, precision {engine.config.compute_dtype_name}",
+        f"  steps {len(curve)}, batch {engine.train_batch_size()} x {seq} chars, "
+        f"{engine.dp_world_size} ranks, precision {engine.policy.compute_name}",
         f"  loss: first step {curve[0]:.3f} -> last step {curve[-1]:.3f}; "
         f"validation {val_before:.3f} -> {val_after:.3f}",
-        f"  throughput {samples_s:.1f} samples/s, {samples_s * 128:.0f} tokens/s, {elapsed:.1f} s total",
+        f"  throughput {samples_s:.1f} samples/s, {samples_s * seq:.0f} tokens/s, {elapsed:.1f} s total",
     ]
     for r, m in enumerate(mems):
         lines.append(f"  rank {r}: peak RSS {m['peak_rss'] / 2**20:.0f} MiB; parameters {m['parameters'] / 2**20:.1f} "

@@ -78,7 +78,7 @@ def save_checkpoint(engine: Any, save_dir: str | os.PathLike, tag: str | None = 
     if rank == 0:
         files.atomic_save(_common(engine, client_state, {n: full[n] for n in others}), tmp / files.COMMON)
         files.write_manifest(tmp, {"tag": tag, "world_size": world, "stage": engine.config.zero_optimization.stage,
-                                   "dtype": engine.config.compute_dtype_name, "global_steps": engine.global_steps,
+                                   "dtype": engine.policy.compute_name, "global_steps": engine.global_steps,
                                    "param_shapes": {n: list(shape) for n, shape in _full_shapes(engine).items()}})
         files.publish(tmp, final, root, tag, save_latest)
     barrier()

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+
+from shardspeed.config.unsupported import unsupported_settings
 
 
 class Section(BaseModel):
@@ -39,8 +41,22 @@ class FP16Config(Section):
 
 
 class BF16Config(Section):
-    enabled: bool = False
+    # "auto": bf16 where the device computes it natively, else fp32 (precision/policy.py); true forces
+    # bf16 even where it is emulated (~100x slower than fp32 on an AVX2-only CPU; warned about)
+    enabled: bool | Literal["auto"] = False
     immediate_grad_update: bool = False
+
+    @field_validator("enabled", mode="before")
+    @classmethod
+    def _true_false_or_auto(cls, value: Any) -> Any:
+        # One message instead of pydantic's two (one per member of the union); what pydantic reads
+        # as a bool (1, "true", ...) stays accepted, as before "auto" existed.
+        if value == "auto":
+            return value
+        try:
+            return TypeAdapter(bool).validate_python(value)
+        except ValidationError:
+            raise ValueError(f'bf16.enabled must be true, false or "auto", got {value!r}') from None
 
 
 class OffloadConfig(Section):
@@ -204,18 +220,36 @@ class ShardspeedConfig(Section):
         return value
 
     @model_validator(mode="after")
+    def _no_ignored_settings(self) -> ShardspeedConfig:
+        # Keys accepted for DeepSpeed's sake but not acted on must not be set to a value that asks
+        # for something we do not do (unsupported.py, Note: unsupported keys).
+        problems = unsupported_settings(self)
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    @model_validator(mode="after")
     def _one_precision(self) -> ShardspeedConfig:
-        if self.fp16.enabled and self.bf16.enabled:
+        if self.fp16.enabled and self.bf16.enabled is True:
             raise ValueError(
                 "fp16.enabled and bf16.enabled are both true; enable one of them "
                 "(bf16 needs no loss scaling, fp16 uses fp16.loss_scale)"
             )
+        if self.fp16.enabled and self.bf16.enabled == "auto":
+            raise ValueError(
+                'fp16.enabled is true and bf16.enabled is "auto"; enable one of them '
+                '(fp16 with loss scaling, or "auto": bf16 where the hardware has it, else fp32)'
+            )
         return self
 
     @property
-    def compute_dtype_name(self) -> DTypeName:
+    def compute_dtype_name(self) -> DTypeName | Literal["auto"]:
+        """The requested compute dtype; "auto" until ``precision.PrecisionPolicy`` resolves it
+        against the device (the engine's ``policy.compute_name`` is the resolved one)."""
         if self.fp16.enabled:
             return "fp16"
+        if self.bf16.enabled == "auto":
+            return "auto"
         if self.bf16.enabled:
             return "bf16"
         return "fp32"

@@ -40,8 +40,8 @@ class ShardspeedEngine(torch.nn.Module):
         self.topo = topo
         self.batch = resolve_batch_sizes(config.train_batch_size, config.train_micro_batch_size_per_gpu,
                                          config.gradient_accumulation_steps, topo.dp_world_size)
-        self.policy = PrecisionPolicy.from_config(config)
         self.accelerator = get_accelerator()
+        self.policy = PrecisionPolicy.from_config(config, self.accelerator.name)
         self.device = self.accelerator.device(local_rank)
         self.module = model.to(device=self.device)
         self._broadcast_module()

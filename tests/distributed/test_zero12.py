@@ -117,7 +117,7 @@ def test_untested_client_optimizer_is_refused_with_a_way_out():
 @pytest.mark.parametrize("options", [
     {"reduce_scatter": False},
     {"allgather_partitions": False, "allgather_bucket_size": 300},
-    {"overlap_comm": False, "contiguous_gradients": False},
+    {"overlap_comm": False},  # (contiguous_gradients: false is rejected: buckets are always contiguous)
     {"overlap_comm": True},
 ])
 def test_zero_options_keep_parity(options):

@@ -1,0 +1,125 @@
+"""DeepSpeed keys the schema accepts (so DeepSpeed configs load) but shardspeed does not act on.
+
+[Note: unsupported keys] A key that is accepted and then ignored is worse than an unknown key: the
+user believes they got CPU offload, sparse gradients or wandb logging and did not. So every such key
+is listed here with the values that mean what shardspeed does anyway ("neutral": DeepSpeed's
+defaults, and values whose meaning our fixed behaviour already has); any other value is a
+ConfigError naming the key. Keys whose every value leaves results and memory as shardspeed has them
+are accepted whatever their value; each says why below. When a key starts working, its entry goes.
+
+Accepted with any value (and why):
+- ``zero_optimization.elastic_checkpoint``: our checkpoints load at any world size and stage by
+  construction (checkpoint/pieces.py); DeepSpeed's ``false`` only withholds that, which no run needs.
+- ``zero_optimization.stage3_gather_16bit_weights_on_model_save``: ``save_16bit_model`` always
+  gathers full weights (stage 3's state_dict hooks); ``false`` in DeepSpeed writes nothing at stage 3.
+- ``zero_optimization.memory_efficient_linear``: stage 3 swaps a released parameter's ``.data`` for a
+  placeholder and re-gathers it before the module's backward, so no op's saved inputs keep a gathered
+  weight alive, whichever linear is used; both values behave as DeepSpeed's ``true``.
+- ``zero_force_ds_cpu_optimizer``: DeepSpeed reads it only with ``offload_optimizer``, rejected here.
+- ``fp16.auto_cast``: ``engine(...)`` casts floating inputs to the compute dtype anyway (DeepSpeed's
+  ``true``); with ``false`` a DeepSpeed script must cast itself, which still works here.
+- ``bf16.immediate_grad_update``: gradient hooks add each bf16 gradient into the fp32 accumulation
+  buffer as soon as it is ready (``true``); ``false`` adds the same values after backward, so results
+  are equal either way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Unsupported:
+    key: str  # dotted, as written in the JSON
+    neutral: Callable[[Any], bool]  # the value means what shardspeed does anyway
+    instead: str  # what shardspeed does, and what to write instead
+
+
+def _is(expected: Any) -> Callable[[Any], bool]:
+    return lambda value: value == expected
+
+
+def _no_offload(value: Any) -> bool:
+    return value is None or value.device == "none"
+
+
+UNSUPPORTED: tuple[Unsupported, ...] = (
+    Unsupported("zero_optimization.offload_optimizer", _no_offload,
+                "optimizer state stays on the training device; remove the key or set \"device\": \"none\" "
+                "(to cut memory per rank use a higher ZeRO stage or more ranks)"),
+    Unsupported("zero_optimization.offload_param", _no_offload,
+                "parameters stay on the training device; remove the key or set \"device\": \"none\" "
+                "(ZeRO stage 3 partitions parameters across ranks)"),
+    # Every strategy copies gradients end to end into flat, contiguous buckets (zero/sharded.py,
+    # zero/stage3.py): that is what true asks for, and there is no non-contiguous path.
+    Unsupported("zero_optimization.contiguous_gradients", _is(True),
+                "gradients always go through contiguous flat buckets; remove the key or set it to true"),
+    # DeepSpeed's sub-groups split the optimizer step into chunks to bound temporary memory (mostly
+    # for offload); we step each rank's partition (stage 3: each unit) whole, as 1e9 does for any
+    # partition up to a billion elements.
+    Unsupported("zero_optimization.sub_group_size", _is(1_000_000_000),
+                "the optimizer steps each rank's partition whole (stage 3: unit by unit); "
+                "remove the key or set it to 1e9"),
+    # Round-robin only orders gradient copies for offloaded optimizer state (DeepSpeed); false is ours.
+    Unsupported("zero_optimization.round_robin_gradients", _is(False),
+                "it only applies to optimizer offload, which is not supported; remove the key or set it to false"),
+    # Checkpoints restore the fp32 masters from the saved fp32 values (checkpoint/engine_io.py).
+    Unsupported("zero_optimization.load_from_fp32_weights", _is(True),
+                "checkpoints always restore the fp32 master weights from their saved fp32 values; "
+                "remove the key or set it to true"),
+    # A parameter that gets no gradient contributes zeros to every reduction (zero/sharded.py,
+    # zero/stage3.py), which is what true means; false would make that an error.
+    Unsupported("zero_optimization.ignore_unused_parameters", _is(True),
+                "parameters that get no gradient are reduced as zeros, never an error; "
+                "remove the key or set it to true"),
+    Unsupported("sparse_gradients", _is(False),
+                "embedding gradients are reduced dense; remove the key or set it to false"),
+    Unsupported("dump_state", _is(False),
+                "print the config yourself (engine.config.model_dump()); remove the key or set it to false"),
+    Unsupported("seed", _is(None),
+                "call torch.manual_seed(...) before shardspeed.initialize(); remove the key"),
+    Unsupported("wandb.enabled", _is(False),
+                "log with \"tensorboard\" or \"csv_monitor\" instead; remove the section or set enabled to false"),
+    # The comm log records every collective (prof_all true); there is no per-op filter or caller trace.
+    Unsupported("comms_logger.prof_all", _is(True),
+                "the comm log records every op; remove the key or set it to true"),
+    Unsupported("comms_logger.prof_ops", _is([]),
+                "the comm log records every op; remove the key"),
+    Unsupported("comms_logger.debug", _is(False),
+                "use comms_logger.verbose for a line per op; remove the key or set it to false"),
+    Unsupported("flops_profiler.recompute_fwd_factor", _is(0.0),
+                "the profile counts one forward; remove the key or set it to 0"),
+    Unsupported("optimizer.legacy_fusion", _is(False),
+                "remove the key or set it to false"),
+    Unsupported("fp16.fp16_master_weights_and_grads", _is(False),
+                "master weights and gradients are fp32 in fp16 training; remove the key or set it to false"),
+)
+
+
+_ABSENT = object()
+
+
+def _lookup(cfg: Any, key: str) -> Any:
+    value = cfg
+    for part in key.split("."):
+        if value is None:
+            return _ABSENT  # an absent optional section (e.g. no "optimizer"): nothing was set
+        value = getattr(value, part)
+    return value
+
+
+def _shown(value: Any) -> Any:
+    dump = getattr(value, "model_dump", None)
+    return dump(exclude_defaults=True) if dump else value
+
+
+def unsupported_settings(cfg: Any) -> list[str]:
+    """One message per key of ``cfg`` set to a value shardspeed does not act on (see the Note)."""
+    messages = []
+    for entry in UNSUPPORTED:
+        value = _lookup(cfg, entry.key)
+        if value is not _ABSENT and not entry.neutral(value):
+            messages.append(f"config key '{entry.key}' = {_shown(value)!r} is not supported yet: {entry.instead}")
+    return messages

@@ -1,0 +1,137 @@
+"""Keys the schema accepts for DeepSpeed's sake but shardspeed does not act on: a value that asks for
+something we do not do is a ConfigError naming the key (config/unsupported.py, Note: unsupported
+keys); the values that mean what we do anyway, as in typical DeepSpeed configs, load."""
+
+import pytest
+
+from shardspeed.config import ConfigError, load_config
+from shardspeed.config.unsupported import UNSUPPORTED
+
+# (config, the whole message the user reads)
+REJECTED = [
+    ({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": True}}},
+     "config key 'zero_optimization.offload_optimizer' = {'device': 'cpu', 'pin_memory': True} is not supported "
+     "yet: optimizer state stays on the training device; remove the key or set \"device\": \"none\" (to cut memory "
+     "per rank use a higher ZeRO stage or more ranks)"),
+    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/nvme"}}},
+     "config key 'zero_optimization.offload_param' = {'device': 'nvme', 'nvme_path': '/nvme'} is not supported "
+     "yet: parameters stay on the training device; remove the key or set \"device\": \"none\" (ZeRO stage 3 "
+     "partitions parameters across ranks)"),
+    ({"zero_optimization": {"contiguous_gradients": False}},
+     "config key 'zero_optimization.contiguous_gradients' = False is not supported yet: gradients always go "
+     "through contiguous flat buckets; remove the key or set it to true"),
+    ({"zero_optimization": {"sub_group_size": 1e8}},
+     "config key 'zero_optimization.sub_group_size' = 100000000 is not supported yet: the optimizer steps each "
+     "rank's partition whole (stage 3: unit by unit); remove the key or set it to 1e9"),
+    ({"zero_optimization": {"round_robin_gradients": True}},
+     "config key 'zero_optimization.round_robin_gradients' = True is not supported yet: it only applies to "
+     "optimizer offload, which is not supported; remove the key or set it to false"),
+    ({"zero_optimization": {"load_from_fp32_weights": False}},
+     "config key 'zero_optimization.load_from_fp32_weights' = False is not supported yet: checkpoints always "
+     "restore the fp32 master weights from their saved fp32 values; remove the key or set it to true"),
+    ({"zero_optimization": {"ignore_unused_parameters": False}},
+     "config key 'zero_optimization.ignore_unused_parameters' = False is not supported yet: parameters that get "
+     "no gradient are reduced as zeros, never an error; remove the key or set it to true"),
+    ({"sparse_gradients": True},
+     "config key 'sparse_gradients' = True is not supported yet: embedding gradients are reduced dense; remove "
+     "the key or set it to false"),
+    ({"dump_state": True},
+     "config key 'dump_state' = True is not supported yet: print the config yourself "
+     "(engine.config.model_dump()); remove the key or set it to false"),
+    ({"seed": 1234},
+     "config key 'seed' = 1234 is not supported yet: call torch.manual_seed(...) before shardspeed.initialize(); "
+     "remove the key"),
+    ({"wandb": {"enabled": True, "project": "p"}},
+     "config key 'wandb.enabled' = True is not supported yet: log with \"tensorboard\" or \"csv_monitor\" "
+     "instead; remove the section or set enabled to false"),
+    ({"comms_logger": {"enabled": True, "prof_all": False}},
+     "config key 'comms_logger.prof_all' = False is not supported yet: the comm log records every op; remove "
+     "the key or set it to true"),
+    ({"comms_logger": {"enabled": True, "prof_ops": ["all_reduce"]}},
+     "config key 'comms_logger.prof_ops' = ['all_reduce'] is not supported yet: the comm log records every op; "
+     "remove the key"),
+    ({"comms_logger": {"enabled": True, "debug": True}},
+     "config key 'comms_logger.debug' = True is not supported yet: use comms_logger.verbose for a line per op; "
+     "remove the key or set it to false"),
+    ({"flops_profiler": {"enabled": True, "recompute_fwd_factor": 1.0}},
+     "config key 'flops_profiler.recompute_fwd_factor' = 1.0 is not supported yet: the profile counts one "
+     "forward; remove the key or set it to 0"),
+    ({"optimizer": {"type": "Adam", "legacy_fusion": True}},
+     "config key 'optimizer.legacy_fusion' = True is not supported yet: remove the key or set it to false"),
+    ({"fp16": {"enabled": True, "fp16_master_weights_and_grads": True}},
+     "config key 'fp16.fp16_master_weights_and_grads' = True is not supported yet: master weights and gradients "
+     "are fp32 in fp16 training; remove the key or set it to false"),
+]
+
+
+@pytest.mark.parametrize("config, message", REJECTED, ids=[m.split("'")[1] for _, m in REJECTED])
+def test_unsupported_value_is_an_error_naming_the_key(config, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(config)
+    assert str(e.value) == message
+
+
+def test_every_unsupported_key_has_a_message_test():
+    assert {m.split("'")[1] for _, m in REJECTED} == {u.key for u in UNSUPPORTED}
+
+
+def test_several_unsupported_keys_are_reported_together():
+    with pytest.raises(ConfigError) as e:
+        load_config({"sparse_gradients": True, "zero_optimization": {"offload_optimizer": {"device": "cpu"}}})
+    lines = str(e.value).splitlines()
+    assert [line.split("'")[1] for line in lines] == ["zero_optimization.offload_optimizer", "sparse_gradients"]
+
+
+def test_deepspeed_zero3_config_with_neutral_values_loads():
+    # DeepSpeed's ZeRO-3 example config (its docs / the Hugging Face integration), offload set to "none".
+    cfg = load_config({
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "bf16": {"enabled": True},
+        "optimizer": {"type": "AdamW", "params": {"lr": 3e-5, "betas": [0.9, 0.999], "eps": 1e-8,
+                                                  "weight_decay": 0.0}},
+        "zero_optimization": {
+            "stage": 3,
+            "offload_optimizer": {"device": "none", "pin_memory": True},
+            "offload_param": {"device": "none", "pin_memory": True},
+            "overlap_comm": True,
+            "contiguous_gradients": True,
+            "reduce_scatter": True,
+            "round_robin_gradients": False,
+            "sub_group_size": 1e9,
+            "reduce_bucket_size": 5e8,
+            "stage3_prefetch_bucket_size": 5e7,
+            "stage3_param_persistence_threshold": 1e5,
+            "stage3_max_live_parameters": 1e9,
+            "stage3_max_reuse_distance": 1e9,
+            "stage3_gather_16bit_weights_on_model_save": True,
+            "load_from_fp32_weights": True,
+            "ignore_unused_parameters": True,
+            "elastic_checkpoint": False,
+            "memory_efficient_linear": False,
+        },
+        "zero_force_ds_cpu_optimizer": False,
+        "sparse_gradients": False,
+        "dump_state": False,
+        "wandb": {"enabled": False},
+        "comms_logger": {"enabled": True, "prof_all": True, "debug": False, "prof_ops": []},
+        "flops_profiler": {"enabled": False, "recompute_fwd_factor": 0.0},
+        "wall_clock_breakdown": False,
+    })
+    z = cfg.zero_optimization
+    assert z.stage == 3 and z.overlap_comm is True and z.offload_optimizer.device == "none"
+    assert z.sub_group_size == 1_000_000_000 and z.stage3_max_reuse_distance == 1_000_000_000
+
+
+@pytest.mark.parametrize("key, value", [
+    ("elastic_checkpoint", True), ("stage3_gather_16bit_weights_on_model_save", False),
+    ("memory_efficient_linear", True),
+])
+def test_keys_whose_every_value_matches_our_behaviour_load(key, value):
+    assert getattr(load_config({"zero_optimization": {key: value}}).zero_optimization, key) == value
+
+
+def test_precision_keys_whose_every_value_matches_our_behaviour_load():
+    assert load_config({"fp16": {"enabled": True, "auto_cast": True}}).fp16.auto_cast
+    assert not load_config({"bf16": {"enabled": True, "immediate_grad_update": False}}).bf16.immediate_grad_update
