@@ -2,7 +2,8 @@
 overlapped with backward (what DDP does).
 
 [Note: gradient buffers] Each trainable parameter's gradient lives in a flat bucket buffer of the
-grad-accumulation dtype (fp32 by default). In fp32 training ``param.grad`` IS a view into that
+grad-accumulation dtype (fp32 by default; with a bf16/fp16 ``data_types.grad_accum_dtype`` the
+optimizer gets an fp32 copy for the length of the step). In fp32 training ``param.grad`` IS a view into that
 buffer, so autograd accumulates in place and nothing is copied. In bf16/fp16 training the module's
 low-precision gradient is added into the fp32 view by the post-accumulate hook and then freed; the
 fp32 master parameters (the optimizer's) point their ``.grad`` at the same views.
@@ -41,9 +42,10 @@ class DataParallelStrategy(OrderedReduction, Strategy):
                 master = p  # fp32 training: the parameter is its own master (no copy)
             else:
                 master = p.detach().to(torch.float32).clone()
-            master.grad = view
-            if self.grads_in_module:
-                p.grad = view
+            if view.dtype == master.dtype:
+                master.grad = view  # else an fp32 copy at each step (link_grads)
+            if self.grads_in_module and p.dtype == view.dtype:
+                p.grad = view  # else (weights not yet cast to bf16/fp16) the first backward's hook links it
             self.masters[id(p)] = master
         self._handles: list[tuple[GradBucket, Handle, torch.Tensor | None]] = []
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
@@ -128,8 +130,11 @@ class DataParallelStrategy(OrderedReduction, Strategy):
             b.buffer.mul_(factor)
 
     def link_grads(self) -> None:
+        # a bf16/fp16 grad_accum_dtype: torch optimizers want gradients in the master's dtype, so the
+        # reduced low-precision buffer is widened for the step and the copy dropped by zero_grad()
         for p in self.params:
-            self.masters[id(p)].grad = self._view(p)
+            master, view = self.masters[id(p)], self._view(p)
+            master.grad = view if view.dtype == master.dtype else view.to(master.dtype)
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -140,6 +145,9 @@ class DataParallelStrategy(OrderedReduction, Strategy):
     def zero_grad(self) -> None:
         for b in self.buckets:
             b.buffer.zero_()
+        if self.opts.grad_accum_dtype != torch.float32:
+            for m in self.masters.values():
+                m.grad = None
         if self.grads_in_module:
             for p in self.params:
                 p.grad = self._view(p)
