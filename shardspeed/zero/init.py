@@ -113,6 +113,7 @@ class Init:
         p.ds_chunk = local_chunk(p.data, self.rank, self.world)
         p.ds_shape = tuple(p.shape)
         p.ds_numel = p.numel()
-        p.data = placeholder(p.dtype, p.device)
+        ph = placeholder(p.dtype, p.device)
+        p.data = ph
         if self._touch is not None:
-            self._touch.track(p)
+            self._touch.track(p, ph)

@@ -54,8 +54,9 @@ class TouchedParameters(TorchFunctionMode):
         self.owner: dict[int, weakref.ref[torch.nn.Parameter]] = {}
         self.whole: list[torch.nn.Parameter] = []
 
-    def track(self, p: torch.nn.Parameter) -> None:
-        self.owner[p.data.untyped_storage().data_ptr()] = weakref.ref(p)
+    def track(self, p: torch.nn.Parameter, ph: torch.Tensor) -> None:
+        """``p`` now holds the placeholder ``ph`` (read from ``ph``: ``p.data`` would be a touch)."""
+        self.owner[ph.untyped_storage().data_ptr()] = weakref.ref(p)
 
     def _partitioned(self, t: torch.Tensor) -> torch.nn.Parameter | None:
         if isinstance(t, torch.nn.Parameter) and hasattr(t, "ds_chunk") and t.data.numel() == 0:

@@ -54,6 +54,8 @@ def _worker(rank, kind, variants):
         if zero_init:
             with shardspeed.zero.Init(config_dict_or_path=_config(stage, world)):
                 model = build()
+            # re-initialised by post_init() / the parent's loop, yet never left whole on any rank
+            assert all(p.numel() == 0 for p in model.parameters())
         else:
             model = build()
         engine, optimizer, _, _ = shardspeed.initialize(model=model, config=_config(stage, world))
