@@ -222,23 +222,35 @@ class ShardedStrategy(OrderedReduction, Strategy):
         out = bucket.grad_shard if direct else wire.new_empty(bucket.splan.shard)
         handle = reduce_scatter(out, wire, group=self.topo.dp_group, async_op=o.overlap)
         self._inflight.append((bucket, handle, out, wire))
+        # [Note: bounded reduction memory] stage 2 borrows a full-size bucket per launched reduction;
+        # retire the oldest once more than reduce_bucket_size elements are in flight, or every
+        # bucket would be borrowed at the end of backward (a full gradient, 4 B/param, which stage 2
+        # exists to avoid) and the pool would keep them all
+        if not self.keep_full_grads:
+            while len(self._inflight) > 1 and sum(e[0].splan.padded for e in self._inflight) > o.bucket_numel:
+                self._retire(self._inflight.pop(0))
 
     def finish_backward(self) -> None:
         if self.reduce_enabled:
             self._launch_ready(flush=True)
 
-    def _drain(self) -> None:
+    def _retire(self, entry: tuple[ShardedBucket, Handle, torch.Tensor, torch.Tensor | None]) -> None:
+        """Wait for one bucket's reduction, average it into the shard, give a borrowed bucket back."""
+        bucket, handle, out, _wire = entry
         o = self.opts
         post = self.topo.dp_world_size / (o.predivide_factor if o.prescale else 1.0)
-        for bucket, handle, out, _wire in self._inflight:
-            handle.wait()
-            if out.data_ptr() == bucket.grad_shard.data_ptr() and out.dtype == bucket.grad_shard.dtype:
-                bucket.grad_shard.div_(post)  # reduced in place
-            else:  # a fresh shard is zeros, so adding is also right for the first micro-batch
-                bucket.grad_shard.add_(out.to(bucket.grad_shard.dtype), alpha=1.0 / post)
-            bucket.shard_fresh = False
-            if not bucket.keep_full_grads:
-                bucket.release_full()
+        handle.wait()
+        if out.data_ptr() == bucket.grad_shard.data_ptr() and out.dtype == bucket.grad_shard.dtype:
+            bucket.grad_shard.div_(post)  # reduced in place
+        else:  # a fresh shard is zeros, so adding is also right for the first micro-batch
+            bucket.grad_shard.add_(out.to(bucket.grad_shard.dtype), alpha=1.0 / post)
+        bucket.shard_fresh = False
+        if not bucket.keep_full_grads:
+            bucket.release_full()
+
+    def _drain(self) -> None:
+        for entry in self._inflight:
+            self._retire(entry)
         self._inflight.clear()
         for bucket in self.buckets:
             bucket.ready = 0
@@ -267,7 +279,8 @@ class ShardedStrategy(OrderedReduction, Strategy):
 
     @torch.no_grad()
     def after_step(self) -> None:
-        """Rebuild every rank's full parameters from the updated shards, in place.
+        """Rebuild every rank's full parameters from the updated shards, in place. Stage 2's pool of
+        temporary buckets is emptied: at rest a rank holds its shards and the parameters only.
 
         [Note: gathers overlap the next forward] With ``overlap_comm: true`` the all-gathers are
         started here, first-used bucket first, and each module's forward pre-hook waits only for
@@ -275,6 +288,7 @@ class ShardedStrategy(OrderedReduction, Strategy):
         ``register_external_parameter``); the root's forward post-hook and ``state_dict()`` wait
         for all of them. Otherwise they complete before ``step()`` returns."""
         self.wait_params()
+        self._pool.clear()
         in_flight = 0
         world, group = self.topo.dp_world_size, self.topo.dp_group
         for i in reversed(range(len(self.buckets))):  # buckets run in reverse registration order

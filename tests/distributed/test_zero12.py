@@ -127,3 +127,41 @@ def test_zero_options_keep_parity(options):
     ranks = run_ranks(engine_run, 2, cfg, steps, ODD)
     ref = reference_run(steps, 8, 3e-3, 0.01, 0.3, ODD)
     assert max_rel_diff(ranks[1]["params"], ref["params"]) < 1e-5
+
+
+def _stage2_borrowed(rank, bucket_numel):
+    """Largest number of full-size gradient elements stage 2 holds at once, and what it keeps at rest."""
+    import shardspeed
+    from shardspeed.zero.sharded import ShardedBucket
+    from tests.distributed.workloads import micro_slices
+
+    state = {"now": 0, "peak": 0}
+    borrow, give_back = ShardedBucket.ensure_full, ShardedBucket.release_full
+
+    def ensure_full(self):
+        if self.grad_full is None and not self.keep_full_grads:
+            state["now"] += self.splan.padded
+            state["peak"] = max(state["peak"], state["now"])
+        return borrow(self)
+
+    def release_full(self):
+        state["now"] -= self.splan.padded
+        give_back(self)
+
+    ShardedBucket.ensure_full, ShardedBucket.release_full = ensure_full, release_full
+    cfg = {**_config(2, 2), "zero_optimization": {"stage": 2, "reduce_bucket_size": bucket_numel}}
+    engine, *_ = shardspeed.initialize(model=tiny_gpt(), config=cfg)
+    for step in range(2):
+        for x, y in micro_slices(step, rank, 2, 2, 2):
+            engine.backward(engine(x, y))
+            engine.step()
+    total = sum(b.splan.padded for b in engine.strategy.buckets)
+    return {"peak": state["peak"], "total": total, "largest": max(b.splan.padded for b in engine.strategy.buckets),
+            "at_rest": engine.memory_breakdown()["temporary_buffers"]}
+
+
+def test_stage2_bounds_the_gradient_buckets_it_borrows():
+    for r in run_ranks(_stage2_borrowed, 2, 700):
+        # the reduce_bucket_size window plus the bucket being filled, never the whole model's gradients
+        assert r["peak"] <= 700 + 2 * r["largest"] < r["total"], r
+        assert r["at_rest"] == 0  # the pool is emptied at step(): at rest a rank holds its shards only
