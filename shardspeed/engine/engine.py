@@ -193,7 +193,8 @@ class ShardspeedEngine(torch.nn.Module):
         """Move tensors to this rank's device; floating inputs take the compute dtype."""
         if torch.is_tensor(obj):
             dtype = self.policy.compute if obj.is_floating_point() else None
-            return obj.to(device=self.device, dtype=dtype)
+            # from pinned host memory the copy is asynchronous (ordered on the stream that uses it)
+            return obj.to(device=self.device, dtype=dtype, non_blocking=obj.is_pinned())
         if isinstance(obj, (list, tuple)):
             return type(obj)(self._to_device(x) for x in obj)
         if isinstance(obj, dict):
@@ -276,13 +277,15 @@ class ShardspeedEngine(torch.nn.Module):
         # The global norm costs a full pass over the gradients: take it only when clipping or fp16
         # overflow detection needs it.
         if self.clip_norm > 0 or self.loss_scaler is not None:
-            norm_sq = self.strategy.grad_norm_sq()
-            if not torch.isfinite(norm_sq):
+            # one host sync per step (not two: isfinite() on the tensor would be another): the
+            # clipping factor and the skip decision are both host-side choices
+            norm_sq = self.strategy.grad_norm_sq().item()
+            if not math.isfinite(norm_sq):
                 self._skip_step(scale)
                 return False
             if self.loss_scaler is not None:
                 self.loss_scaler.update(overflow=False)
-            norm = math.sqrt(norm_sq.item()) / scale
+            norm = math.sqrt(norm_sq) / scale
             self._last_grad_norm = norm
             if self.clip_norm > 0:
                 factor *= min(1.0, self.clip_norm / (norm + 1e-6))

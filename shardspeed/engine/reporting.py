@@ -57,7 +57,9 @@ class StepReporter:
 
     # -- backward and step ------------------------------------------------------------------------
     def on_backward(self, loss: torch.Tensor) -> None:
-        v = loss.detach().float().item()
+        # summed on the loss's device: an .item() here would stall the host every micro-batch;
+        # the sums are read only when a step is logged or printed
+        v = loss.detach().float()
         self._print_sum += v
         self._print_count += 1
         self._step_sum += v
@@ -69,12 +71,13 @@ class StepReporter:
         now = time.perf_counter()
         seconds = now - self._step_start if self._step_start is not None else None
         self._step_start = None
-        step_loss = self._step_sum / max(self._step_count, 1)
+        step_sum, step_count = self._step_sum, self._step_count
         self._step_sum, self._step_count = 0.0, 0
         if seconds:
             self.last = self.throughput.report(e.batch.train_batch_size, seconds)
         if self.monitor.enabled:
             x = e.global_samples
+            step_loss = float(step_sum) / max(step_count, 1)
             events = [("Train/Samples/train_loss", step_loss, x), ("Train/Samples/lr", e.get_lr()[0], x)]
             if e.loss_scaler is not None:
                 events.append(("Train/Samples/loss_scale", e.loss_scale, x))
@@ -90,7 +93,7 @@ class StepReporter:
         then, steps_then = self._last_print
         samples_per_s = (e.global_steps - steps_then) * e.batch.train_batch_size / max(now - then, 1e-9)
         self._last_print = (now, e.global_steps)
-        loss = self._print_sum / max(self._print_count, 1)
+        loss = float(self._print_sum) / max(self._print_count, 1)
         self._print_sum, self._print_count = 0.0, 0
         breakdown = e.timers.summary_ms() if e.config.wall_clock_breakdown else {}
         if self.rank != 0:

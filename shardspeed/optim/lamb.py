@@ -57,10 +57,12 @@ class FusedLamb(torch.optim.Optimizer):
     def _unit_sq(self, tensor_lists: list[list[torch.Tensor]], layout: list[tuple[int, int, int, int]],
                  units: int) -> list[torch.Tensor]:
         """Squared L2 norm per unit for each list of tensors, finished across ranks in ONE collective."""
-        ids = torch.tensor([u for _, u, _, _ in layout], dtype=torch.long)
+        # on the tensors' device: the partial norms are all-reduced (NCCL needs device tensors)
+        device = tensor_lists[0][0].device if tensor_lists and tensor_lists[0] else None
+        ids = torch.tensor([u for _, u, _, _ in layout], dtype=torch.long, device=device)
         vecs = []
         for tensors in tensor_lists:
-            vec = torch.zeros(units, dtype=torch.float32)
+            vec = torch.zeros(units, dtype=torch.float32, device=device)
             if layout:
                 norms = torch.stack(torch._foreach_norm(self._pieces(tensors, layout))).float()
                 vec.index_add_(0, ids, norms * norms)
@@ -96,7 +98,7 @@ class FusedLamb(torch.optim.Optimizer):
         for p in params:
             st = self.state[p]
             if not st:
-                st["step"] = torch.zeros((), dtype=torch.float32)
+                st["step"] = torch.zeros((), dtype=torch.float32)  # on the host: read each step, no device sync
                 st["exp_avg"] = torch.zeros_like(p)
                 st["exp_avg_sq"] = torch.zeros_like(p)
             st["step"] += 1
@@ -121,7 +123,7 @@ class FusedLamb(torch.optim.Optimizer):
         ratio = (w_norm / u_norm).clamp(group["min_coeff"], group["max_coeff"])
         coeff = torch.where((w_norm > 0) & (u_norm > 0), ratio, torch.ones_like(ratio))
         if layout:
-            per_piece = coeff[torch.tensor([u for _, u, _, _ in layout], dtype=torch.long)]
+            per_piece = coeff[torch.tensor([u for _, u, _, _ in layout], dtype=torch.long, device=coeff.device)]
             torch._foreach_mul_(self._pieces(update, layout), list(per_piece.unbind()))
         torch._foreach_add_(params, update, alpha=-group["lr"])
         return coeff

@@ -7,6 +7,14 @@ chunk is kept. Values therefore do not depend on the world size. A parent that i
 children's parameters in its own ``__init__`` (``self.apply(init_fn)``, Hugging Face's
 ``post_init()``) gets each of them whole for the calls that use it (init_touch.py, Note: touched
 after partitioning), so the model equals the one built without ``zero.Init``.
+
+[Note: where the pieces live] The module is built where its code puts it (the host, usually), and
+its placeholders stay there: ``initialize()`` moves the module to the engine's device like any
+other. The chunks live on ``remote_device``: the accelerator's device by default (so the model never
+has to fit in host memory twice over), or the host with ``remote_device="cpu"`` (pinned when
+``pin_memory`` and CUDA exist, so the move at ``initialize()`` is an asynchronous copy); stage 3
+gathers them on its own device there (stage3.py ``_full_flat``). Broadcasts and gathers while
+building run on the accelerator's device, since NCCL takes no host tensors.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from typing import Any
 
 import torch
 
+from shardspeed.accelerator import get_accelerator
 from shardspeed.comm import broadcast, get_global_rank, get_rank, get_world_size, init_distributed, world_group
 from shardspeed.zero.init_touch import TouchedParameters, placeholder
 from shardspeed.zero.param_shard import local_chunk
@@ -41,6 +50,9 @@ class Init:
                  config: Any = None, enabled: bool = True, dtype: torch.dtype | None = None, mpu: Any = None,
                  **_ignored: Any):
         self.enabled = enabled
+        self.remote_device = _remote_device(remote_device)
+        self.pin_memory = pin_memory
+        self.dtype = dtype
         self.group = data_parallel_group
         self.mpu = mpu
         self._patched: list[tuple[type, Any]] = []
@@ -54,6 +66,9 @@ class Init:
         if self.group is None:
             self.group = self.mpu.get_data_parallel_group() if self.mpu is not None else world_group()
         self.rank, self.world = get_rank(self.group), get_world_size(self.group)
+        acc = get_accelerator()
+        self.comm_device = acc.current_device()  # after init_distributed chose this rank's device
+        self.chunk_device = torch.device("cpu") if self.remote_device == "cpu" else self.comm_device
         for cls in _all_subclasses(torch.nn.Module):
             self._patch(cls)
         ctx = self
@@ -64,7 +79,7 @@ class Init:
             ctx._patch(cls)
 
         torch.nn.Module.__init_subclass__ = classmethod(init_subclass)  # classes defined inside the block
-        self._touch = TouchedParameters(self.group, self.world, self._cut)
+        self._touch = TouchedParameters(self.group, self.world, self._cut, self.comm_device)
         self._touch.__enter__()
         return self
 
@@ -108,12 +123,34 @@ class Init:
     @torch.no_grad()
     def _cut(self, p: torch.nn.Parameter) -> None:
         """Keep this rank's chunk of ``p`` (rank 0's values on every rank) and drop the rest."""
+        data = p.data
+        if self.dtype is not None and data.is_floating_point():
+            data = data.to(self.dtype)
         if self.world > 1:
-            broadcast(p.data, src=get_global_rank(self.group, 0), group=self.group)
-        p.ds_chunk = local_chunk(p.data, self.rank, self.world)
+            data = data.to(self.comm_device)
+            broadcast(data, src=get_global_rank(self.group, 0), group=self.group)
+        chunk = local_chunk(data, self.rank, self.world).to(self.chunk_device)
+        if self.pin_memory and chunk.device.type == "cpu":
+            chunk = get_accelerator().pin_memory(chunk)
+        p.ds_chunk = chunk
         p.ds_shape = tuple(p.shape)
         p.ds_numel = p.numel()
-        ph = placeholder(p.dtype, p.device)
+        ph = placeholder(data.dtype, p.device)
         p.data = ph
         if self._touch is not None:
             self._touch.track(p, ph)
+
+
+def _remote_device(value: Any) -> str | None:
+    """``remote_device`` as "cpu" or None (the accelerator's device); "nvme" is refused."""
+    name = None if value is None else str(value).lower()
+    if name == "nvme":
+        raise NotImplementedError(
+            "zero.Init(remote_device='nvme'): NVMe offload of parameters is not supported yet; "
+            "use remote_device='cpu' (host memory) or None (the accelerator's device)")
+    if name in (None, "none", "cuda", "device") or (name is not None and name.startswith("cuda:")):
+        return None
+    if name == "cpu":
+        return "cpu"
+    raise ValueError(f"zero.Init(remote_device={value!r}): expected None, 'cpu' or 'cuda' "
+                     "('nvme' is not supported yet)")

@@ -33,22 +33,27 @@ def placeholder(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.empty(1, dtype=dtype, device=device)[:0]
 
 
-def gather_chunks(p: torch.nn.Parameter, group: Any, world: int) -> torch.Tensor:
-    """``p`` whole, in its own dtype and shape, from every rank's ``ds_chunk`` (a collective)."""
+def gather_chunks(p: torch.nn.Parameter, group: Any, world: int,
+                  comm_device: torch.device | None = None) -> torch.Tensor:
+    """``p`` whole, in its own dtype and shape, from every rank's ``ds_chunk`` (a collective run on
+    ``comm_device``, default the chunk's), on the device of ``p``'s placeholder: where the
+    initialisation code that touched it expects it."""
     chunk = p.ds_chunk
     if world == 1:
-        return chunk[:p.ds_numel].clone().view(p.ds_shape)
+        return chunk[:p.ds_numel].to(p.device, copy=True).view(p.ds_shape)
+    chunk = chunk.to(comm_device or chunk.device)
     full = torch.empty(world * chunk.numel(), dtype=chunk.dtype, device=chunk.device)
     all_gather(full, chunk.contiguous(), group=group)
-    return full[:p.ds_numel].view(p.ds_shape).clone()
+    return full[:p.ds_numel].view(p.ds_shape).to(p.device, copy=True)
 
 
 class TouchedParameters(TorchFunctionMode):
     """Makes partitioned parameters whole for the torch calls that use them (Note above)."""
 
-    def __init__(self, group: Any, world: int, cut: Callable[[torch.nn.Parameter], None]):
+    def __init__(self, group: Any, world: int, cut: Callable[[torch.nn.Parameter], None],
+                 comm_device: torch.device | None = None):
         super().__init__()
-        self.group, self.world, self.cut = group, world, cut
+        self.group, self.world, self.cut, self.comm_device = group, world, cut, comm_device
         # storage address of a placeholder -> its parameter; weak, and checked on use, since an
         # address is reused once a dropped parameter's placeholder is freed
         self.owner: dict[int, weakref.ref[torch.nn.Parameter]] = {}
@@ -92,7 +97,7 @@ class TouchedParameters(TorchFunctionMode):
     def _make_whole(self, p: torch.nn.Parameter) -> None:
         self.cut_all(keep=p)
         self.owner.pop(p.data.untyped_storage().data_ptr(), None)
-        p.data = gather_chunks(p, self.group, self.world)
+        p.data = gather_chunks(p, self.group, self.world, self.comm_device)
         del p.ds_chunk, p.ds_shape, p.ds_numel
         self.whole.append(p)
 

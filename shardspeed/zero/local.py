@@ -31,7 +31,7 @@ class LocalStrategy(Strategy):
     def grad_norm_sq(self) -> torch.Tensor:
         grads = self._grads()
         if not grads:
-            return torch.zeros(())
+            return self.zero_norm()
         return torch.stack([n.float() ** 2 for n in torch._foreach_norm(grads)]).sum()
 
     @torch.no_grad()

@@ -264,7 +264,7 @@ class ShardedStrategy(OrderedReduction, Strategy):
                 (b.grad_shard[s.shard_offset:s.shard_offset + s.length], by_name[s.slot.name])
                 for b in self.buckets for s in shard_segments(b.splan, self.topo.dp_rank)])
         sq = [torch.linalg.vector_norm(b.grad_shard, dtype=torch.float32) ** 2 for b in self.buckets]
-        total = torch.stack(sq).sum() if sq else torch.zeros(())
+        total = torch.stack(sq).sum() if sq else self.zero_norm()
         all_reduce(total, group=self.topo.dp_group)  # one collective: the global norm, and any overflow
         return total
 

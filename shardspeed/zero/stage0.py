@@ -118,7 +118,7 @@ class DataParallelStrategy(OrderedReduction, Strategy):
     def grad_norm_sq(self) -> torch.Tensor:
         if self.topo.mp_world_size == 1:
             sq = [torch.linalg.vector_norm(b.buffer, dtype=torch.float32) ** 2 for b in self.buckets]
-            return torch.stack(sq).sum() if sq else torch.zeros(())
+            return torch.stack(sq).sum() if sq else self.zero_norm()
         # gradients are already averaged: summing them over the data-parallel group too would count
         # each one N times, so fold the dp reduction out
         total = self._model_parallel_norm_sq([(self._view(p), p) for p in self.params])

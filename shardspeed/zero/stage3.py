@@ -120,6 +120,9 @@ class Stage3Strategy(OrderedReduction, Strategy):
         chunk = getattr(p, "ds_chunk", None)
         if chunk is None:
             return p.data.reshape(-1).float()
+        # a model built on the host (zero.Init remote_device="cpu") trains on the engine's device,
+        # where the module's placeholders already are: the collective needs the chunk there too
+        chunk = chunk.to(p.device, non_blocking=True)
         full = torch.empty(self.world * chunk.numel(), dtype=chunk.dtype, device=chunk.device)
         all_gather(full, chunk.contiguous(), group=self.group)
         return full[:p.ds_numel].float()
@@ -472,7 +475,7 @@ class Stage3Strategy(OrderedReduction, Strategy):
                                                  for p, m in zip(u.params, u.master_chunks, strict=True)])
         sq = [torch.linalg.vector_norm(u.grad_shard, dtype=torch.float32) ** 2 for u in self.units
               if u.grad_shard is not None]
-        total = torch.stack(sq).sum() if sq else torch.zeros(())
+        total = torch.stack(sq).sum() if sq else self.zero_norm()
         all_reduce(total, group=self.group)  # one collective: the global norm, and any overflow
         return total
 

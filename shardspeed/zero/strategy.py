@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from shardspeed.accelerator import get_accelerator
 from shardspeed.comm import Topology, all_reduce
 
 
@@ -56,6 +57,9 @@ class Strategy(ABC):
         self.topo = topo
         self.opts = opts
         self.named_params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        # where norms and overflow flags are reduced: NCCL cannot all-reduce a host tensor
+        first = next(module.parameters(), None)
+        self.device = first.device if first is not None else get_accelerator().current_device()
         self.reduce_enabled = True  # false inside no_sync() and on non-boundary micro-batches
         self._no_sync = False
         # true when backward already ran the optimizer (stage 3's optimizer_in_backward): the engine's
@@ -116,7 +120,7 @@ class Strategy(ABC):
         """Squared norm over (gradient piece, its parameter) pairs under model parallelism: a sliced
         parameter (``model_parallel`` / ``tensor_model_parallel`` attribute) counts on every
         model-parallel rank, a replicated one only on model-parallel rank 0. Summed over both groups."""
-        total = torch.zeros((), dtype=torch.float32)
+        total = self.zero_norm()
         for grad, param in pieces:
             sliced = getattr(param, "model_parallel", False) or getattr(param, "tensor_model_parallel", False)
             if sliced or self.topo.mp_rank == 0:
@@ -124,6 +128,11 @@ class Strategy(ABC):
         all_reduce(total, group=self.topo.dp_group)
         all_reduce(total, group=self.topo.mp_group)
         return total
+
+    def zero_norm(self) -> torch.Tensor:
+        """A 0-dim fp32 zero on the gradients' device: the norm of no gradients, and what a rank
+        holding none contributes to the all-reduce (a host tensor would fail under NCCL)."""
+        return torch.zeros((), dtype=torch.float32, device=self.device)
 
     #: every rank holds every piece (stage 0): one rank writes them to checkpoints
     replicated = True
