@@ -50,12 +50,12 @@ class ShardspeedEngine(torch.nn.Module):
         self._planned = [(n, p, p.requires_grad) for n, p in self.module.named_parameters()]
         groups = param_groups(self.module, model_parameters, optimizer)
         z = config.zero_optimization
-        z3 = Stage3Options(prefetch_numel=z.stage3_prefetch_bucket_size,
+        prefetch = z.stage3_prefetch_bucket_size if "stage3_prefetch_bucket_size" in z.model_fields_set else None
+        z3 = Stage3Options(prefetch_numel=prefetch,  # None: stage 3 sizes it to the model (Note: default windows)
                            persistence_threshold=z.stage3_param_persistence_threshold,
                            max_live_numel=z.stage3_max_live_parameters,
                            coalesce_layers=z.stage3_coalesce_layers,
-                           max_reuse_distance=(z.stage3_prefetch_bucket_size if z.stage3_max_reuse_distance is None
-                                               else z.stage3_max_reuse_distance),
+                           max_reuse_distance=z.stage3_max_reuse_distance,
                            optimizer_in_backward=z.optimizer_in_backward)
         self.strategy = make_strategy(z.stage, self.module, topo, self._strategy_options(),
                                       [g["params"] for g in groups], z3)
@@ -99,7 +99,11 @@ class ShardspeedEngine(torch.nn.Module):
             predivide_factor=self.config.gradient_predivide_factor,
             overlap=z.overlap_comm if z.overlap_comm is not None else True,
             overlap_param_gather=z.overlap_comm is True, reduce_scatter=z.reduce_scatter,
-            allgather_partitions=z.allgather_partitions, allgather_numel=z.allgather_bucket_size)
+            allgather_partitions=z.allgather_partitions,
+            # unset, the parameter all-gathers after step() are bounded like the reductions: every
+            # gather in flight holds its bucket twice on gloo (a flat copy), so 5e8 would put a
+            # second copy of the whole model in memory at the end of each step
+            allgather_numel=z.allgather_bucket_size if "allgather_bucket_size" in z.model_fields_set else bucket)
 
     def _broadcast_module(self) -> None:
         """Start every data-parallel replica from rank 0's parameters and buffers."""

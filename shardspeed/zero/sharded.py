@@ -209,6 +209,14 @@ class ShardedStrategy(OrderedReduction, Strategy):
     def _launch(self, bucket: ShardedBucket) -> None:
         bucket.launched = True
         o = self.opts
+        # [Note: bounded reduction memory] stage 2 borrows a full-size bucket per launched reduction,
+        # and on gloo every reduce-scatter in flight holds a flat copy of its input (stages 1 and 2):
+        # before launching, retire the oldest reductions until this one fits in reduce_bucket_size
+        # elements, or a second full gradient (4 B/param) would be alive at the end of backward and
+        # stage 2's pool would keep every bucket. The oldest had the whole time this bucket's
+        # gradients took to compute, so the wait is usually free.
+        while self._inflight and sum(e[0].splan.padded for e in self._inflight) + bucket.splan.padded > o.bucket_numel:
+            self._retire(self._inflight.pop(0))
         full = bucket.ensure_full()  # even if no gradient reached it: every rank joins every collective
         bucket.zero_unwritten()
         wire = full if o.reduce_dtype == full.dtype else full.to(o.reduce_dtype)
@@ -222,13 +230,6 @@ class ShardedStrategy(OrderedReduction, Strategy):
         out = bucket.grad_shard if direct else wire.new_empty(bucket.splan.shard)
         handle = reduce_scatter(out, wire, group=self.topo.dp_group, async_op=o.overlap)
         self._inflight.append((bucket, handle, out, wire))
-        # [Note: bounded reduction memory] stage 2 borrows a full-size bucket per launched reduction;
-        # retire the oldest once more than reduce_bucket_size elements are in flight, or every
-        # bucket would be borrowed at the end of backward (a full gradient, 4 B/param, which stage 2
-        # exists to avoid) and the pool would keep them all
-        if not self.keep_full_grads:
-            while len(self._inflight) > 1 and sum(e[0].splan.padded for e in self._inflight) > o.bucket_numel:
-                self._retire(self._inflight.pop(0))
 
     def finish_backward(self) -> None:
         if self.reduce_enabled:

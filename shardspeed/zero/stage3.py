@@ -92,6 +92,14 @@ class Stage3Strategy(OrderedReduction, Strategy):
                 self.module_units[id(m)] = tuple(ids)
                 m.register_forward_pre_hook(self._pre_forward)
                 m.register_forward_hook(self._post_forward)
+        # [Note: default windows] DeepSpeed's default prefetch window (5e7 elements) is sized for models
+        # of billions of parameters; on a 50M-parameter model it is the whole model, gathered at once.
+        # Unset, the window is an eighth of the model (at least its largest unit, at most 5e7): a few
+        # units ahead, never the model. The reuse distance defaults to the window (Note: reuse distance).
+        sizes = [sum(u.numels) for u in self.units] or [0]
+        self.prefetch_numel = (z3.prefetch_numel if z3.prefetch_numel is not None
+                               else min(50_000_000, max(max(sizes), sum(sizes) // 8)))
+        self.reuse_distance = z3.max_reuse_distance if z3.max_reuse_distance is not None else self.prefetch_numel
         self._placeholder = torch.empty(0, dtype=opts.compute_dtype, device=self.units[0].local.device
                                         if self.units else None)
         for u in self.units:
@@ -219,7 +227,7 @@ class Stage3Strategy(OrderedReduction, Strategy):
         """Start gathering the units that follow trace position ``after`` (step +1 forward, -1 backward)."""
         if not self._trace_done:
             return
-        budget = self.z3.prefetch_numel
+        budget = self.prefetch_numel
         i = after + step
         while 0 <= i < len(self._trace) and budget > 0:
             u = self.units[self._trace[i]]
@@ -279,12 +287,12 @@ class Stage3Strategy(OrderedReduction, Strategy):
         """[Note: reuse distance] Backward needs a unit again after the units that follow it in
         forward: if those hold at most ``stage3_max_reuse_distance`` parameters (as recorded in
         the first step's trace), releasing it now would only make backward gather it again. Kept
-        units count against ``stage3_max_live_parameters``. Unset, the distance is
-        ``stage3_prefetch_bucket_size``: what backward's prefetch would gather right away anyway, so
+        units count against ``stage3_max_live_parameters``. Unset, the distance is the prefetch
+        window: what backward's prefetch would gather right away anyway, so
         keeping it adds no memory beyond the prefetch window and saves its second all-gather."""
-        if not self._trace_done or u.index not in self._position or self.z3.max_reuse_distance <= 0:
+        if not self._trace_done or u.index not in self._position or self.reuse_distance <= 0:
             return False
-        if self._after_in_trace[self._position[u.index]] > self.z3.max_reuse_distance:
+        if self._after_in_trace[self._position[u.index]] > self.reuse_distance:
             return False
         return self._live_numel() <= self.z3.max_live_numel
 
@@ -350,6 +358,12 @@ class Stage3Strategy(OrderedReduction, Strategy):
             return
         u.launched = True
         o = self.opts
+        # [Note: bounded reduction memory] each launched unit holds a full-size gradient buffer (and,
+        # on gloo, a flat copy of it) until its reduce-scatter is done; before launching, retire the
+        # oldest until this one fits in reduce_bucket_size elements, or every unit's full gradients
+        # would be alive at the end of backward (4 bytes per parameter of the whole model)
+        while self._inflight and sum(e[2].numel() * self.world for e in self._inflight) + u.full_numel > o.bucket_numel:
+            self._retire(self._inflight.pop(0))
         if u.grad_in is None:  # no gradient reached it: still join the collective, with zeros
             u.grad_in = self._grad_buffer(u)
             u.written = [False] * len(u.params)
@@ -369,12 +383,6 @@ class Stage3Strategy(OrderedReduction, Strategy):
         direct = u.shard_fresh and wire.dtype == torch.float32
         out = u.grad_shard if direct else wire.new_empty(u.shard_numel)
         self._inflight.append((u, reduce_scatter(out, wire, group=self.group, async_op=o.overlap), out))
-        # [Note: bounded reduction memory] each launched unit holds a full-size gradient buffer
-        # until its reduce-scatter is done; retire the oldest once more than reduce_bucket_size
-        # elements are in flight, or every unit's full gradients would be alive at the end of
-        # backward (4 bytes per parameter of the whole model, not of this rank's shard)
-        while len(self._inflight) > 1 and sum(e[2].numel() * self.world for e in self._inflight) > o.bucket_numel:
-            self._retire(self._inflight.pop(0))
 
     def finish_backward(self) -> None:
         self._launch_ready(flush=True)

@@ -12,11 +12,11 @@ import torch
 
 @dataclass(frozen=True)
 class Stage3Options:
-    prefetch_numel: int = 50_000_000
+    prefetch_numel: int | None = None  # None: auto (Stage3Strategy, Note: default windows)
     persistence_threshold: int = 100_000
     max_live_numel: int = 1_000_000_000
     coalesce_layers: bool = True
-    max_reuse_distance: int = 0
+    max_reuse_distance: int | None = None  # None: the prefetch window
     optimizer_in_backward: bool = False
 
 
