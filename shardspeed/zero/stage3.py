@@ -67,6 +67,7 @@ class Stage3Strategy(OrderedReduction, Strategy):
         self.module_units: dict[int, tuple[int, ...]] = {}
         self._by_storage: dict[int, list[torch.nn.Parameter]] = {}  # gathered parameters by storage
         self._peak_transient = 0
+        self._peak_gathered = 0  # the most parameter bytes gathered or being gathered at once
         # kept up to date at each gather, release and buffer allocation, so the hot path never walks
         # every unit: elements gathered or in flight, and bytes beyond the shards by kind
         self._live = 0
@@ -530,6 +531,7 @@ class Stage3Strategy(OrderedReduction, Strategy):
 
     def _note_peak(self) -> None:
         self._peak_transient = max(self._peak_transient, self._transient_bytes())
+        self._peak_gathered = max(self._peak_gathered, self._held["parameters"] + self._held["in_flight"])
 
     def state_bytes(self) -> dict[str, int]:
         out = {"parameters": 0, "gradients": 0, "master_parameters": 0}
@@ -538,6 +540,7 @@ class Stage3Strategy(OrderedReduction, Strategy):
             out["gradients"] += 0 if u.grad_shard is None else u.grad_shard.numel() * 4
             out["master_parameters"] += 0 if u.master_is_view else u.master.numel() * 4
         out["peak_transient"] = self._peak_transient  # not model state at rest: the high-water mark
+        out["peak_gathered"] = self._peak_gathered  # its gathered-parameter part
         out["transient"] = self._transient_bytes()  # now; 0 at rest between steps
         return out
 

@@ -182,3 +182,30 @@ def test_optimizer_in_backward_equals_plain_pytorch_and_holds_no_gradient_shards
     ordinary = run_ranks(engine_run, world, {**cfg, "zero_optimization": {**cfg["zero_optimization"],
                                                                          "optimizer_in_backward": False}}, 1, ODD)
     assert ordinary[0]["memory"]["gradients"] > 0
+
+
+def _defaults_worker(rank):
+    import shardspeed
+
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(8):
+        layers += [torch.nn.Linear(400, 400), torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers)
+    full_bytes = sum(p.numel() * 4 for p in model.parameters())
+    cfg = {"train_batch_size": 4, "steps_per_print": None, "optimizer": ADAMW, "zero_optimization": {"stage": 3}}
+    engine, *_ = shardspeed.initialize(model=model, config=cfg)
+    for step in range(3):
+        x = torch.randn(2, 400, generator=torch.Generator().manual_seed(step * 2 + rank))
+        engine.backward(engine(x).pow(2).mean())
+        engine.step()
+    return {"peak_gathered": engine.memory_breakdown()["peak_gathered"], "full": full_bytes,
+            "window": engine.strategy.prefetch_numel, "unit": max(sum(u.numels) for u in engine.strategy.units)}
+
+
+def test_default_windows_never_gather_the_whole_model():
+    """DeepSpeed's 5e7-element prefetch default is a whole 1.3M-parameter model; ours, unset, is an
+    eighth of it (here one layer), and the reuse distance follows it (Note: default windows)."""
+    for r in run_ranks(_defaults_worker, 2):
+        assert r["window"] == r["unit"]
+        assert 0 < r["peak_gathered"] <= 0.5 * r["full"], r
