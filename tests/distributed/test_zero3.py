@@ -154,8 +154,12 @@ def test_memory_is_a_shard():
 def test_reuse_distance_keeps_units_for_backward_with_parity_and_fewer_gathers():
     steps = 3
     gathered = {}
-    for reuse in (0, 10**9, None):  # None: unset, i.e. stage3_prefetch_bucket_size (50M: the whole model)
-        zero = {"stage3_max_reuse_distance": reuse} if reuse is not None else {}
+    # None: unset, i.e. the prefetch window (unset too: an eighth of the model, Note: default windows);
+    # "5e7": unset with an explicit 5e7-element prefetch window, which covers this whole model
+    for reuse in (0, 10**9, None, "5e7"):
+        zero = {"stage3_max_reuse_distance": reuse} if isinstance(reuse, int) else {}
+        if reuse == "5e7":
+            zero = {"stage3_prefetch_bucket_size": 50_000_000}
         cfg = {**_config(2, stage3_param_persistence_threshold=0, **zero), "comms_logger": {"enabled": True}}
         ranks = run_ranks(engine_run, 2, cfg, steps, ODD)
         ref = reference_run(steps, 8, 3e-3, 0.01, 0.3, ODD)
@@ -163,7 +167,10 @@ def test_reuse_distance_keeps_units_for_backward_with_parity_and_fewer_gathers()
         gathered[reuse] = ranks[0]["comm_bytes"]["all_gather"]
     # from the second step on, backward no longer gathers what forward released
     assert gathered[10**9] < 0.8 * gathered[0]
-    assert gathered[None] == gathered[10**9]  # the default keeps what backward would prefetch at once
+    # the default keeps what backward would prefetch at once: some units within the default window,
+    # everything once the window covers the model
+    assert gathered[10**9] < gathered[None] < gathered[0]
+    assert gathered["5e7"] == gathered[10**9]
 
 
 @pytest.mark.parametrize("world,zero_init", [(2, False), (3, True)])
