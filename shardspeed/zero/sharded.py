@@ -18,14 +18,15 @@ from typing import Any
 
 import torch
 
-from shardspeed.comm import Handle, Topology, all_gather, all_reduce, broadcast, get_global_rank, reduce_scatter
+from shardspeed.comm import Handle, Topology, all_gather, all_reduce, broadcast, get_global_rank
 from shardspeed.zero.partition import ShardedBucketPlan, plan_sharded_buckets, shard_segments
+from shardspeed.zero.reducer import BufferPool, GradientReducer, zero_unwritten
 from shardspeed.zero.strategy import OrderedReduction, Piece, Strategy, StrategyOptions
 
 
 class ShardedBucket:
     def __init__(self, splan: ShardedBucketPlan, params: list[torch.nn.Parameter], rank: int,
-                 opts: StrategyOptions, keep_full_grads: bool, pool: dict[tuple, list[torch.Tensor]]):
+                 opts: StrategyOptions, keep_full_grads: bool, pool: BufferPool):
         self.splan = splan
         self.params = params  # in slot order
         self.lo, self.hi = splan.shard_range(rank)
@@ -65,24 +66,20 @@ class ShardedBucket:
     def ensure_full(self) -> torch.Tensor:
         """The full gradient bucket (stage 2 borrows it from a pool for the length of one backward)."""
         if self.grad_full is None:
-            free = self.pool.get((self.splan.padded, self.accum_dtype))
-            self.grad_full = free.pop() if free else torch.empty(
-                self.splan.padded, dtype=self.accum_dtype, device=self.param_buffer.device)
+            self.grad_full = self.pool.take(self.splan.padded, self.accum_dtype, self.param_buffer.device)
             self.written = [False] * len(self.params)
         return self.grad_full
 
     def zero_unwritten(self) -> None:
         if self.written is None:
             return
-        full = self.ensure_full()
-        for s, slot in enumerate(self.splan.plan.slots):
-            if not self.written[s]:
-                full[slot.offset:slot.offset + slot.numel].zero_()
-        full[self.splan.plan.numel:].zero_()  # padding
+        slots = self.splan.plan.slots
+        zero_unwritten(self.ensure_full(), [(s.offset, s.offset + s.numel) for s in slots], self.written,
+                       [(self.splan.plan.numel, self.splan.padded)])
 
     def release_full(self) -> None:
         """Stage 2: give the temporary bucket back to the pool (reused by the next backward)."""
-        self.pool.setdefault((self.splan.padded, self.accum_dtype), []).append(self.grad_full)
+        self.pool.give(self.grad_full)
         self.grad_full, self.written = None, None
 
     def full_grad_view(self, slot_index: int) -> torch.Tensor:
@@ -112,7 +109,8 @@ class ShardedStrategy(OrderedReduction, Strategy):
                                      [[tuple(p.shape) for p in g] for g in self.groups],
                                      opts.bucket_numel, topo.dp_world_size)
         by_name = {n: p for n, p in self.named_params}
-        self._pool: dict[tuple, list[torch.Tensor]] = {}
+        self._pool = BufferPool()
+        self._reducer = GradientReducer(opts, topo.dp_group, topo.dp_world_size, bound=opts.bucket_numel)
         self.buckets = [ShardedBucket(sp, [by_name[s.name] for s in sp.plan.slots], topo.dp_rank, opts,
                                       self.keep_full_grads, self._pool) for sp in plans]
         self._where = {id(p): (b, s) for b, bk in enumerate(self.buckets) for s, p in enumerate(bk.params)}
@@ -121,7 +119,6 @@ class ShardedStrategy(OrderedReduction, Strategy):
             for bucket in self.buckets:
                 for s, p in enumerate(bucket.params):
                     p.grad = bucket.full_grad_view(s)
-        self._inflight: list[tuple[ShardedBucket, Handle, torch.Tensor, torch.Tensor | None]] = []
         self._boundary = True
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for _, p in self.named_params]
         self._gathers: dict[int, list[Handle]] = {}  # bucket -> parameter gathers still in flight
@@ -208,51 +205,23 @@ class ShardedStrategy(OrderedReduction, Strategy):
 
     def _launch(self, bucket: ShardedBucket) -> None:
         bucket.launched = True
-        o = self.opts
-        # [Note: bounded reduction memory] stage 2 borrows a full-size bucket per launched reduction,
-        # and on gloo every reduce-scatter in flight holds a flat copy of its input (stages 1 and 2):
-        # before launching, retire the oldest reductions until this one fits in reduce_bucket_size
-        # elements, or a second full gradient (4 B/param) would be alive at the end of backward and
-        # stage 2's pool would keep every bucket. The oldest had the whole time this bucket's
-        # gradients took to compute, so the wait is usually free.
-        while self._inflight and sum(e[0].splan.padded for e in self._inflight) + bucket.splan.padded > o.bucket_numel:
-            self._retire(self._inflight.pop(0))
         full = bucket.ensure_full()  # even if no gradient reached it: every rank joins every collective
         bucket.zero_unwritten()
-        wire = full if o.reduce_dtype == full.dtype else full.to(o.reduce_dtype)
-        if o.prescale and o.predivide_factor != 1.0:
-            wire.div_(o.predivide_factor)
-        if not o.reduce_scatter:  # DeepSpeed's reduce_scatter: false: average everything, keep the shard
-            handle = all_reduce(wire, group=self.topo.dp_group, async_op=o.overlap)
-            self._inflight.append((bucket, handle, wire[bucket.lo:bucket.hi], wire))
-            return
-        direct = bucket.shard_fresh and wire.dtype == bucket.grad_shard.dtype
-        out = bucket.grad_shard if direct else wire.new_empty(bucket.splan.shard)
-        handle = reduce_scatter(out, wire, group=self.topo.dp_group, async_op=o.overlap)
-        self._inflight.append((bucket, handle, out, wire))
+        self._reducer.add_shard(full, bucket.grad_shard, bucket.lo, bucket.shard_fresh,
+                                on_done=lambda: self._reduced(bucket))
+
+    @staticmethod
+    def _reduced(bucket: ShardedBucket) -> None:
+        bucket.shard_fresh = False
+        if not bucket.keep_full_grads:
+            bucket.release_full()  # stage 2: the borrowed bucket goes back to the pool
 
     def finish_backward(self) -> None:
         if self.reduce_enabled:
             self._launch_ready(flush=True)
 
-    def _retire(self, entry: tuple[ShardedBucket, Handle, torch.Tensor, torch.Tensor | None]) -> None:
-        """Wait for one bucket's reduction, average it into the shard, give a borrowed bucket back."""
-        bucket, handle, out, _wire = entry
-        o = self.opts
-        post = self.topo.dp_world_size / (o.predivide_factor if o.prescale else 1.0)
-        handle.wait()
-        if out.data_ptr() == bucket.grad_shard.data_ptr() and out.dtype == bucket.grad_shard.dtype:
-            bucket.grad_shard.div_(post)  # reduced in place
-        else:  # a fresh shard is zeros, so adding is also right for the first micro-batch
-            bucket.grad_shard.add_(out.to(bucket.grad_shard.dtype), alpha=1.0 / post)
-        bucket.shard_fresh = False
-        if not bucket.keep_full_grads:
-            bucket.release_full()
-
     def _drain(self) -> None:
-        for entry in self._inflight:
-            self._retire(entry)
-        self._inflight.clear()
+        self._reducer.drain()
         for bucket in self.buckets:
             bucket.ready = 0
             bucket.launched = False
@@ -344,7 +313,7 @@ class ShardedStrategy(OrderedReduction, Strategy):
             out["gradients"] += 0 if b.shard_in_full else nbytes(b.grad_shard)
             out["master_parameters"] += 0 if b.master_is_view else nbytes(b.master)
         # stage 2's reusable gradient buckets: bounded by reduce_bucket_size x buckets in flight
-        out["temporary_buffers"] = sum(nbytes(t) for ts in self._pool.values() for t in ts)
+        out["temporary_buffers"] = self._pool.pooled_bytes()
         return out
 
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from shardspeed.comm import Handle, Topology, all_reduce
+from shardspeed.comm import Topology
 from shardspeed.zero.buckets import GradBucket, plan_buckets
+from shardspeed.zero.reducer import GradientReducer
 from shardspeed.zero.strategy import OrderedReduction, Strategy, StrategyOptions
 
 
@@ -47,7 +48,7 @@ class DataParallelStrategy(OrderedReduction, Strategy):
             if self.grads_in_module and p.dtype == view.dtype:
                 p.grad = view  # else (weights not yet cast to bf16/fp16) the first backward's hook links it
             self.masters[id(p)] = master
-        self._handles: list[tuple[GradBucket, Handle, torch.Tensor | None]] = []
+        self._reducer = GradientReducer(opts, topo.dp_group, topo.dp_world_size, bound=None)
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
 
     def _view(self, p: torch.Tensor) -> torch.Tensor:
@@ -86,12 +87,7 @@ class DataParallelStrategy(OrderedReduction, Strategy):
 
     def _launch(self, bucket: GradBucket) -> None:
         bucket.launched = True
-        o = self.opts
-        wire = bucket.buffer if o.reduce_dtype == bucket.buffer.dtype else bucket.buffer.to(o.reduce_dtype)
-        if o.prescale and o.predivide_factor != 1.0:
-            wire.div_(o.predivide_factor)
-        handle = all_reduce(wire, group=self.topo.dp_group, async_op=o.overlap)
-        self._handles.append((bucket, handle, wire if wire is not bucket.buffer else None))
+        self._reducer.average(bucket.buffer)
 
     def finish_backward(self) -> None:
         if self.reduce_enabled:
@@ -102,15 +98,7 @@ class DataParallelStrategy(OrderedReduction, Strategy):
         self._pending = self._pending or self.reduce_enabled
 
     def _drain(self) -> None:
-        o = self.opts
-        post = self.topo.dp_world_size / (o.predivide_factor if o.prescale else 1.0)
-        for bucket, handle, wire in self._handles:
-            handle.wait()
-            if wire is not None:
-                bucket.buffer.copy_(wire)
-            if post != 1.0:
-                bucket.buffer.div_(post)
-        self._handles.clear()
+        self._reducer.drain()
         for bucket in self.buckets:
             bucket.reset()
 

@@ -41,7 +41,8 @@ from typing import Any
 
 import torch
 
-from shardspeed.comm import Handle, Topology, all_gather, all_reduce, reduce_scatter
+from shardspeed.comm import Topology, all_gather, all_reduce
+from shardspeed.zero.reducer import BufferPool, GradientReducer, zero_unwritten
 from shardspeed.zero.stage3_parts import (
     SavedParam,
     Stage3Options,
@@ -74,7 +75,8 @@ class Stage3Strategy(OrderedReduction, Strategy):
         self._held = {"parameters": 0, "in_flight": 0, "gradient_buffers": 0, "gradient_shards": 0}
         self.steps_in_backward = z3.optimizer_in_backward
         self._optimizer: Any = None
-        self._grad_pool: dict[tuple[int, torch.dtype], list[torch.Tensor]] = {}
+        self._pool = BufferPool()  # full-size gradient buffers, one per unit between filling and reduced
+        self._reducer = GradientReducer(opts, topo.dp_group, topo.dp_world_size, bound=opts.bucket_numel)
         created = unit_members(module, z3)
         # reverse registration order: roughly the order backward finishes units in
         root_unit: dict[int, int] = {}
@@ -114,7 +116,6 @@ class Stage3Strategy(OrderedReduction, Strategy):
         module.register_state_dict_pre_hook(self._state_dict_pre)
         # torch tags the hook object it is given, which a bound method cannot carry: wrap it
         module.register_state_dict_post_hook(lambda *a: self._state_dict_post(*a))
-        self._inflight: list[tuple[Unit, Handle, torch.Tensor]] = []
         self._boundary = True
         self._trace: list[int] = []
         self._trace_done = False
@@ -344,12 +345,9 @@ class Stage3Strategy(OrderedReduction, Strategy):
 
     def _grad_buffer(self, u: Unit) -> torch.Tensor:
         """A full-size gradient buffer for ``u``, uninitialised (see _on_grad)."""
-        key = (u.full_numel, self.opts.grad_accum_dtype)
-        free = self._grad_pool.get(key)
-        if free:
-            return free.pop()
-        self._held["gradient_buffers"] += key[0] * torch.tensor([], dtype=key[1]).element_size()
-        return torch.empty(key[0], dtype=key[1], device=u.local.device)
+        buf = self._pool.take(u.full_numel, self.opts.grad_accum_dtype, u.local.device)
+        self._held["gradient_buffers"] = self._pool.allocated
+        return buf
 
     def _reduction_units(self) -> list[Unit]:
         return self.units
@@ -358,32 +356,19 @@ class Stage3Strategy(OrderedReduction, Strategy):
         if not u.trainable:  # frozen parameters only: nothing to reduce
             return
         u.launched = True
-        o = self.opts
-        # [Note: bounded reduction memory] each launched unit holds a full-size gradient buffer (and,
-        # on gloo, a flat copy of it) until its reduce-scatter is done; before launching, retire the
-        # oldest until this one fits in reduce_bucket_size elements, or every unit's full gradients
-        # would be alive at the end of backward (4 bytes per parameter of the whole model)
-        while self._inflight and sum(e[2].numel() * self.world for e in self._inflight) + u.full_numel > o.bucket_numel:
-            self._retire(self._inflight.pop(0))
         if u.grad_in is None:  # no gradient reached it: still join the collective, with zeros
             u.grad_in = self._grad_buffer(u)
             u.written = [False] * len(u.params)
-        for pos, done in enumerate(u.written):
-            if not done:  # a parameter that got no gradient this backward contributes zeros
-                u.grad_in[u.layout.offsets[pos]:u.layout.offsets[pos] + u.numels[pos]].zero_()
-        for lo, hi in u.layout.gaps:  # alignment and tail padding: reduced, never read, kept finite
-            u.grad_in[lo:hi].zero_()
-        wire = u.grad_in if o.reduce_dtype == u.grad_in.dtype else u.grad_in.to(o.reduce_dtype)
-        if o.prescale and o.predivide_factor != 1.0:
-            wire.div_(o.predivide_factor)
+        # a parameter that got no gradient this backward contributes zeros; so do alignment and padding
+        zero_unwritten(u.grad_in, [(o, o + n) for o, n in zip(u.layout.offsets, u.numels, strict=True)], u.written,
+                       u.layout.gaps)
         if u.grad_shard is None:  # optimizer in backward: this unit's shard lives until its step
-            fp32 = wire.dtype == torch.float32  # written whole by the reduce-scatter, else summed into
-            shard = (torch.empty if fp32 else torch.zeros)(u.shard_numel, dtype=torch.float32, device=wire.device)
+            whole = self.opts.reduce_dtype == torch.float32  # written whole by the reduce-scatter, else summed into
+            shard = (torch.empty if whole else torch.zeros)(u.shard_numel, dtype=torch.float32, device=u.local.device)
             u.grad_shard, u.shard_fresh = shard, True
             self._held["gradient_shards"] += shard.numel() * 4
-        direct = u.shard_fresh and wire.dtype == torch.float32
-        out = u.grad_shard if direct else wire.new_empty(u.shard_numel)
-        self._inflight.append((u, reduce_scatter(out, wire, group=self.group, async_op=o.overlap), out))
+        self._reducer.add_shard(u.grad_in, u.grad_shard, self.rank * u.shard_numel, u.shard_fresh,
+                                on_done=lambda: self._reduced(u))
 
     def finish_backward(self) -> None:
         self._launch_ready(flush=True)
@@ -398,19 +383,12 @@ class Stage3Strategy(OrderedReduction, Strategy):
         if not self._boundary:
             self._drain_all()
 
-    def _retire(self, entry: tuple[Unit, Handle, torch.Tensor]) -> None:
-        """Wait for one unit's reduce-scatter, average into its gradient shard, drop the buffer."""
-        u, handle, out = entry
-        o = self.opts
-        post = self.world / (o.predivide_factor if o.prescale else 1.0)
-        handle.wait()
-        if out is u.grad_shard:
-            out.div_(post)
-        else:
-            u.grad_shard.add_(out.to(torch.float32), alpha=1.0 / post)
+    def _reduced(self, u: Unit) -> None:
+        """``u``'s average is in its gradient shard: its buffer goes back to the pool (reused by the next
+        unit of this size in this backward; emptied by step()), and with the optimizer in backward the
+        unit steps now."""
         u.shard_fresh = False
-        # reused by the next unit of this size in this backward; the pool is emptied by step()
-        self._grad_pool.setdefault((u.grad_in.numel(), u.grad_in.dtype), []).append(u.grad_in)
+        self._pool.give(u.grad_in)
         u.grad_in = None
         if self.steps_in_backward:
             self._step_unit(u)
@@ -431,9 +409,7 @@ class Stage3Strategy(OrderedReduction, Strategy):
         self._held["gradient_shards"] -= shard.numel() * 4
 
     def _drain(self) -> None:
-        for entry in self._inflight:
-            self._retire(entry)
-        self._inflight.clear()
+        self._reducer.drain()
         for u in self.units:
             u.accumulated = 0
             u.launched = False
@@ -503,9 +479,8 @@ class Stage3Strategy(OrderedReduction, Strategy):
     def after_step(self) -> None:
         self._release_deferred()
         # at rest stage 3 holds shards only (every buffer is back in the pool once reductions drained)
-        self._held["gradient_buffers"] -= sum(t.numel() * t.element_size() for ts in self._grad_pool.values()
-                                              for t in ts)
-        self._grad_pool.clear()
+        self._pool.clear()
+        self._held["gradient_buffers"] = self._pool.allocated
         for u in self.units:
             if not u.master_is_view:
                 u.local.copy_(u.master)
