@@ -185,30 +185,38 @@ def _load_module_extras(engine: Any, common: dict[str, Any], strict: bool) -> No
                 params[name].data.copy_(value)
 
 
-def _restore_counters(engine: Any, saved: dict[str, Any]) -> None:
+def _restore_counters(engine: Any, saved: dict[str, Any]) -> int:
     """[Note: counters across layouts] ``micro_steps`` counts micro-batches of *this* run's size, so
     it means something else once the accumulation steps change (2 ranks x 2 micro-batches is 1 rank
     x 4): it is rebuilt from the global step, which every layout with the same global batch shares.
     Within an accumulation window (a save between two micro-batches) the partial gradients are not
-    saved; the offset into the window is kept only when the window is the same length."""
+    saved: with the same window length the offset into it is kept (and the step that ends it sees
+    only the micro-batches after the load, said in the log); otherwise the run resumes at the start
+    of the window. Returns the saved micro-batches dropped that way (the loader rewinds by them)."""
     for key in ("global_steps", "skipped_steps", "global_samples"):
         setattr(engine, key, saved[key])
     gas = engine.gradient_accumulation_steps()
     saved_gas = saved.get("gradient_accumulation_steps")
     if saved_gas is None:  # written before the counters carried it
         engine.micro_steps = saved["micro_steps"]
-        return
+        return 0
     into_window = saved["micro_steps"] - saved["global_steps"] * saved_gas
+    dropped = 0
     if into_window and saved_gas != gas:
         log.warning("checkpoint was saved %d micro-batches into an accumulation window of %d; resuming at the "
                     "start of a window of %d (partial gradients are not saved)", into_window, saved_gas, gas)
-        into_window = 0
+        into_window, dropped = 0, into_window
+    elif into_window:
+        log.warning("checkpoint was saved %d micro-batches into an accumulation window of %d: their gradients "
+                    "were not saved, so the next step averages only the micro-batches after the load",
+                    into_window, gas)
     engine.micro_steps = saved["global_steps"] * gas + into_window
+    return dropped
 
 
 def _load_training_state(engine: Any, common: dict[str, Any], ckpt: Path, manifest: dict[str, Any],
                          with_optimizer: bool, with_scheduler: bool) -> None:
-    _restore_counters(engine, common["counters"])
+    dropped = _restore_counters(engine, common["counters"])
     if with_optimizer:
         for group, saved in zip(engine.optimizer.param_groups, common["optimizer_groups"], strict=False):
             group.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items()})
@@ -220,7 +228,9 @@ def _load_training_state(engine: Any, common: dict[str, Any], ckpt: Path, manife
     if common["loader"] is not None and hasattr(loader, "load_state_dict"):
         state = dict(common["loader"])
         # the position counts this rank's micro-batches; in samples it survives a change of world
-        # size or micro-batch size (the global batch is the same, and saves happen at step boundaries)
+        # size or micro-batch size (the global batch is the same); micro-batches of a window the
+        # load restarts are read again
+        state["position"] -= dropped
         saved_per_micro = common["counters"].get("samples_per_micro_step")
         if saved_per_micro:
             here = engine.train_micro_batch_size_per_gpu() * engine.dp_world_size

@@ -128,7 +128,11 @@ def _exit_key() -> str:
 # An exception in another thread does not end the process, so threading.excepthook is left alone.
 # The failing rank writes ``<exit key>/failed`` = "<rank> <why>" so that peers already waiting in
 # the rendezvous stop waiting for it.
-_leaving: list[str] = []  # why this process is leaving on failure, if it is
+# why this process is leaving on failure, and when it was recorded. A ``sys.exit(n)`` counts only from
+# the main thread and only if the interpreter ends within _EXIT_RECENT_S of it: a script that catches
+# its own SystemExit (``try: parser.parse_args() except SystemExit``) and trains on is not failing.
+_leaving: list[tuple[str, float | None]] = []
+_EXIT_RECENT_S = 5.0
 _hooks_installed = [False]
 
 
@@ -140,12 +144,13 @@ def record_failures() -> None:
     previous_hook, real_exit = sys.excepthook, sys.exit
 
     def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
-        _leaving.append(f"unhandled {kind.__name__}")
+        _leaving.append((f"unhandled {kind.__name__}", None))
         previous_hook(kind, value, tb)
 
     def exit_recording(status: object = None) -> None:
         if status is not None and status != 0:
-            _leaving.append(f"sys.exit({status!r})")
+            if threading.current_thread() is threading.main_thread():
+                _leaving.append((f"sys.exit({status!r})", time.monotonic()))
         real_exit(status)
 
     sys.excepthook, sys.exit = hook, exit_recording
@@ -153,8 +158,9 @@ def record_failures() -> None:
 
 def leaving_on_failure() -> str | None:
     """Why this process is ending on a failure (see Note: leaving on failure), or None."""
-    if _leaving:
-        return _leaving[0]
+    for why, when in _leaving:
+        if when is None or time.monotonic() - when < _EXIT_RECENT_S:
+            return why
     value = getattr(sys, "last_value", None)
     return f"unhandled {type(value).__name__}" if value is not None else None
 

@@ -85,10 +85,12 @@ class ZeroConfig(Section):
     offload_param: OffloadConfig | None = None
     offload_optimizer: OffloadConfig | None = None
     sub_group_size: int = 1_000_000_000
+    # DeepSpeed's default (5e7) when set; unset, stage 3 sizes the window to the model (zero/stage3.py,
+    # Note: default windows), so the engine reads model_fields_set to tell the two apart
     stage3_prefetch_bucket_size: int = Field(50_000_000, alias="prefetch_bucket_size")
     stage3_param_persistence_threshold: int = Field(100_000, alias="param_persistence_threshold")
     stage3_max_live_parameters: int = Field(1_000_000_000, alias="max_live_parameters")
-    # DeepSpeed's default is 1e9 (keep everything). Ours, when unset, is stage3_prefetch_bucket_size: a
+    # DeepSpeed's default is 1e9 (keep everything). Ours, when unset, is the prefetch window: a
     # unit stays gathered from forward into backward only if backward would prefetch it again at
     # once, so keeping it costs no memory beyond the prefetch window (zero/stage3.py, Note: reuse distance)
     stage3_max_reuse_distance: int | None = Field(None, ge=0, alias="max_reuse_distance")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from shardspeed.accelerator import native_bf16
-from shardspeed.comm import get_rank
+from shardspeed.comm import all_reduce, get_rank, get_world_size, is_initialized
 from shardspeed.config import ShardspeedConfig
 
 log = logging.getLogger("shardspeed")
@@ -44,15 +44,24 @@ def resolve_compute_dtype(cfg: ShardspeedConfig, device_type: str = "cpu") -> st
     if requested not in ("bf16", "auto"):
         return requested
     support = native_bf16(device_type)
+    native = support.native
+    if is_initialized() and get_world_size() > 1:
+        # every rank must train in the same dtype (parameter all-gathers, checkpoints): a job whose
+        # nodes differ (AVX512-BF16 on one, AVX2 on another) uses bf16 only if all of them have it
+        flag = torch.tensor([1 if native else 0], device=device_type if device_type == "cuda" else "cpu")
+        all_reduce(flag, op="min")
+        if bool(flag.item()) != native:
+            support = type(support)(False, f"{support.reason}; another rank has no native bf16")
+        native = bool(flag.item())
     device = "GPU" if device_type == "cuda" else "CPU"
     if requested == "auto":
-        if support.native:
+        if native:
             _say_once(logging.INFO, f"bf16: auto -> bf16: this {device} computes bf16 natively ({support.reason})")
             return "bf16"
         _say_once(logging.INFO, f"bf16: auto -> fp32: this {device} has no native bf16 ({support.reason}); "
                                 f"emulated bf16 would run ~100x slower than fp32")
         return "fp32"
-    if not support.native:
+    if not native:
         _say_once(logging.WARNING,
                   f"bf16.enabled is true but this {device} has no native bf16 ({support.reason}): bf16 is "
                   f"emulated and will run ~100x slower than fp32. Set \"bf16\": {{\"enabled\": \"auto\"}} "

@@ -102,20 +102,31 @@ class GradientReducer:
 
 class BufferPool:
     """Full-size gradient buffers, uninitialised, kept between borrows of the same size within a
-    step and emptied at ``step()`` (at rest a rank holds its shards only)."""
+    step and emptied at ``step()`` (at rest a rank holds its shards only). At most ``cap_numel``
+    elements are kept: buffers of many sizes (one per bucket size) would otherwise pile up beyond
+    the bound on what is in flight (Note: bounded reduction memory)."""
 
-    def __init__(self) -> None:
+    def __init__(self, cap_numel: int) -> None:
+        self.cap_numel = cap_numel
         self._free: dict[tuple[int, torch.dtype], list[torch.Tensor]] = {}
+        self._pooled_numel = 0
         self.allocated = 0  # bytes of buffers alive (borrowed or pooled)
+        self.peak_allocated = 0
 
     def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         free = self._free.get((numel, dtype))
         if free:
+            self._pooled_numel -= numel
             return free.pop()
         self.allocated += numel * torch.tensor([], dtype=dtype).element_size()
+        self.peak_allocated = max(self.peak_allocated, self.allocated)
         return torch.empty(numel, dtype=dtype, device=device)
 
     def give(self, t: torch.Tensor) -> None:
+        if self._pooled_numel + t.numel() > self.cap_numel:
+            self.allocated -= t.numel() * t.element_size()  # dropped: freed once the caller lets go
+            return
+        self._pooled_numel += t.numel()
         self._free.setdefault((t.numel(), t.dtype), []).append(t)
 
     def pooled_bytes(self) -> int:
@@ -123,6 +134,7 @@ class BufferPool:
 
     def clear(self) -> None:
         self.allocated -= self.pooled_bytes()
+        self._pooled_numel = 0
         self._free.clear()
 
 

@@ -7,8 +7,9 @@ rank's shard is a view of that buffer in fp32 training (no second copy) and an f
 Stage 1 keeps a full gradient buffer per bucket (autograd accumulates into it across micro-batches;
 one reduce-scatter at the boundary, in place, leaves this rank's averaged shard at [lo, hi)).
 Stage 2 keeps only the fp32 gradient shard: each micro-batch's gradients are gathered into a
-temporary full bucket, reduce-scattered as soon as the bucket is complete (overlapping backward),
-added to the shard, and the temporary bucket is freed.
+temporary full bucket borrowed from a pool, reduce-scattered as soon as the bucket is complete
+(overlapping backward), added to the shard, and the bucket given back; the pool keeps at most
+``reduce_bucket_size`` elements and is emptied at ``step()`` (reducer.py).
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ class ShardedStrategy(OrderedReduction, Strategy):
                                      [[tuple(p.shape) for p in g] for g in self.groups],
                                      opts.bucket_numel, topo.dp_world_size)
         by_name = {n: p for n, p in self.named_params}
-        self._pool = BufferPool()
+        self._pool = BufferPool(cap_numel=opts.bucket_numel)
         self._reducer = GradientReducer(opts, topo.dp_group, topo.dp_world_size, bound=opts.bucket_numel)
         self.buckets = [ShardedBucket(sp, [by_name[s.name] for s in sp.plan.slots], topo.dp_rank, opts,
                                       self.keep_full_grads, self._pool) for sp in plans]
@@ -312,7 +313,7 @@ class ShardedStrategy(OrderedReduction, Strategy):
             out["gradients"] += nbytes(b.grad_full) if b.keep_full_grads else 0
             out["gradients"] += 0 if b.shard_in_full else nbytes(b.grad_shard)
             out["master_parameters"] += 0 if b.master_is_view else nbytes(b.master)
-        # stage 2's reusable gradient buckets: bounded by reduce_bucket_size x buckets in flight
+        # stage 2's reusable gradient buckets: at most reduce_bucket_size elements (BufferPool), 0 at rest
         out["temporary_buffers"] = self._pool.pooled_bytes()
         return out
 

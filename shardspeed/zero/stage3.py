@@ -19,7 +19,8 @@
   same collectives.
 - Units at most ``stage3_param_persistence_threshold`` elements stay gathered.
 - After the first step the order in which units were gathered is known; from then on the next
-  units (up to ``stage3_prefetch_bucket_size`` elements, and never more than
+  units (up to the prefetch window, ``stage3_prefetch_bucket_size`` or, unset, an eighth of the
+  model: Note: default windows; and never more than
   ``stage3_max_live_parameters`` gathered at once) are gathered asynchronously ahead of use,
   forward and backward.
 
@@ -75,7 +76,8 @@ class Stage3Strategy(OrderedReduction, Strategy):
         self._held = {"parameters": 0, "in_flight": 0, "gradient_buffers": 0, "gradient_shards": 0}
         self.steps_in_backward = z3.optimizer_in_backward
         self._optimizer: Any = None
-        self._pool = BufferPool()  # full-size gradient buffers, one per unit between filling and reduced
+        # full-size gradient buffers, one per unit between being filled and reduced
+        self._pool = BufferPool(cap_numel=opts.bucket_numel)
         self._reducer = GradientReducer(opts, topo.dp_group, topo.dp_world_size, bound=opts.bucket_numel)
         created = unit_members(module, z3)
         # reverse registration order: roughly the order backward finishes units in
@@ -363,7 +365,9 @@ class Stage3Strategy(OrderedReduction, Strategy):
         zero_unwritten(u.grad_in, [(o, o + n) for o, n in zip(u.layout.offsets, u.numels, strict=True)], u.written,
                        u.layout.gaps)
         if u.grad_shard is None:  # optimizer in backward: this unit's shard lives until its step
-            whole = self.opts.reduce_dtype == torch.float32  # written whole by the reduce-scatter, else summed into
+            # written whole by a reduce-scatter straight into it; else (a cast, or reduce_scatter: false, which
+            # all-reduces and adds its part) the average is summed into it, so it must start at zero
+            whole = self.opts.reduce_dtype == torch.float32 and self.opts.reduce_scatter
             shard = (torch.empty if whole else torch.zeros)(u.shard_numel, dtype=torch.float32, device=u.local.device)
             u.grad_shard, u.shard_fresh = shard, True
             self._held["gradient_shards"] += shard.numel() * 4

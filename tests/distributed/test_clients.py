@@ -15,7 +15,7 @@ LR, WD, STEPS, BATCH = 3e-3, 0.01, 3, 4
 # (stage, built under zero.Init, habit): habit "zero_grad" calls optimizer.zero_grad() and
 # model.zero_grad() after every step, as Hugging Face's and Lightning's loops do
 VARIANTS = [(0, False, None), (1, False, None), (2, False, None), (3, False, None), (3, True, None),
-            (2, False, "zero_grad"), (3, False, "zero_grad")]
+            (0, False, "zero_grad"), (1, False, "zero_grad"), (2, False, "zero_grad"), (3, False, "zero_grad")]
 
 
 def _config(stage, world):

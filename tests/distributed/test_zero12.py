@@ -165,11 +165,14 @@ def _stage2_borrowed(rank, bucket_numel):
             engine.step()
     total = sum(b.splan.padded for b in engine.strategy.buckets)
     return {"peak": state["peak"], "total": total, "largest": max(b.splan.padded for b in engine.strategy.buckets),
-            "at_rest": engine.memory_breakdown()["temporary_buffers"]}
+            "at_rest": engine.memory_breakdown()["temporary_buffers"],
+            "pool_peak": engine.strategy._pool.peak_allocated}
 
 
 def test_stage2_bounds_the_gradient_buckets_it_borrows():
     for r in run_ranks(_stage2_borrowed, 2, 700):
         # the reduce_bucket_size window plus the bucket being filled, never the whole model's gradients
         assert r["peak"] <= 700 + 2 * r["largest"] < r["total"], r
+        # every buffer alive, borrowed or pooled (buckets of many sizes must not pile up in the pool)
+        assert r["pool_peak"] <= 4 * (2 * 700 + 2 * r["largest"]) < 4 * r["total"], r
         assert r["at_rest"] == 0  # the pool is emptied at step(): at rest a rank holds its shards only

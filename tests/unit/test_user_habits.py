@@ -108,12 +108,13 @@ def test_low_precision_grad_accum_dtype_at_stage_0(accum, compute):
     assert 0 < max_rel_diff(low, base) < 3e-2  # rounded gradients (bf16: 8 bits of mantissa), the same training
 
 
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 @pytest.mark.parametrize("change", ["freeze", "unfreeze"])
-def test_requires_grad_changed_after_initialize_is_refused_by_name(change):
+def test_requires_grad_changed_after_initialize_is_refused_by_name(change, stage):
     model = tiny_gpt()
     if change == "unfreeze":
         model.tok.weight.requires_grad_(False)
-    engine, *_ = shardspeed.initialize(model=model, config=_cfg(0))
+    engine, *_ = shardspeed.initialize(model=model, config=_cfg(stage))
     model.tok.weight.requires_grad_(change == "unfreeze")
     x, y = synthetic_batch(0, 2, 16, 64)
     engine.backward(engine(x, y))
