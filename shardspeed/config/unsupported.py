@@ -41,6 +41,10 @@ def _is(expected: Any) -> Callable[[Any], bool]:
     return lambda value: value == expected
 
 
+def _at_least(bound: float) -> Callable[[Any], bool]:
+    return lambda value: value >= bound
+
+
 def _no_offload(value: Any) -> bool:
     return value is None or value.device == "none"
 
@@ -58,10 +62,10 @@ UNSUPPORTED: tuple[Unsupported, ...] = (
                 "gradients always go through contiguous flat buckets; remove the key or set it to true"),
     # DeepSpeed's sub-groups split the optimizer step into chunks to bound temporary memory (mostly
     # for offload); we step each rank's partition (stage 3: each unit) whole, as 1e9 does for any
-    # partition up to a billion elements.
-    Unsupported("zero_optimization.sub_group_size", _is(1_000_000_000),
+    # partition up to a billion elements; a larger sub-group means the same.
+    Unsupported("zero_optimization.sub_group_size", _at_least(1_000_000_000),
                 "the optimizer steps each rank's partition whole (stage 3: unit by unit); "
-                "remove the key or set it to 1e9"),
+                "remove the key or set it to 1e9 or more"),
     # Round-robin only orders gradient copies for offloaded optimizer state (DeepSpeed); false is ours.
     Unsupported("zero_optimization.round_robin_gradients", _is(False),
                 "it only applies to optimizer offload, which is not supported; remove the key or set it to false"),

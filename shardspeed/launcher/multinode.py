@@ -42,6 +42,10 @@ def _nodes_by_hand(args: argparse.Namespace) -> OrderedDict[str, list[int]]:
         raise HostfileError(f"--num_nodes {n} without --hostfile: either pass --hostfile (the nodes are started "
                             f"from here), or run this command on every node with --no_ssh --node_rank N "
                             f"--master_addr ADDR (N = 0..{n - 1}, ADDR = node 0's address)")
+    if args.include or args.exclude:
+        raise HostfileError(f"--include/--exclude select hosts and slots of a --hostfile; with --num_nodes {n} "
+                            "--no_ssh and no hostfile every node runs --num_procs ranks: drop them, or pass "
+                            "--hostfile")
     if args.master_addr is None:
         raise HostfileError(f"--num_nodes {n} --no_ssh without a hostfile: pass --master_addr, the address of node 0 "
                             f"that every node can reach, the same on every node (e.g. --master_addr 10.0.0.5)")

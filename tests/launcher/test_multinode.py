@@ -136,6 +136,11 @@ def test_nodes_by_hand_without_a_hostfile_need_master_addr_and_no_ssh():
     p = _node_by_hand(2, "--master_addr", "127.0.0.1")
     out = p.communicate(timeout=60)[0]
     assert p.returncode == 2 and "--node_rank 2: the selection has nodes 0-1" in out
+    p = _node_by_hand(0, "--master_addr", "127.0.0.1", "--include", "localhost:0")
+    out = p.communicate(timeout=60)[0]
+    assert p.returncode == 2
+    assert ("shardspeed: --include/--exclude select hosts and slots of a --hostfile; with --num_nodes 2 --no_ssh and "
+            "no hostfile every node runs --num_procs ranks: drop them, or pass --hostfile") in out
 
 
 def test_node_mode_errors(tmp_path):

@@ -22,7 +22,7 @@ REJECTED = [
      "through contiguous flat buckets; remove the key or set it to true"),
     ({"zero_optimization": {"sub_group_size": 1e8}},
      "config key 'zero_optimization.sub_group_size' = 100000000 is not supported yet: the optimizer steps each "
-     "rank's partition whole (stage 3: unit by unit); remove the key or set it to 1e9"),
+     "rank's partition whole (stage 3: unit by unit); remove the key or set it to 1e9 or more"),
     ({"zero_optimization": {"round_robin_gradients": True}},
      "config key 'zero_optimization.round_robin_gradients' = True is not supported yet: it only applies to "
      "optimizer offload, which is not supported; remove the key or set it to false"),
@@ -135,3 +135,9 @@ def test_keys_whose_every_value_matches_our_behaviour_load(key, value):
 def test_precision_keys_whose_every_value_matches_our_behaviour_load():
     assert load_config({"fp16": {"enabled": True, "auto_cast": True}}).fp16.auto_cast
     assert not load_config({"bf16": {"enabled": True, "immediate_grad_update": False}}).bf16.immediate_grad_update
+
+
+def test_sub_group_size_of_a_billion_or_more_means_the_whole_partition():
+    for value in (1e9, 2e9, 10**12):
+        cfg = load_config({"train_batch_size": 2, "zero_optimization": {"stage": 3, "sub_group_size": value}})
+        assert cfg.zero_optimization.sub_group_size == int(value)
