@@ -217,3 +217,31 @@ def test_default_windows_never_gather_the_whole_model():
     for r in run_ranks(_defaults_worker, 2):
         assert r["window"] == r["unit"]
         assert 0 < r["peak_gathered"] <= 0.5 * r["full"], r
+
+
+def _poisoned_run(rank, *args):
+    """engine_run with every torch.empty filled with garbage: memory the library leaves uninitialised
+    must never be read before it is written."""
+    real = torch.empty
+
+    def poisoned(*a, **kw):
+        t = real(*a, **kw)
+        return t.fill_(1e3) if t.is_floating_point() else t
+
+    torch.empty = poisoned
+    try:
+        return engine_run(rank, *args)
+    finally:
+        torch.empty = real
+
+
+def test_optimizer_in_backward_with_reduce_scatter_false_equals_plain_pytorch():
+    """reduce_scatter: false all-reduces and adds this rank's part into the gradient shard, so a shard
+    made lazily for the optimizer in backward must start at zero (it was torch.empty)."""
+    steps = 4
+    cfg = {**_config(2, optimizer_in_backward=True, reduce_scatter=False, stage3_prefetch_bucket_size=3000),
+           "train_batch_size": 4, "gradient_clipping": 0.0}
+    ranks = run_ranks(_poisoned_run, 2, cfg, steps, ODD)
+    ref = reference_run(steps, 4, 3e-3, 0.01, 0.0, ODD)
+    for r in ranks:
+        assert max_rel_diff(r["params"], ref["params"]) < 1e-5
