@@ -119,11 +119,12 @@ class Strategy(ABC):
     def _model_parallel_norm_sq(self, pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Squared norm over (gradient piece, its parameter) pairs under model parallelism: a sliced
         parameter (``model_parallel`` / ``tensor_model_parallel`` attribute) counts on every
-        model-parallel rank, a replicated one only on model-parallel rank 0. Summed over both groups."""
+        tensor-parallel rank, a replicated one only on tensor-parallel rank 0 (pipe stages hold
+        different parameters: each counts its own). Summed over both groups."""
         total = self.zero_norm()
         for grad, param in pieces:
             sliced = getattr(param, "model_parallel", False) or getattr(param, "tensor_model_parallel", False)
-            if sliced or self.topo.mp_rank == 0:
+            if sliced or self.topo.tp_rank == 0:
                 total += torch.linalg.vector_norm(grad, dtype=torch.float32) ** 2
         all_reduce(total, group=self.topo.dp_group)
         all_reduce(total, group=self.topo.mp_group)
