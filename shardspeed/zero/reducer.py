@@ -10,10 +10,13 @@ allow, so the first micro-batch costs no extra copy.
 
 [Note: bounded reduction memory] Each reduction in flight holds its full-size input, and on gloo a
 flat copy of it too. Stages 1-3 launch with a bound (``reduce_bucket_size`` elements): before a
-launch, the oldest reductions are retired until the new one fits. Otherwise the full gradients of
-the whole model (4 B/param, what partitioning exists to avoid) would be alive at the end of
-backward. The oldest had the whole time the next buffer's gradients took to compute, so the wait is
-usually free. Stage 0 all-reduces its persistent buckets in place and needs no bound.
+launch, and before a buffer is borrowed to be filled, the oldest reductions are retired until the
+new one fits: a buffer being filled and the ones in flight together stay within the bound, and the
+pool hands the retired buffer straight to the next unit. Otherwise the full gradients of the whole
+model (4 B/param, what partitioning exists to avoid) would be alive at the end of backward. The
+oldest had the whole time the next buffer's first gradient took to compute (the borrow happens in
+that gradient's hook), so the wait is usually free. Stage 0 all-reduces its persistent buckets in
+place and needs no bound.
 """
 
 from __future__ import annotations
@@ -52,7 +55,10 @@ class GradientReducer:
             wire.div_(o.predivide_factor)
         return wire
 
-    def _make_room(self, numel: int) -> None:
+    def make_room(self, numel: int) -> None:
+        """Retire the oldest reductions until ``numel`` more elements fit under the bound. Called
+        before a launch, and before a full-size buffer is borrowed to be filled (Note: bounded
+        reduction memory): the buffer being filled counts too."""
         if self.bound is None:
             return
         while self._inflight and sum(f.numel for f in self._inflight) + numel > self.bound:
@@ -60,7 +66,7 @@ class GradientReducer:
 
     def average(self, full: torch.Tensor, on_done: Callable[[], None] | None = None) -> None:
         """Replace ``full`` by its average over the group (stage 0)."""
-        self._make_room(full.numel())
+        self.make_room(full.numel())
         wire = self._wire(full)
         handle = all_reduce(wire, group=self.group, async_op=self.opts.overlap)
         self._inflight.append(_Flight(handle, wire, full, full.numel(), True, on_done))
@@ -69,14 +75,16 @@ class GradientReducer:
                   on_done: Callable[[], None] | None = None) -> None:
         """Add this rank's part, ``[lo, lo + shard.numel())``, of the average of ``full`` over the
         group into ``shard``; ``fresh``: the shard holds nothing reduced yet (stages 1-3)."""
-        self._make_room(full.numel())
+        self.make_room(full.numel())
         wire = self._wire(full)
         if not self.opts.reduce_scatter:  # DeepSpeed's reduce_scatter: false: average it all, keep a part
             handle = all_reduce(wire, group=self.group, async_op=self.opts.overlap)
             out = wire[lo:lo + shard.numel()]
         else:
             out = shard if fresh and wire.dtype == shard.dtype else wire.new_empty(shard.numel())
-            handle = reduce_scatter(out, wire, group=self.group, async_op=self.opts.overlap)
+            # the wire is this reduction's own (a borrowed buffer, a cast copy, or stage 1's full buffer,
+            # zeroed after the step): gloo may reduce it in place (comm/collectives.py)
+            handle = reduce_scatter(out, wire, group=self.group, async_op=self.opts.overlap, scratch=True)
         self._inflight.append(_Flight(handle, out, shard, full.numel(), False, on_done))
 
     def _retire(self, f: _Flight) -> None:
@@ -106,18 +114,22 @@ class BufferPool:
     elements are kept: buffers of many sizes (one per bucket size) would otherwise pile up beyond
     the bound on what is in flight (Note: bounded reduction memory)."""
 
-    def __init__(self, cap_numel: int) -> None:
+    def __init__(self, cap_numel: int, before_take: Callable[[int], None] | None = None) -> None:
         self.cap_numel = cap_numel
+        self.before_take = before_take  # the reducer's make_room: retired buffers come back here first
         self._free: dict[tuple[int, torch.dtype], list[torch.Tensor]] = {}
         self._pooled_numel = 0
         self.allocated = 0  # bytes of buffers alive (borrowed or pooled)
         self.peak_allocated = 0
 
     def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        if self.before_take is not None:
+            self.before_take(numel)
         free = self._free.get((numel, dtype))
         if free:
             self._pooled_numel -= numel
             return free.pop()
+        self.clear()  # pooled buffers of other sizes would sit beside the new one: let them go
         self.allocated += numel * torch.tensor([], dtype=dtype).element_size()
         self.peak_allocated = max(self.peak_allocated, self.allocated)
         return torch.empty(numel, dtype=dtype, device=device)

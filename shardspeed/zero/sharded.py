@@ -110,8 +110,8 @@ class ShardedStrategy(OrderedReduction, Strategy):
                                      [[tuple(p.shape) for p in g] for g in self.groups],
                                      opts.bucket_numel, topo.dp_world_size)
         by_name = {n: p for n, p in self.named_params}
-        self._pool = BufferPool(cap_numel=opts.bucket_numel)
         self._reducer = GradientReducer(opts, topo.dp_group, topo.dp_world_size, bound=opts.bucket_numel)
+        self._pool = BufferPool(cap_numel=opts.bucket_numel, before_take=self._reducer.make_room)
         self.buckets = [ShardedBucket(sp, [by_name[s.name] for s in sp.plan.slots], topo.dp_rank, opts,
                                       self.keep_full_grads, self._pool) for sp in plans]
         self._where = {id(p): (b, s) for b, bk in enumerate(self.buckets) for s, p in enumerate(bk.params)}

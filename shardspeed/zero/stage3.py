@@ -77,8 +77,8 @@ class Stage3Strategy(OrderedReduction, Strategy):
         self.steps_in_backward = z3.optimizer_in_backward
         self._optimizer: Any = None
         # full-size gradient buffers, one per unit between being filled and reduced
-        self._pool = BufferPool(cap_numel=opts.bucket_numel)
         self._reducer = GradientReducer(opts, topo.dp_group, topo.dp_world_size, bound=opts.bucket_numel)
+        self._pool = BufferPool(cap_numel=opts.bucket_numel, before_take=self._reducer.make_room)
         created = unit_members(module, z3)
         # reverse registration order: roughly the order backward finishes units in
         root_unit: dict[int, int] = {}
