@@ -23,11 +23,12 @@ _NAMES = {
     "add_config_arguments": ("shardspeed.engine", "add_config_arguments"),
     "initialize": ("shardspeed.engine", "initialize"),
     "init_distributed": ("shardspeed.comm", "init_distributed"),
+    "initialize_model_parallel": ("shardspeed.comm", "initialize_model_parallel"),
 }
 
 __all__ = ["ConfigError", "DeepSpeedEngine", "RepeatingLoader", "ShardspeedConfig", "ShardspeedEngine",
            "__version__", "add_config_arguments", "checkpointing", "comm", "init_distributed", "initialize",
-           "monitor", "ops", "profiling", "zero"]
+           "initialize_model_parallel", "monitor", "ops", "profiling", "tensor_parallel", "zero"]
 
 
 def __getattr__(name: str) -> Any:

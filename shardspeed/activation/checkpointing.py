@@ -11,11 +11,21 @@ again (same RNG state, so dropout draws the same mask) and backpropagates throug
   It is driven by the gradient of its outputs, so at least one input must require grad.
 ``contiguous_checkpointing`` (with partitioning) copies the kept pieces into ``num_checkpoints``
 reusable buffers instead of allocating new ones every step.
+
+[Note: the model-parallel RNG streams are replayed too]
+Dropout inside a tensor-parallel region draws from the tracker's stream
+(``get_rng_tracker().fork()``), not from the default generator, and that stream has moved on by
+the time backward recomputes the region. Both paths therefore snapshot the tracker's states with
+the default generator's when the region runs forward, put them back for the recomputation, and
+restore the states current at recomputation afterwards, so the masks equal the first ones and
+later forks continue their streams as if nothing had been recomputed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +35,7 @@ import torch.utils.checkpoint as torch_checkpoint
 from shardspeed.accelerator import get_accelerator
 from shardspeed.comm import all_gather, topology_from_mpu
 from shardspeed.config import ShardspeedConfig, load_config
+from shardspeed.tensor_parallel import get_rng_tracker, model_parallel_seed
 
 
 @dataclass
@@ -97,16 +108,18 @@ def checkpoint(function: Any, *args: Any) -> Any:
                              "pass the hidden state that flows from earlier layers, or turn both options off")
         return _KeptInputs.apply(function, s, *args)
     start = _boundary(s)
-    out = torch_checkpoint.checkpoint(_Timed(function, s), *args, use_reentrant=False, preserve_rng_state=True)
+    out = torch_checkpoint.checkpoint(_Timed(function, s, get_rng_tracker().get_states()), *args,
+                                      use_reentrant=False, preserve_rng_state=True)
     _account(s, "forward", start)
     return out
 
 
 class _Timed:
-    """The region as the plain path runs it: a second call is the recomputation."""
+    """The region as the plain path runs it: a second call is the recomputation (under the
+    tracker states of the first; torch's checkpoint replays the default generator's)."""
 
-    def __init__(self, function: Any, s: _Settings):
-        self.function, self.s, self.calls = function, s, 0
+    def __init__(self, function: Any, s: _Settings, tracker_states: dict[str, torch.Tensor]):
+        self.function, self.s, self.calls, self.tracker_states = function, s, 0, tracker_states
 
     def __call__(self, *args: Any) -> Any:
         self.calls += 1
@@ -114,9 +127,22 @@ class _Timed:
             return self.function(*args)
         start = _boundary(self.s)
         try:
-            return self.function(*args)
+            with _tracker_states(self.tracker_states):
+                return self.function(*args)
         finally:  # torch stops a recomputation early (by raising) once it has what backward needs
             _account(self.s, "recompute", start)
+
+
+@contextlib.contextmanager
+def _tracker_states(states: dict[str, torch.Tensor]) -> Iterator[None]:
+    """The model-parallel RNG tracker at ``states`` inside the block, as it was outside."""
+    tracker = get_rng_tracker()
+    current = tracker.get_states()
+    tracker.set_states(states)
+    try:
+        yield
+    finally:
+        tracker.set_states(current)
 
 
 def _boundary(s: _Settings) -> float:
@@ -218,6 +244,7 @@ class _KeptInputs(torch.autograd.Function):
         ctx.function, ctx.s = function, s
         ctx.rng = torch.get_rng_state()
         ctx.device_rng = get_accelerator().get_rng_state()
+        ctx.tracker_states = get_rng_tracker().get_states()
         ctx.slot = _pool.take()
         ctx.kept = [_Kept(a, s, ctx.slot) if torch.is_tensor(a) else a for a in args]
         with torch.no_grad():
@@ -238,7 +265,7 @@ class _KeptInputs(torch.autograd.Function):
             torch.set_rng_state(ctx.rng)
             current_device_rng = acc.get_rng_state()
             acc.set_rng_state(ctx.device_rng)
-            with torch.enable_grad():
+            with torch.enable_grad(), _tracker_states(ctx.tracker_states):
                 out = ctx.function(*inputs)
             acc.set_rng_state(current_device_rng)
         _account(s, "recompute", start)
@@ -248,3 +275,13 @@ class _KeptInputs(torch.autograd.Function):
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         return (None, None, *[x.grad if torch.is_tensor(x) and x.requires_grad else None for x in inputs])
+
+
+# DeepSpeed's names (``deepspeed.checkpointing.get_cuda_rng_tracker`` / ``model_parallel_cuda_manual_seed``)
+get_cuda_rng_tracker = get_rng_tracker
+
+
+def model_parallel_cuda_manual_seed(seed: int) -> None:
+    """``tensor_parallel.model_parallel_seed`` for the mpu given to ``configure`` (else the current
+    model-parallel unit): the shared stream seeded with ``seed``, this rank's with ``seed + 2718 + tp_rank``."""
+    model_parallel_seed(seed, _settings.mpu)

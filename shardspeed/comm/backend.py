@@ -112,8 +112,19 @@ def _leave_at_exit() -> None:
 
 
 def destroy() -> None:
+    # the model-parallel unit's groups die with the default group: forget it, or a later
+    # initialize_model_parallel() would hand back dead groups
+    from shardspeed.comm import model_parallel
+
+    model_parallel.forget_model_parallel()
     if is_initialized():
         dist.destroy_process_group()
+
+
+def destroy_group(group: ProcessGroup) -> None:
+    """Release one group made by ``new_group`` (not the default one)."""
+    if is_initialized() and group is not None and group is not dist.group.WORLD:
+        dist.destroy_process_group(group)
 
 
 def get_rank(group: ProcessGroup | None = None) -> int:

@@ -54,10 +54,13 @@ def _members(group: ProcessGroup | None) -> tuple[ProcessGroup | None, int, int]
 def topology_from_mpu(mpu: Any | None) -> Topology:
     if mpu is None:
         return Topology(world_group(), get_rank(), get_world_size(), None, 0, 1)
-    for needed in ("get_data_parallel_group", "get_model_parallel_group"):
-        if not callable(getattr(mpu, needed, None)):
-            raise TypeError(f"mpu must provide {needed}() (DeepSpeed's / Megatron's model parallel unit "
-                            f"interface); {type(mpu).__name__} has no {needed}")
+    missing = [f"{m}()" for m in ("get_data_parallel_group", "get_model_parallel_group")
+               if not callable(getattr(mpu, m, None))]
+    if missing:
+        raise TypeError(f"mpu {type(mpu).__name__} has no {' and no '.join(missing)}: a model parallel unit "
+                        "(initialize(mpu=...), checkpointing.configure(mpu_)) needs get_data_parallel_group() and "
+                        "get_model_parallel_group(), DeepSpeed's and Megatron's interface; "
+                        "shardspeed.initialize_model_parallel() builds one")
     dp = mpu.get_data_parallel_group()
     mp, mp_rank, mp_world = _members(mpu.get_model_parallel_group())
     tp = _group_of(mpu, "get_tensor_model_parallel_group", "get_slice_parallel_group")

@@ -12,6 +12,15 @@ The attribute names are Megatron's, so a model written for Megatron reads the sa
   holds the r-th 1/T of every block.
 An unmarked parameter is replicated on every tensor-parallel rank: it is counted once in norms and
 saved once. Pure functions of the mark; no process groups here.
+
+[Note: sequence-parallel parameters]
+``sequence_parallel`` (bool) marks a replicated parameter used in a sequence-parallel region
+(a LayerNorm's weight, a row-parallel bias added after the reduce-scatter): each rank sees only its
+chunk of the sequence, so its gradient there is a partial sum. The layer that uses it reduces it
+itself: it passes the parameter through ``copy_to_tensor_parallel_region`` in forward, so autograd
+delivers the sum over the tensor-parallel group to ``.grad``, at every micro-batch, before any
+hook of the engine or ZeRO sees it. Nobody else reduces it again; for norms, ZeRO and checkpoints
+it is an ordinary replicated parameter. The mark only says where it was used.
 """
 
 from __future__ import annotations
@@ -41,6 +50,16 @@ def slice_spec(param: torch.Tensor) -> SliceSpec | None:
     if not getattr(param, "tensor_model_parallel", False):
         return None
     return SliceSpec(int(param.partition_dim), int(getattr(param, "partition_stride", 1)))
+
+
+def mark_sequence_parallel(param: torch.Tensor) -> None:
+    """Mark a replicated parameter whose layer all-reduces its gradient over the tensor-parallel
+    group (see the note on sequence-parallel parameters)."""
+    param.sequence_parallel = True  # type: ignore[attr-defined]
+
+
+def is_sequence_parallel(param: torch.Tensor) -> bool:
+    return bool(getattr(param, "sequence_parallel", False))
 
 
 def copy_slice_mark(src: torch.Tensor, dst: torch.Tensor) -> None:
