@@ -68,6 +68,27 @@ def _full_linear(out_features: int, in_features: int, bias: bool, init_method: I
     return w, b
 
 
+def _full_of(linear: nn.Module, transposed: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The [out, in] weight and the bias of an existing layer (``transposed``: stored [in, out], as
+    Hugging Face's Conv1D), detached: the sliced layer copies from them."""
+    w = linear.weight.detach()
+    if w.dim() != 2:
+        raise ValueError(f"from_linear needs a 2-D weight, got {type(linear).__name__} with shape {tuple(w.shape)}")
+    b = getattr(linear, "bias", None)
+    return (w.t() if transposed else w), (b.detach() if b is not None else None)
+
+
+def _copy_into(full: torch.Tensor) -> InitMethod:
+    return lambda w: w.copy_(full)
+
+
+def _keep_requires_grad(layer: nn.Module, linear: nn.Module) -> None:
+    for name in ("weight", "bias"):
+        src, dst = getattr(linear, name, None), getattr(layer, name, None)
+        if src is not None and dst is not None:
+            dst.requires_grad_(src.requires_grad)
+
+
 def _sliced_parameter(full: torch.Tensor, spec: SliceSpec, tp: TensorParallelGroup) -> nn.Parameter:
     p = nn.Parameter(take_slice(full, spec, tp.world_size, tp.rank))
     mark_sliced(p, spec.dim, spec.stride)
@@ -132,6 +153,22 @@ class ColumnParallelLinear(nn.Module):
                 out = join_slices(list(out.chunk(tp.world_size, dim=-1)), SliceSpec(-1, self.stride))
         return (out, self.bias) if self.skip_bias_add else out
 
+    @classmethod
+    def from_linear(cls, linear: nn.Module, *, stride: int = 1, gather_output: bool = False,
+                    transposed: bool = False, tp_group: Group = None) -> ColumnParallelLinear:
+        """This rank's column slice of an existing layer (``nn.Linear``, or with ``transposed`` a
+        layer whose weight is stored [in, out], as Hugging Face's ``Conv1D``): the same values, on its
+        device and dtype, marked like any ``ColumnParallelLinear``; no random numbers are drawn.
+        ``requires_grad`` is kept. ``stride`` and ``gather_output`` as in the constructor."""
+        w, b = _full_of(linear, transposed)
+        layer = cls(w.shape[1], w.shape[0], bias=b is not None, gather_output=gather_output, stride=stride,
+                    init_method=_copy_into(w), tp_group=tp_group, device=w.device, dtype=w.dtype)
+        if b is not None:  # init_method leaves the bias at zero
+            with torch.no_grad():
+                layer.bias.copy_(take_slice(b, SliceSpec(0, stride), layer.tp.world_size, layer.tp.rank))
+        _keep_requires_grad(layer, linear)
+        return layer
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features} (this rank: "
                 f"{self.output_size_per_partition}), bias={self.bias is not None}, gather_output={self.gather_output}"
@@ -190,6 +227,21 @@ class RowParallelLinear(nn.Module):
         if self.skip_bias_add:
             return out, bias
         return out + bias if bias is not None else out
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, *, input_is_parallel: bool = True, transposed: bool = False,
+                    tp_group: Group = None) -> RowParallelLinear:
+        """This rank's row slice of an existing layer, as ``ColumnParallelLinear.from_linear``; the
+        bias is copied whole (replicated). ``input_is_parallel`` defaults to True: the input is the
+        local output of a column layer, as AutoTP wires them."""
+        w, b = _full_of(linear, transposed)
+        layer = cls(w.shape[1], w.shape[0], bias=b is not None, input_is_parallel=input_is_parallel,
+                    init_method=_copy_into(w), tp_group=tp_group, device=w.device, dtype=w.dtype)
+        if b is not None:
+            with torch.no_grad():
+                layer.bias.copy_(b)
+        _keep_requires_grad(layer, linear)
+        return layer
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features} (this rank: {self.input_size_per_partition}), "
