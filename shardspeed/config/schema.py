@@ -168,6 +168,72 @@ class DataTypesConfig(Section):
 DTypeName = Literal["fp32", "fp16", "bf16"]
 
 
+class LayerSpecConfig(Section):
+    """One entry of ``tensor_parallel.partition_config.layer_specs`` (DeepSpeed's ``TPLayerSpec``)."""
+
+    # regular expressions, searched in each Linear's name and its weight's name (".*\\.o_proj\\.weight$")
+    patterns: list[str] = Field(min_length=1)
+    partition_type: Literal["column", "row", "skip"] = "column"  # skip: stays whole (replicated)
+    # [S, -1]: the output is S equal blocks (a fused q/k/v: [3, -1]), each cut T ways
+    shape: list[Any] | None = None
+    partition_dim: int | None = None  # 0 for column, 1 for row (the weight's [out, in] dimension cut)
+    model_types: list[str] | None = None  # only for models whose config.model_type is one of these
+    gather_output: bool = False  # column only: all-gather the output (a head with no row layer after it)
+
+    @model_validator(mode="after")
+    def _what_we_slice(self) -> LayerSpecConfig:
+        natural = 0 if self.partition_type == "column" else 1
+        if self.partition_dim is not None and self.partition_dim != natural:
+            raise ValueError(f"tensor_parallel.partition_config.layer_specs: partition_dim {self.partition_dim} "
+                             f"for a {self.partition_type} layer is not supported yet; a column layer is cut along "
+                             "dim 0 of its [out, in] weight, a row layer along dim 1 (remove the key)")
+        if self.shape is not None and not (self.partition_type == "column" and len(self.shape) == 2
+                                           and isinstance(self.shape[0], int) and self.shape[0] >= 1
+                                           and self.shape[1] == -1):
+            raise ValueError(f"tensor_parallel.partition_config.layer_specs: shape {self.shape} is not supported "
+                             "yet; only [S, -1] on a column layer (its output is S equal blocks, e.g. [3, -1] for "
+                             "a fused q/k/v)")
+        if self.gather_output and self.partition_type != "column":
+            raise ValueError("tensor_parallel.partition_config.layer_specs: gather_output applies to column "
+                             f"layers only, not {self.partition_type}")
+        return self
+
+
+class PartitionConfig(Section):
+    """DeepSpeed's ``tensor_parallel.partition_config``: explicit slicing rules, tried in order
+    before AutoTP's name rules."""
+
+    layer_specs: list[LayerSpecConfig] = Field(default_factory=list)
+    use_default_specs: bool = True  # also place the Linears no spec matches by their names
+    strict_mode: bool = False  # every Linear must be placed by a spec or a name rule (heads too)
+    lm_head_patterns: list[str] | None = None
+    embedding_partition_dim: int | None = None
+
+
+class TPSubConfig(Section):
+    """DeepSpeed's ``tensor_parallel.tp`` (inference-time settings)."""
+
+    tp_size: int = 1
+    tp_grain_size: int = 1
+    mpu: Any = None
+    tp_group: Any = None
+
+
+class TensorParallelConfig(Section):
+    """DeepSpeed's ``tensor_parallel`` section: AutoTP slices the model's Linear layers over
+    ``autotp_size`` ranks before the engine is built (tensor_parallel/autotp.py)."""
+
+    autotp_size: int = Field(0, ge=0, description="tensor-parallel size T; 0 or 1: no slicing")
+    partition_config: PartitionConfig | None = None
+    tp_overlap_comm: bool = False
+    dtype: Any = None
+    tensor_parallel: TPSubConfig | None = Field(None, alias="tp")
+    injection_policy_tuple: Any = None
+    preset_model: str | None = None
+    keep_module_on_host: bool = False
+    replace_with_kernel_inject: bool = Field(False, alias="kernel_inject")
+
+
 class ShardspeedConfig(Section):
     """The whole configuration. Field names are DeepSpeed's."""
 
@@ -202,6 +268,7 @@ class ShardspeedConfig(Section):
     wandb: WandbConfig = Field(default_factory=WandbConfig)
     comms_logger: CommsLoggerConfig = Field(default_factory=CommsLoggerConfig)
     data_types: DataTypesConfig = Field(default_factory=DataTypesConfig)
+    tensor_parallel: TensorParallelConfig = Field(default_factory=TensorParallelConfig)
     seed: int | None = None
 
     @field_validator("zero_optimization", mode="before")

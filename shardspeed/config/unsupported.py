@@ -49,6 +49,11 @@ def _no_offload(value: Any) -> bool:
     return value is None or value.device == "none"
 
 
+def _no_tp_subsection(value: Any) -> bool:
+    return value is None or (value.tp_size == 1 and value.tp_grain_size == 1 and value.mpu is None
+                             and value.tp_group is None)
+
+
 UNSUPPORTED: tuple[Unsupported, ...] = (
     Unsupported("zero_optimization.offload_optimizer", _no_offload,
                 "optimizer state stays on the training device; remove the key or set \"device\": \"none\" "
@@ -99,6 +104,30 @@ UNSUPPORTED: tuple[Unsupported, ...] = (
                 "remove the key or set it to false"),
     Unsupported("fp16.fp16_master_weights_and_grads", _is(False),
                 "master weights and gradients are fp32 in fp16 training; remove the key or set it to false"),
+    # AutoTP (tensor_parallel/autotp.py): the row layers all-reduce in line, the precision is the
+    # fp16/bf16 sections', and the plan is AutoTP's name rules plus partition_config.layer_specs.
+    Unsupported("tensor_parallel.tp_overlap_comm", _is(False),
+                "the row-parallel all-reduce is not overlapped with computation; remove the key or set it to false"),
+    Unsupported("tensor_parallel.dtype", _is(None),
+                "the compute dtype comes from the \"fp16\" / \"bf16\" sections; remove the key"),
+    Unsupported("tensor_parallel.tensor_parallel", _no_tp_subsection,
+                "these are inference settings: the size is autotp_size and the groups come from "
+                "initialize(mpu=...) or shardspeed.initialize_model_parallel(); remove the \"tp\" block"),
+    Unsupported("tensor_parallel.injection_policy_tuple", _is(None),
+                "give the plan as partition_config.layer_specs; remove the key"),
+    Unsupported("tensor_parallel.preset_model", _is(None),
+                "AutoTP's name rules cover Llama-style (q/k/v/o_proj, gate/up/down_proj), GPT-2 and BERT models; "
+                "remove the key, or give partition_config.layer_specs for others"),
+    Unsupported("tensor_parallel.keep_module_on_host", _is(False),
+                "the model is sliced where it is, then moved to the device by the engine; remove the key or set "
+                "it to false"),
+    Unsupported("tensor_parallel.replace_with_kernel_inject", _is(False),
+                "no inference kernels are injected; remove the key or set it to false"),
+    Unsupported("tensor_parallel.partition_config.lm_head_patterns", _is(None),
+                "the LM head stays whole (replicated); to cut an untied head give a layer_spec with "
+                "\"partition_type\": \"column\", \"gather_output\": true; remove the key"),
+    Unsupported("tensor_parallel.partition_config.embedding_partition_dim", _is(None),
+                "embeddings stay whole (replicated); remove the key"),
 )
 
 

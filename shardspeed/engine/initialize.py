@@ -10,9 +10,10 @@ from typing import Any
 import torch
 
 from shardspeed.activation import checkpointing
-from shardspeed.comm import init_distributed, topology_from_mpu
+from shardspeed.comm import get_model_parallel_unit, init_distributed, initialize_model_parallel, topology_from_mpu
 from shardspeed.config import config_from_args
 from shardspeed.engine.engine import ShardspeedEngine
+from shardspeed.tensor_parallel.autotp import autotp_from_config
 
 log = logging.getLogger("shardspeed")
 
@@ -40,7 +41,8 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
         model_parameters: the parameters (or param-group dicts) to optimize; default: all trainable ones.
         training_data: a ``torch.utils.data.Dataset``; a loader over this rank's shard is returned.
         lr_scheduler: a scheduler, or a callable ``optimizer -> scheduler``; otherwise from the config.
-        mpu: a model-parallel unit with ``get_data_parallel_group()`` and ``get_model_parallel_group()``.
+        mpu: a model-parallel unit with ``get_data_parallel_group()`` and ``get_model_parallel_group()``;
+            default: the one ``shardspeed.initialize_model_parallel()`` made, if any.
         collate_fn: passed to the returned data loader.
         config: a path to a JSON config or a dict (``config_params`` is accepted as an alias).
 
@@ -52,7 +54,14 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
     _setup_logging()
     cfg = config_from_args(args, config if config is not None else config_params)
     env = init_distributed()
+    if mpu is None:  # the unit initialize_model_parallel() made is the job's, as Megatron's parallel_state
+        mpu = get_model_parallel_unit()
+    autotp_size = cfg.tensor_parallel.autotp_size
+    if autotp_size > 1 and mpu is None:
+        mpu = initialize_model_parallel(tensor_parallel_size=autotp_size)
     topo = topology_from_mpu(mpu)
+    # sliced before the engine is built: ZeRO partitions and the optimizer see this rank's slices
+    model = autotp_from_config(model, cfg.tensor_parallel, topo.tp_group, optimizer, model_parameters)
     if "activation_checkpointing" in cfg.model_fields_set:  # as Megatron's configure(mpu, deepspeed_config=...)
         checkpointing.configure(mpu, deepspeed_config=cfg)
     engine = ShardspeedEngine(model, cfg, topo, local_rank=env.local_rank, optimizer=optimizer,

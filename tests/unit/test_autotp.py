@@ -10,6 +10,8 @@ import torch.nn as nn
 
 from shardspeed import comm
 from shardspeed import tensor_parallel as tp
+from shardspeed.config import ConfigError, load_config
+from shardspeed.tensor_parallel.autotp import rules_from_partition_config
 from tests.distributed.hf_models import hf_batch, hf_model
 
 transformers = pytest.importorskip("transformers")
@@ -227,3 +229,48 @@ def test_applied_at_t1_the_model_computes_what_it_did(kind):
     with pytest.raises(ValueError, match=r"autotp\(tp_size=2\) but the tensor-parallel group has 1 rank\(s\): call "
                                          r"shardspeed.initialize_model_parallel\(tensor_parallel_size=2\) first"):
         tp.autotp(hf_model(kind), 2)
+
+
+# -- the config section ---------------------------------------------------------------------------------
+def test_partition_config_becomes_rules_in_order():
+    cfg = load_config({"tensor_parallel": {"autotp_size": 2, "partition_config": {
+        "use_default_specs": False, "strict_mode": True, "layer_specs": [
+            {"patterns": [".*\\.c_attn\\.weight$"], "partition_type": "column", "shape": [3, -1], "partition_dim": 0},
+            {"patterns": [".*\\.c_proj$", ".*\\.gate$"], "partition_type": "row", "model_types": ["gpt2"]},
+            {"patterns": ["lm_head"], "partition_type": "skip"}]}}})
+    rules, use_default, strict = rules_from_partition_config(cfg.tensor_parallel.partition_config)
+    assert (use_default, strict) == (False, True)
+    assert [(r.pattern, r.kind, r.stride, r.model_types) for r in rules] == [
+        (".*\\.c_attn\\.weight$", "column", 3, None), (".*\\.c_proj$", "row", 1, ("gpt2",)),
+        (".*\\.gate$", "row", 1, ("gpt2",)), ("lm_head", "replicate", 1, None)]
+    # a rule for another model type is not used (and so not "unmatched")
+    rules[1:3] = [tp.Rule(r.pattern, r.kind, r.stride, False, ("llama",)) for r in rules[1:3]]
+    with pytest.raises(ValueError) as e:
+        tp.plan_autotp(hf_model("gpt2"), 2, rules, use_default_rules=False)
+    assert str(e.value).splitlines()[:2] == [
+        "AutoTP cannot place 6 Linear layer(s) for T=2; their names are not ones it knows:",
+        "  transformer.h.0.attn.c_proj (Conv1D 32->32, in block transformer.h.0)"]
+    assert "block transformer.h.0: AutoTP cuts" not in str(e.value)  # placing them first is the fix
+    assert load_config({}).tensor_parallel.autotp_size == 0
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"patterns": ["x"], "partition_type": "row", "partition_dim": 0},
+     "tensor_parallel.partition_config.layer_specs: partition_dim 0 for a row layer is not supported yet; a column "
+     "layer is cut along dim 0 of its [out, in] weight, a row layer along dim 1 (remove the key)"),
+    ({"patterns": ["x"], "shape": [[32, 8, 8], -1]},
+     "tensor_parallel.partition_config.layer_specs: shape [[32, 8, 8], -1] is not supported yet; only [S, -1] on a "
+     "column layer (its output is S equal blocks, e.g. [3, -1] for a fused q/k/v)"),
+    ({"patterns": ["x"], "partition_type": "row", "gather_output": True},
+     "tensor_parallel.partition_config.layer_specs: gather_output applies to column layers only, not row"),
+    ({"patterns": ["("]}, None),
+])
+def test_layer_specs_we_cannot_honour_are_config_errors(spec, message):
+    cfg = {"tensor_parallel": {"autotp_size": 2, "partition_config": {"layer_specs": [spec]}}}
+    if message is None:  # a bad regex is found when the rules are made
+        with pytest.raises(ConfigError, match=r"pattern '\(' is not a regular expression"):
+            rules_from_partition_config(load_config(cfg).tensor_parallel.partition_config)
+        return
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg)
+    assert str(e.value) == message

@@ -61,6 +61,36 @@ REJECTED = [
     ({"fp16": {"enabled": True, "fp16_master_weights_and_grads": True}},
      "config key 'fp16.fp16_master_weights_and_grads' = True is not supported yet: master weights and gradients "
      "are fp32 in fp16 training; remove the key or set it to false"),
+    ({"tensor_parallel": {"autotp_size": 2, "tp_overlap_comm": True}},
+     "config key 'tensor_parallel.tp_overlap_comm' = True is not supported yet: the row-parallel all-reduce is not "
+     "overlapped with computation; remove the key or set it to false"),
+    ({"tensor_parallel": {"autotp_size": 2, "dtype": "bf16"}},
+     "config key 'tensor_parallel.dtype' = 'bf16' is not supported yet: the compute dtype comes from the \"fp16\" / "
+     "\"bf16\" sections; remove the key"),
+    ({"tensor_parallel": {"autotp_size": 2, "tp": {"tp_size": 2}}},
+     "config key 'tensor_parallel.tensor_parallel' = {'tp_size': 2} is not supported yet: these are inference "
+     "settings: the size is autotp_size and the groups come from initialize(mpu=...) or "
+     "shardspeed.initialize_model_parallel(); remove the \"tp\" block"),
+    ({"tensor_parallel": {"autotp_size": 2, "injection_policy_tuple": ["a", "b"]}},
+     "config key 'tensor_parallel.injection_policy_tuple' = ['a', 'b'] is not supported yet: give the plan as "
+     "partition_config.layer_specs; remove the key"),
+    ({"tensor_parallel": {"autotp_size": 2, "preset_model": "bloom"}},
+     "config key 'tensor_parallel.preset_model' = 'bloom' is not supported yet: AutoTP's name rules cover "
+     "Llama-style (q/k/v/o_proj, gate/up/down_proj), GPT-2 and BERT models; remove the key, or give "
+     "partition_config.layer_specs for others"),
+    ({"tensor_parallel": {"autotp_size": 2, "keep_module_on_host": True}},
+     "config key 'tensor_parallel.keep_module_on_host' = True is not supported yet: the model is sliced where it "
+     "is, then moved to the device by the engine; remove the key or set it to false"),
+    ({"tensor_parallel": {"autotp_size": 2, "kernel_inject": True}},
+     "config key 'tensor_parallel.replace_with_kernel_inject' = True is not supported yet: no inference kernels are "
+     "injected; remove the key or set it to false"),
+    ({"tensor_parallel": {"autotp_size": 2, "partition_config": {"lm_head_patterns": ["lm_head"]}}},
+     "config key 'tensor_parallel.partition_config.lm_head_patterns' = ['lm_head'] is not supported yet: the LM "
+     "head stays whole (replicated); to cut an untied head give a layer_spec with \"partition_type\": \"column\", "
+     "\"gather_output\": true; remove the key"),
+    ({"tensor_parallel": {"autotp_size": 2, "partition_config": {"embedding_partition_dim": 1}}},
+     "config key 'tensor_parallel.partition_config.embedding_partition_dim' = 1 is not supported yet: embeddings "
+     "stay whole (replicated); remove the key"),
 ]
 
 
@@ -130,6 +160,13 @@ def test_deepspeed_zero3_config_with_neutral_values_loads():
 ])
 def test_keys_whose_every_value_matches_our_behaviour_load(key, value):
     assert getattr(load_config({"zero_optimization": {key: value}}).zero_optimization, key) == value
+
+
+def test_deepspeed_autotp_config_with_neutral_values_loads():
+    # DeepSpeed's AutoTP training tutorial's section, with its other keys at their defaults
+    tp = load_config({"tensor_parallel": {"autotp_size": 4, "tp_overlap_comm": False, "keep_module_on_host": False,
+                                          "tp": {"tp_size": 1}, "partition_config": {"use_default_specs": True}}})
+    assert tp.tensor_parallel.autotp_size == 4 and tp.tensor_parallel.partition_config.layer_specs == []
 
 
 def test_precision_keys_whose_every_value_matches_our_behaviour_load():
