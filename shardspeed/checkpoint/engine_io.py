@@ -52,19 +52,21 @@ def _as_tuple(x: Any) -> Any:
     return tuple(_as_tuple(y) for y in x) if isinstance(x, (list, tuple)) else x
 
 
+def _spec(engine: Any, name: str, p: torch.Tensor) -> SliceSpec | None:
+    """The slice mark of parameter ``name``; refuses a slice marked without the dimension it was cut along."""
+    spec = slice_spec(p)
+    if spec is None and getattr(p, "model_parallel", False) and engine.topo.tp_world_size > 1:
+        raise CheckpointError(
+            f"parameter '{name}' is marked model_parallel but not with the dimension it was cut along, which a "
+            "checkpoint needs to place the slice in the full parameter: mark it with "
+            "shardspeed.tensor_parallel.mark_sliced(param, dim, stride) instead")
+    return spec
+
+
 def _sliced(engine: Any) -> dict[str, SliceSpec]:
     """The tensor-parallel slice mark of each sliced parameter, by name."""
-    out = {}
-    for name, p in engine.module.named_parameters():
-        spec = slice_spec(p)
-        if spec is not None:
-            out[name] = spec
-        elif getattr(p, "model_parallel", False) and engine.topo.tp_world_size > 1:
-            raise CheckpointError(
-                f"parameter '{name}' is marked model_parallel but not with the dimension it was cut along, which a "
-                "checkpoint needs to place the slice in the full parameter: mark it with "
-                "shardspeed.tensor_parallel.mark_sliced(param, dim, stride) instead")
-    return out
+    specs = {name: _spec(engine, name, p) for name, p in engine.module.named_parameters()}
+    return {name: spec for name, spec in specs.items() if spec is not None}
 
 
 def _payload(engine: Any, sliced: dict[str, SliceSpec]) -> dict[str, Any]:
@@ -144,8 +146,8 @@ def full_module_state(engine: Any) -> dict[str, torch.Tensor]:
     topo = engine.topo
     if topo.tp_world_size == 1:
         return state
-    for name, p in engine.module.named_parameters(remove_duplicate=False):
-        spec = slice_spec(p)
+    for name, p in engine.module.named_parameters(remove_duplicate=False):  # tied weights under each name
+        spec = _spec(engine, name, p)
         if spec is None or name not in state:
             continue
         local = state[name].detach().contiguous()
