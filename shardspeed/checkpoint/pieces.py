@@ -148,6 +148,7 @@ def transfers(dest: tuple[int, int], dest_layout: SliceLayout | None, saved: lis
 
 
 def copy_into(dest: torch.Tensor, src: torch.Tensor, d: Index, s: Index) -> int:
-    """``dest[d] = src[s]`` on flat tensors (cast to ``dest``'s dtype); returns the elements written."""
-    dest[d] = src[s].to(dest.dtype)
+    """``dest[d] = src[s]`` on flat tensors (``src`` read from a file on the host, ``dest`` on any
+    device, in any dtype); returns the elements written."""
+    dest[d] = src[s].to(device=dest.device, dtype=dest.dtype)
     return (d.stop - d.start) if isinstance(d, slice) else d.numel()
