@@ -5,10 +5,15 @@ again (same RNG state, so dropout draws the same mask) and backpropagates throug
 - Plain: torch's non-reentrant checkpoint. It keeps the region's inputs as they are, works with
   inputs that do not require grad, and nests inside ZeRO stage 3's gather hooks.
 - With ``partition_activations`` or ``checkpoint_in_cpu``: the inputs themselves are what is kept,
-  so they are stored differently: each model-parallel rank keeps 1/mp of every input (all-gathered
+  so they are stored differently: each tensor-parallel rank keeps 1/T of every input (all-gathered
   again in backward) and/or keeps it in host memory. A custom autograd function owns them; its
   backward restores them, recomputes under the saved RNG state and calls autograd on the region.
   It is driven by the gradient of its outputs, so at least one input must require grad.
+[Note: which ranks share a checkpoint's inputs] Only the tensor-parallel group holds the same
+activations (a region's input is replicated across the ranks slicing its layers), so only it can
+split them. The model-parallel group also spans pipe stages, which run other layers on other
+activations: gathering across it would rebuild an input from pieces of different tensors. Without
+pipe stages the two groups are the same.
 ``contiguous_checkpointing`` (with partitioning) copies the kept pieces into ``num_checkpoints``
 reusable buffers instead of allocating new ones every step.
 
@@ -33,7 +38,7 @@ import torch
 import torch.utils.checkpoint as torch_checkpoint
 
 from shardspeed.accelerator import get_accelerator
-from shardspeed.comm import all_gather, topology_from_mpu
+from shardspeed.comm import Topology, all_gather, topology_from_mpu
 from shardspeed.config import ShardspeedConfig, load_config
 from shardspeed.tensor_parallel import get_rng_tracker, model_parallel_seed
 
@@ -41,6 +46,7 @@ from shardspeed.tensor_parallel import get_rng_tracker, model_parallel_seed
 @dataclass
 class _Settings:
     mpu: Any = None
+    topo: Topology | None = None  # from mpu, on first use (its groups exist by then)
     partition_activations: bool = False
     contiguous: bool = False
     num_checkpoints: int | None = None
@@ -164,14 +170,17 @@ class _Kept:
     def __init__(self, t: torch.Tensor, s: _Settings, slot: int | None):
         self.shape, self.dtype, self.device, self.requires_grad = t.shape, t.dtype, t.device, t.requires_grad
         self.numel = t.numel()
-        topo = topology_from_mpu(s.mpu) if s.mpu is not None else None
-        self.group = topo.mp_group if topo is not None and topo.mp_world_size > 1 else None
-        self.world = topo.mp_world_size if self.group is not None else 1
+        if s.topo is None and s.mpu is not None:
+            s.topo = topology_from_mpu(s.mpu)
+        topo = s.topo
+        # the tensor-parallel group, not the model-parallel one (Note: which ranks share a checkpoint's inputs)
+        self.group = topo.tp_group if topo is not None and topo.tp_world_size > 1 else None
+        self.world = topo.tp_world_size if self.group is not None else 1
         data = t.detach().reshape(-1)
-        if self.group is not None:  # this rank's 1/mp of it, zero-padded to equal pieces
+        if self.group is not None:  # this rank's 1/T of it, zero-padded to equal pieces
             chunk = -(-self.numel // self.world)
             piece = torch.zeros(chunk, dtype=t.dtype, device=t.device)
-            lo, hi = topo.mp_rank * chunk, min((topo.mp_rank + 1) * chunk, self.numel)
+            lo, hi = topo.tp_rank * chunk, min((topo.tp_rank + 1) * chunk, self.numel)
             if hi > lo:
                 piece[:hi - lo].copy_(data[lo:hi])
             data = piece

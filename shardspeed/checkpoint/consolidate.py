@@ -12,30 +12,42 @@ import torch
 
 from shardspeed.checkpoint import files
 from shardspeed.checkpoint.files import CheckpointError
-from shardspeed.checkpoint.pieces import fill
+from shardspeed.checkpoint.pieces import copy_into, layout_for, transfers
+from shardspeed.tensor_parallel.meta import SliceSpec
 
 
 def iter_fp32_tensors(ckpt_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, full fp32 tensor) for every parameter, then every buffer and frozen parameter."""
+    """(name, full fp32 tensor) for every parameter, then every buffer (and, from format-1
+    checkpoints, frozen parameter). Tensor-parallel slices are put back in place: the result is
+    the unsliced model (pieces.py, Note: slices in checkpoints)."""
     manifest = files.read_manifest(ckpt_dir)
-    writers = [files.load_file(ckpt_dir / n)["pieces"] for n in sorted(manifest["files"]) if n.startswith("rank_")]
+    saved_tp = manifest.get("tensor_parallel") or {"world_size": 1, "sliced": {}}
+    writers = []
+    for n in sorted(manifest["files"]):
+        if n.startswith("rank_"):
+            data = files.load_file(ckpt_dir / n)  # mmap'd: only each parameter's pages are read
+            writers.append((data["pieces"], data.get("tp_rank", 0)))
+    common = files.load_file(ckpt_dir / files.COMMON)
+    frozen_v1 = common.get("frozen", {})
     for name, shape in manifest["param_shapes"].items():
+        shape = tuple(shape)
+        cut = None
+        if name in saved_tp["sliced"]:
+            dim, stride = saved_tp["sliced"][name]
+            cut = layout_for(name, shape, SliceSpec(dim, stride), saved_tp["world_size"], 0)
         numel = int(torch.Size(shape).numel())
         out = torch.empty(numel, dtype=torch.float32)
+        saved = [(piece, rank) for pieces, rank in writers for piece in pieces.get(name, ())]
         got = 0
-        for pieces in writers:  # mmap'd: only this parameter's pages are read
-            got += fill(out, 0, [(s, n, v, st) for s, n, v, st, _ in pieces.get(name, [])])
+        for k, d, s in transfers((0, numel), None, [(p[0], p[1], rank) for p, rank in saved], cut):
+            got += copy_into(out, saved[k][0][2].reshape(-1), d, s)
         if got == numel:
             yield name, out.view(shape)
-        elif got == 0 and name not in _frozen(ckpt_dir):
-            raise CheckpointError(f"checkpoint {ckpt_dir.resolve()} has no values for parameter '{name}'")
-    common = files.load_file(ckpt_dir / files.COMMON)
-    for name, t in {**common["frozen"], **common["buffers"]}.items():
+        elif got or name not in frozen_v1:
+            raise CheckpointError(f"checkpoint {ckpt_dir.resolve()} has {got} of the {numel} values of parameter "
+                                  f"'{name}'")
+    for name, t in {**frozen_v1, **common["buffers"]}.items():
         yield name, t
-
-
-def _frozen(ckpt_dir: Path) -> set[str]:
-    return set(files.load_file(ckpt_dir / files.COMMON)["frozen"])
 
 
 def get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir: str | os.PathLike, tag: str | None = None

@@ -1,7 +1,15 @@
-"""``engine.save_checkpoint`` / ``engine.load_checkpoint``: any world size and ZeRO stage in, any out.
+"""``engine.save_checkpoint`` / ``engine.load_checkpoint``: any world size, tensor-parallel size and
+ZeRO stage in, any out.
 
 Saved state is keyed by parameter name and flat element range (``Strategy.owned_pieces``), never by
-rank or bucket, so loading into another world size or stage is a re-slice (``pieces.py``).
+rank or bucket, and a tensor-parallel slice carries where it sits in the full parameter (pieces.py,
+Note: slices in checkpoints), so loading into another layout is a re-slice.
+
+[Note: who writes what] Each rank writes the pieces it owns, except copies: under a replicating
+strategy (stage 0) only data-parallel rank 0 writes, and a parameter replicated across the
+tensor-parallel group (no slice mark) only by tensor-parallel rank 0. Parameters the strategy does
+not hold (frozen ones at stages 0-2) are written whole by the same rule. So every element of every
+full parameter is saved exactly once, which loading checks.
 """
 
 from __future__ import annotations
@@ -17,8 +25,9 @@ import torch
 
 from shardspeed.checkpoint import files
 from shardspeed.checkpoint.files import CheckpointError
-from shardspeed.checkpoint.pieces import fill, split_state
-from shardspeed.comm import barrier, broadcast_object, get_rank, get_world_size, monitored_barrier
+from shardspeed.checkpoint.pieces import copy_into, layout_for, split_state, transfers
+from shardspeed.comm import all_gather, barrier, broadcast_object, get_rank, get_world_size, monitored_barrier
+from shardspeed.tensor_parallel.meta import SliceSpec, join_slices, slice_spec
 
 log = logging.getLogger("shardspeed")
 
@@ -43,24 +52,49 @@ def _as_tuple(x: Any) -> Any:
     return tuple(_as_tuple(y) for y in x) if isinstance(x, (list, tuple)) else x
 
 
-def _payload(engine: Any) -> dict[str, Any]:
-    """This rank's pieces: fp32 values and the optimizer's matching state slices."""
+def _spec(engine: Any, name: str, p: torch.Tensor) -> SliceSpec | None:
+    """The slice mark of parameter ``name``; refuses a slice marked without the dimension it was cut along."""
+    spec = slice_spec(p)
+    if spec is None and getattr(p, "model_parallel", False) and engine.topo.tp_world_size > 1:
+        raise CheckpointError(
+            f"parameter '{name}' is marked model_parallel but not with the dimension it was cut along, which a "
+            "checkpoint needs to place the slice in the full parameter: mark it with "
+            "shardspeed.tensor_parallel.mark_sliced(param, dim, stride) instead")
+    return spec
+
+
+def _sliced(engine: Any) -> dict[str, SliceSpec]:
+    """The tensor-parallel slice mark of each sliced parameter, by name."""
+    specs = {name: _spec(engine, name, p) for name, p in engine.module.named_parameters()}
+    return {name: spec for name, spec in specs.items() if spec is not None}
+
+
+def _payload(engine: Any, sliced: dict[str, SliceSpec]) -> dict[str, Any]:
+    """This rank's pieces: fp32 values and the optimizer's matching state slices (Note: who writes what)."""
     opt = engine.optimizer
     pieces: dict[str, list[tuple]] = {}
-    if engine.strategy.replicated and engine.topo.dp_rank != 0:
+    topo = engine.topo
+    if engine.strategy.replicated and topo.dp_rank != 0:
         return pieces
-    for pc in engine.strategy.owned_pieces():
-        flat = pc.master.detach().reshape(-1)
-        values = flat[pc.offset:pc.offset + pc.length].clone()
-        per_elem, scalars = ({}, {}) if opt is None else split_state(opt.state.get(pc.master, {}), pc.master)
-        states = {k: v.reshape(-1)[pc.offset:pc.offset + pc.length].clone() for k, v in per_elem.items()}
-        pieces.setdefault(pc.name, []).append((pc.start, pc.length, values, states, dict(scalars)))
+    mine = [(pc.name, pc.start, pc.length, pc.master, pc.offset) for pc in engine.strategy.owned_pieces()]
+    if topo.dp_rank == 0:  # parameters the strategy does not hold: each data-parallel rank has them whole
+        pieced = engine.strategy.checkpointed_names()
+        mine += [(n, 0, p.numel(), p.detach(), 0) for n, p in engine.module.named_parameters() if n not in pieced]
+    for name, start, length, master, offset in mine:
+        if name not in sliced and topo.tp_rank != 0:
+            continue
+        flat = master.detach().reshape(-1)
+        values = flat[offset:offset + length].float().clone()
+        per_elem, scalars = ({}, {}) if opt is None else split_state(opt.state.get(master, {}), master)
+        states = {k: v.reshape(-1)[offset:offset + length].clone() for k, v in per_elem.items()}
+        pieces.setdefault(name, []).append((start, length, values, states, dict(scalars)))
     return pieces
 
 
 def save_checkpoint(engine: Any, save_dir: str | os.PathLike, tag: str | None = None,
                     client_state: dict[str, Any] | None = None, save_latest: bool = True) -> bool:
     tag = tag or f"global_step{engine.global_steps}"
+    sliced = _sliced(engine)  # refuses on every rank alike, before any rank waits for another
     monitored_barrier(f"save_checkpoint(tag={tag!r})", SAVE_TIMEOUT_S)
     engine.strategy.wait_reductions()
     root = Path(save_dir)
@@ -71,27 +105,59 @@ def save_checkpoint(engine: Any, save_dir: str | os.PathLike, tag: str | None = 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     barrier()
-    others = {n for n, _ in engine.module.named_parameters()} - engine.strategy.checkpointed_names()
-    full = engine.module.state_dict() if others else {}  # frozen parameters (a collective under stage 3)
-    files.atomic_save({"pieces": _payload(engine), "rng": _rng_state()}, tmp / files.rank_file(rank))
+    files.atomic_save({"pieces": _payload(engine, sliced), "rng": _rng_state(), "tp_rank": engine.topo.tp_rank},
+                      tmp / files.rank_file(rank))
     barrier()
     if rank == 0:
-        files.atomic_save(_common(engine, client_state, {n: full[n] for n in others}), tmp / files.COMMON)
+        tp = engine.topo.tp_world_size
+        files.atomic_save(_common(engine, client_state), tmp / files.COMMON)
         files.write_manifest(tmp, {"tag": tag, "world_size": world, "stage": engine.config.zero_optimization.stage,
                                    "dtype": engine.policy.compute_name, "global_steps": engine.global_steps,
-                                   "param_shapes": {n: list(shape) for n, shape in _full_shapes(engine).items()}})
+                                   "param_shapes": {n: list(s) for n, s in _full_shapes(engine, sliced).items()},
+                                   "tensor_parallel": {"world_size": tp, "sliced": {
+                                       n: [spec.dim, spec.stride] for n, spec in sliced.items()}}})
         files.publish(tmp, final, root, tag, save_latest)
     barrier()
     return True
 
 
-def _full_shapes(engine: Any) -> dict[str, Any]:
-    """Every parameter's full shape (under stage 3 the module only holds placeholders)."""
+def _held_shapes(engine: Any) -> dict[str, tuple[int, ...]]:
+    """The shape of each parameter as this rank holds it before ZeRO partitions it (its slice under
+    tensor parallelism; under stage 3 the module only holds placeholders)."""
     known = engine.strategy.full_shapes() if hasattr(engine.strategy, "full_shapes") else {}
-    return {n: torch.Size(known.get(n, p.shape)) for n, p in engine.module.named_parameters()}
+    return {n: tuple(known.get(n, p.shape)) for n, p in engine.module.named_parameters()}
 
 
-def _common(engine: Any, client_state: dict[str, Any] | None, frozen: dict[str, torch.Tensor]) -> dict[str, Any]:
+def _full_shapes(engine: Any, sliced: dict[str, SliceSpec]) -> dict[str, tuple[int, ...]]:
+    """Every parameter's full (unsliced) shape."""
+    out = {}
+    for name, shape in _held_shapes(engine).items():
+        full = list(shape)
+        if name in sliced:
+            full[sliced[name].dim] *= engine.topo.tp_world_size
+        out[name] = tuple(full)
+    return out
+
+
+def full_module_state(engine: Any) -> dict[str, torch.Tensor]:
+    """The module's ``state_dict()`` with every tensor-parallel slice joined into its full parameter:
+    one all-gather over the tensor-parallel group per sliced parameter, so every rank calls it."""
+    state = engine.module.state_dict()
+    topo = engine.topo
+    if topo.tp_world_size == 1:
+        return state
+    for name, p in engine.module.named_parameters(remove_duplicate=False):  # tied weights under each name
+        spec = _spec(engine, name, p)
+        if spec is None or name not in state:
+            continue
+        local = state[name].detach().contiguous()
+        out = torch.empty(topo.tp_world_size * local.numel(), dtype=local.dtype, device=local.device)
+        all_gather(out, local.view(-1), group=topo.tp_group)
+        state[name] = join_slices(list(out.view(topo.tp_world_size, *local.shape).unbind(0)), spec)
+    return state
+
+
+def _common(engine: Any, client_state: dict[str, Any] | None) -> dict[str, Any]:
     opt, sched, loader = engine.optimizer, engine.lr_scheduler, engine.training_dataloader
     return {
         "counters": {"global_steps": engine.global_steps, "micro_steps": engine.micro_steps,
@@ -103,7 +169,6 @@ def _common(engine: Any, client_state: dict[str, Any] | None, frozen: dict[str, 
         "lr_scheduler": sched.state_dict() if sched is not None else None,
         "loss_scaler": engine.loss_scaler.state_dict() if engine.loss_scaler is not None else None,
         "buffers": {n: b.detach().clone() for n, b in engine.module.named_buffers()},
-        "frozen": {n: t.detach().clone() for n, t in frozen.items()},
         "loader": loader.state_dict() if hasattr(loader, "state_dict") else None,
         "client_state": client_state or {},
         "config": engine.config.model_dump(mode="json"),
@@ -120,7 +185,7 @@ def load_checkpoint(engine: Any, load_dir: str | os.PathLike, tag: str | None = 
     common = files.load_file(ckpt / files.COMMON)
     with_optimizer = load_optimizer_states and not load_module_only and engine.optimizer is not None
     _check_names(engine, manifest, load_module_strict)
-    _load_pieces(engine, ckpt, manifest, with_optimizer, common["frozen"])
+    _load_pieces(engine, ckpt, manifest, with_optimizer, common.get("frozen", {}))
     _load_module_extras(engine, common, load_module_strict)
     if not load_module_only:
         _load_training_state(engine, common, ckpt, manifest, with_optimizer, load_lr_scheduler_states)
@@ -138,35 +203,47 @@ def _check_names(engine: Any, manifest: dict[str, Any], strict: bool) -> None:
 
 
 def _load_pieces(engine: Any, ckpt: Path, manifest: dict[str, Any], with_optimizer: bool,
-                 frozen: dict[str, torch.Tensor]) -> None:
-    wanted = [pc for pc in engine.strategy.owned_pieces() if pc.name in manifest["param_shapes"]]
-    opt = engine.optimizer
-    filled = [0] * len(wanted)
-    writers = sorted(n for n in manifest["files"] if n.startswith("rank_"))
-    # parameters saved whole (frozen where they were written) count as one piece each
-    sources = [{n: [(0, t.numel(), t, {}, {})] for n, t in frozen.items()}]
+                 frozen_v1: dict[str, torch.Tensor]) -> None:
+    """Fill every piece this rank holds, optimizer state included, from whichever saved pieces
+    overlap it (pieces.py); ``frozen_v1``: whole tensors a format-1 checkpoint kept in common.pt."""
+    shapes = {n: tuple(s) for n, s in manifest["param_shapes"].items()}
+    saved_tp = manifest.get("tensor_parallel") or {"world_size": 1, "sliced": {}}
+    params = dict(engine.module.named_parameters())
+    pieced = engine.strategy.checkpointed_names()
+    # (name, flat start, length, destination tensor, offset in it, with optimizer state)
+    wanted = [(pc.name, pc.start, pc.length, pc.master, pc.offset, with_optimizer)
+              for pc in engine.strategy.owned_pieces() if pc.name in shapes]
+    wanted += [(n, 0, p.numel(), p.data, 0, False) for n, p in params.items() if n not in pieced and n in shapes]
+    held, topo = _held_shapes(engine), engine.topo
+    mine = {n: layout_for(n, shapes[n], slice_spec(params[n]), topo.tp_world_size, topo.tp_rank, held[n])
+            for n in params if n in shapes}  # in model order: the first mismatch is the one named
+    cuts = {n: layout_for(n, shapes[n], SliceSpec(dim, stride), saved_tp["world_size"], 0)
+            for n, (dim, stride) in saved_tp["sliced"].items() if n in mine}
+    sources = [({n: [(0, t.numel(), t, {}, {})] for n, t in frozen_v1.items()}, 0)]
+    for fname in sorted(n for n in manifest["files"] if n.startswith("rank_")):
+        data = files.load_file(ckpt / fname)  # mmap'd: only the pages of pieces read below are loaded
+        sources.append((data["pieces"], data.get("tp_rank", 0)))
     with torch.no_grad():
-        for fname in [None, *writers]:
-            pieces = sources[0] if fname is None else files.load_file(ckpt / fname)["pieces"]
-            for i, pc in enumerate(wanted):
-                saved = pieces.get(pc.name)
-                if not saved:
+        for name, start, length, master, offset, with_state in wanted:
+            saved = [(*piece, rank) for pieces, rank in sources for piece in pieces.get(name, ())]
+            dest = master.view(-1)[offset:offset + length]
+            state = engine.optimizer.state[master] if with_state else None
+            got = 0
+            for k, d, s in transfers((start, length), mine[name], [(x[0], x[1], x[5]) for x in saved], cuts.get(name)):
+                _, _, values, states, scalars, _ = saved[k]
+                got += copy_into(dest, values.reshape(-1), d, s)
+                if state is None:
                     continue
-                dest = pc.master.view(-1)[pc.offset:pc.offset + pc.length]
-                flat = [(s, n, v, st) for s, n, v, st, _ in saved]
-                filled[i] += fill(dest, pc.start, flat)
-                if with_optimizer:
-                    state = opt.state[pc.master]
-                    for key in saved[0][3]:
-                        if key not in state:
-                            state[key] = torch.zeros_like(pc.master)
-                        fill(state[key].view(-1)[pc.offset:pc.offset + pc.length], pc.start, flat, key)
-                    for key, value in saved[0][4].items():
-                        state.setdefault(key, value.clone() if torch.is_tensor(value) else value)
-    for pc, n in zip(wanted, filled, strict=True):
-        if n != pc.length:
-            raise CheckpointError(f"checkpoint {ckpt.resolve()} is incomplete: parameter '{pc.name}' elements "
-                                  f"[{pc.start}, {pc.start + pc.length}) were found {n} times over, not once")
+                for key, v in states.items():
+                    if key not in state:
+                        state[key] = torch.zeros_like(master)
+                    copy_into(state[key].view(-1)[offset:offset + length], v.reshape(-1), d, s)
+                for key, value in scalars.items():
+                    state.setdefault(key, value.clone() if torch.is_tensor(value) else value)
+            if got != length:
+                raise CheckpointError(f"checkpoint {ckpt.resolve()} is incomplete or inconsistent: parameter '{name}' "
+                                      f"elements [{start}, {start + length}) of this rank got {got} values, not "
+                                      f"{length}")
     engine.strategy.publish_masters()
 
 
@@ -178,11 +255,6 @@ def _load_module_extras(engine: Any, common: dict[str, Any], strict: bool) -> No
                 buffers[name].copy_(value)
             elif strict:
                 raise CheckpointError(f"checkpoint buffer '{name}' is not in the model")
-        params = dict(engine.module.named_parameters())
-        pieced = engine.strategy.checkpointed_names()
-        for name, value in common["frozen"].items():
-            if name in params and name not in pieced:
-                params[name].data.copy_(value)
 
 
 def _restore_counters(engine: Any, saved: dict[str, Any]) -> int:

@@ -3,8 +3,9 @@
 [Note: layout of a checkpoint] ``save_dir/TAG/`` holds ``common.pt`` (rank 0: counters, scheduler,
 loss scaler, optimizer hyperparameters, module buffers, client state, config), ``rank_R.pt`` (each
 writing rank: its pieces of every parameter as (name, flat start, length, fp32 values, optimizer
-state slices), and its RNG states), and ``manifest.json`` (written last: world size, stage, and
-the size and SHA-256 of every file). ``save_dir/latest`` names the newest tag. Everything is
+state slices), its tensor-parallel rank and its RNG states), and ``manifest.json`` (written last:
+world size, stage, every parameter's full shape, which parameters are tensor-parallel slices and
+how they were cut, and the size and SHA-256 of every file). ``save_dir/latest`` names the newest tag. Everything is
 written under a temporary directory name and renamed into place once every rank has finished,
 so a crash mid-save leaves the previous checkpoint and ``latest`` untouched.
 """
@@ -20,7 +21,10 @@ from typing import Any
 
 import torch
 
-FORMAT_VERSION = 1
+# 2: tensor-parallel slices (manifest "tensor_parallel", rank files' "tp_rank") and frozen parameters
+# saved as pieces; 1 (no slices, frozen parameters whole in common.pt) still loads
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 COMMON = "common.pt"
 
@@ -93,9 +97,9 @@ def read_manifest(ckpt_dir: Path, verify: bool = True) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path.resolve()} is damaged: {e}") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path.resolve()}: format version {manifest.get('format_version')}, expected "
-                              f"{FORMAT_VERSION}")
+    if manifest.get("format_version") not in READABLE_VERSIONS:
+        raise CheckpointError(f"{path.resolve()}: format version {manifest.get('format_version')}, expected one of "
+                              f"{', '.join(map(str, READABLE_VERSIONS))}")
     for name, info in manifest["files"].items():
         f = ckpt_dir / name
         if not f.is_file():

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from shardspeed.accelerator import get_accelerator
-from shardspeed.checkpoint import load_checkpoint, save_checkpoint
+from shardspeed.checkpoint import full_module_state, load_checkpoint, save_checkpoint
 from shardspeed.comm import Topology, broadcast, enable_comm_log, get_global_rank, get_rank
 from shardspeed.config import ShardspeedConfig, resolve_batch_sizes
 from shardspeed.data import ResumableLoader, build_dataloader
@@ -143,7 +143,9 @@ class ShardspeedEngine(torch.nn.Module):
         return self.topo.dp_world_size
 
     def memory_breakdown(self) -> dict[str, int]:
-        """Bytes this rank holds for parameters, gradients, optimizer state and module buffers."""
+        """Bytes this rank holds for parameters, gradients, optimizer state and module buffers. Under
+        tensor slicing a sliced parameter counts as the 1/T slice this rank holds, and so do its
+        gradient and optimizer state."""
         out = dict(self.strategy.state_bytes())
         seen: set[int] = set()
         opt_bytes = 0
@@ -172,10 +174,10 @@ class ShardspeedEngine(torch.nn.Module):
                                load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only)
 
     def save_16bit_model(self, save_dir: str, save_filename: str = "pytorch_model.bin") -> bool:
-        """Write the module's full state dict in its compute dtype (rank 0 writes; every rank must call
-        it, since under ZeRO stage 3 gathering the parameters is a collective)."""
+        """Write the module's full state dict in its compute dtype, tensor-parallel slices joined (rank 0
+        writes; every rank must call it: gathering ZeRO stage 3 partitions and slices are collectives)."""
         state = {k: v.detach().to(self.policy.compute) if v.is_floating_point() else v.detach()
-                 for k, v in self.module.state_dict().items()}
+                 for k, v in full_module_state(self).items()}
         if get_rank() == 0:
             os.makedirs(save_dir, exist_ok=True)
             path = os.path.join(save_dir, save_filename)

@@ -1,6 +1,13 @@
 """What the engine tells people about its steps: the ``steps_per_print`` log line (loss, lr, loss
 scale, samples/s, tokens/s, TFLOP/s, MFU, wall-clock breakdown), the monitors (TensorBoard, CSV,
 progress bar) after every optimizer step, and the FLOPs profile at ``flops_profiler.profile_step``.
+
+[Note: model FLOPs under model parallelism] MFU divides the whole model's FLOPs, counted once, by
+what all ranks could do. Under tensor slicing a rank holds 1/T of the sliced parameters and runs
+1/T of their matmuls, so its own counts are summed over the model-parallel group, with what every
+tensor-parallel rank repeats (replicated parameters, replicated work: profiling/flops_profiler.py,
+Note: FLOPs under tensor slicing) taken from tensor-parallel rank 0 only. Pipe stages each add
+their own layers the same way.
 """
 
 from __future__ import annotations
@@ -11,9 +18,9 @@ from typing import Any
 
 import torch
 
-from shardspeed.comm import get_rank, get_world_size
+from shardspeed.comm import all_reduce, get_rank, get_world_size
 from shardspeed.monitor import MonitorMaster
-from shardspeed.profiling import FlopsProfiler, Throughput, param_count
+from shardspeed.profiling import FlopsProfiler, Throughput, param_counts
 
 log = logging.getLogger("shardspeed")
 
@@ -24,14 +31,27 @@ class StepReporter:
         cfg = engine.config
         self.rank = get_rank()
         self.monitor = MonitorMaster(cfg, self.rank)
+        sliced, replicated = param_counts(engine.module)
         self.throughput = Throughput(get_world_size(), cfg.throughput.seq_length, cfg.throughput.peak_tflops,
-                                     param_count(engine.module), engine.policy.compute)
+                                     self._model_total(sliced, replicated), engine.policy.compute)
         self.flops_profiler: FlopsProfiler | None = None
         self.last: dict[str, float] = {}
         self._step_start: float | None = None
         self._print_sum, self._print_count = 0.0, 0
         self._step_sum, self._step_count = 0.0, 0
         self._last_print = (time.perf_counter(), 0)
+
+    def _model_total(self, differs: float, replicated: float) -> int:
+        """The whole model's count from this rank's: what differs across tensor-parallel ranks from
+        every rank, what they repeat from tensor-parallel rank 0 (Note: model FLOPs under model
+        parallelism). A collective over the model-parallel group when there is one."""
+        topo = self.engine.topo
+        mine = differs + (replicated if topo.tp_rank == 0 else 0)
+        if topo.mp_world_size == 1:
+            return int(mine)
+        total = torch.tensor(int(mine), dtype=torch.int64, device=self.engine.device)
+        all_reduce(total, group=topo.mp_group)
+        return int(total.item())
 
     # -- forward: timing, and the FLOPs profile ---------------------------------------------------
     def before_forward(self) -> None:
@@ -50,7 +70,9 @@ class StepReporter:
             return
         prof.stop_profile()
         e, fp = self.engine, self.engine.config.flops_profiler
-        self.throughput.forward_flops_per_sample = prof.get_total_flops() / e.batch.train_micro_batch_size_per_gpu
+        replicated = prof.get_replicated_flops()
+        model_flops = self._model_total(prof.get_total_flops() - replicated, replicated)
+        self.throughput.forward_flops_per_sample = model_flops / e.batch.train_micro_batch_size_per_gpu
         if self.rank == 0:
             prof.print_model_profile(profile_step=fp.profile_step, module_depth=fp.module_depth,
                                      top_modules=fp.top_modules, detailed=fp.detailed, output_file=fp.output_file)

@@ -8,7 +8,8 @@ of the op and its argument shapes.
 - Pointwise ops: one FLOP per output element, no MACs. Reductions: one per input element.
   Softmax 5 and layer/group/batch norm 5 per element (max, subtract, exp, sum, divide;
   mean, variance, normalise, scale, shift).
-- Views, copies, indexing and fills: nothing.
+- Views, copies, indexing and fills: nothing (``clone`` carries torch's pointwise tag, but it
+  moves data and computes nothing: a tensor-parallel layer's copies would otherwise count).
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ for _name in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_produc
 _PER_ELEMENT_5 = {"_softmax", "_log_softmax", "native_layer_norm", "native_group_norm",
                   "native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training"}
 _REDUCTIONS = {"sum", "mean", "amax", "amin", "max", "min", "var", "std", "norm", "linalg_vector_norm", "prod"}
+_COPIES = {"clone"}  # tagged pointwise by torch
 
 
 def count(func: Any, args: Any, out: Any) -> tuple[int, int]:
@@ -90,6 +92,8 @@ def count(func: Any, args: Any, out: Any) -> tuple[int, int]:
         return 0, 5 * _numel(args[0])
     if name in _REDUCTIONS:
         return 0, _numel(args[0])
+    if name in _COPIES:
+        return 0, 0
     if torch.Tag.pointwise in func.tags and torch.is_tensor(first) and first.is_floating_point():
         return 0, first.numel()
     return 0, 0

@@ -4,19 +4,33 @@ Counting happens at the aten level (a ``TorchDispatchMode``), so it sees what ac
 whatever Python code called it (``F.linear``, ``x @ w``, fused attention); ``counting.py`` says
 what each op costs. A stack of the modules currently in ``forward`` (forward pre/post hooks)
 attributes every op to each enclosing module.
+
+[Note: FLOPs under tensor slicing] Each rank counts what it runs: a sliced layer's matmuls are its
+own 1/T share. The model's FLOPs (what MFU divides by) count the whole model once, so the work
+every tensor-parallel rank repeats identically (LayerNorms, residual adds, a replicated head) must
+count once, not T times. Which is which follows the data: a tensor differs across tensor-parallel
+ranks when it is a sliced parameter or was computed from one, until a collective makes it whole
+again (all-reduce, all-gather; a reduce-scatter makes it differ). An op none of whose inputs
+differ runs identically on every rank: its FLOPs are "replicated" (``get_replicated_flops``), and
+the model's FLOPs are the sum over tensor-parallel ranks of their own FLOPs less the replicated
+part, plus the replicated part once. Without sliced parameters nothing is tracked and everything
+is replicated.
 """
 
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from shardspeed.accelerator import get_accelerator
 from shardspeed.profiling.counting import count
+from shardspeed.tensor_parallel.meta import slice_spec
 
 
 @dataclass
@@ -31,19 +45,83 @@ class ModuleStats:
     children: list[str] = field(default_factory=list)
 
 
+def _is_sliced_param(p: torch.Tensor) -> bool:
+    return slice_spec(p) is not None or bool(getattr(p, "model_parallel", False))
+
+
+class _SliceTracker:
+    """Which tensors differ across tensor-parallel ranks (Note: FLOPs under tensor slicing)."""
+
+    def __init__(self, sliced_params: set[int]):
+        self.params = sliced_params
+        self._differ: dict[int, weakref.ref] = {}  # tensors computed from slices, by id, while alive
+
+    def differs(self, t: torch.Tensor) -> bool:
+        if id(t) in self.params or (t._base is not None and id(t._base) in self.params):
+            return True
+        ref = self._differ.get(id(t))
+        return ref is not None and ref() is t
+
+    def _set(self, t: torch.Tensor, differs: bool) -> None:
+        key = id(t)
+        if differs:
+            self._differ[key] = weakref.ref(t, lambda _r, k=key: self._differ.pop(k, None))
+        else:
+            self._differ.pop(key, None)
+
+    @staticmethod
+    def _collective(func: Any, args: Any) -> tuple[list[Any], bool] | None:
+        """(what a collective writes, whether that then differs across ranks); None for other ops.
+        c10d's in-place collectives declare no writes in their schemas, hence by name."""
+        name = func.overloadpacket.__name__
+        if func.namespace == "c10d":
+            if "allreduce" in name or "broadcast" in name:
+                return list(args), False
+            if "allgather" in name:
+                return [args[0]], False
+            if "reduce_scatter" in name:
+                return [args[0]], True
+            return [], False
+        if func.namespace == "_c10d_functional" and name != "wait_tensor":  # these return new tensors
+            return [], "reduce_scatter" in name
+        return None
+
+    def record(self, func: Any, args: Any, kwargs: Any, out: Any) -> bool:
+        """Note what ``func`` wrote; True when it computed on tensors that are alike on every rank."""
+        collective = self._collective(func, args)
+        if collective is not None:
+            written, differs = collective
+            replicated = True  # moves data: nothing this profile counts
+        else:
+            schema = func._schema.arguments
+            written = [a for a, spec in zip(args, schema, strict=False) if spec.alias_info and spec.alias_info.is_write]
+            written += [kwargs[spec.name] for spec in schema
+                        if spec.name in kwargs and spec.alias_info and spec.alias_info.is_write]
+            differs = any(self.differs(t) for t in tree_flatten((args, kwargs))[0] if torch.is_tensor(t))
+            replicated = not differs
+        for t in tree_flatten((out, written))[0]:
+            if torch.is_tensor(t):
+                self._set(t, differs)
+        return replicated
+
+
 class _Counter(TorchDispatchMode):
     def __init__(self, profiler: FlopsProfiler):
         super().__init__()
         self.profiler = profiler
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        prof = self.profiler
         out = func(*args, **(kwargs or {}))
         macs, flops = count(func, args, out)
+        replicated = prof._tracker.record(func, args, kwargs or {}, out) if prof._tracker is not None else True
         if macs or flops:
-            for name in self.profiler._stack:
-                s = self.profiler.stats[name]
+            for name in prof._stack:
+                s = prof.stats[name]
                 s.macs += macs
                 s.flops += flops
+            if replicated:
+                prof.replicated_flops += flops
         return out
 
 
@@ -59,6 +137,8 @@ class FlopsProfiler:
         self._start: dict[str, float] = {}
         self._hooks: list[Any] = []
         self._mode: _Counter | None = None
+        self._tracker: _SliceTracker | None = None
+        self.replicated_flops = 0  # Note: FLOPs under tensor slicing
         self._began = 0.0
         self.duration = 0.0
 
@@ -76,6 +156,8 @@ class FlopsProfiler:
                     self.stats[parent].children.append(key)
             self._hooks.append(m.register_forward_pre_hook(self._pre(key)))
             self._hooks.append(m.register_forward_hook(self._post(key)))
+        sliced = {id(p) for p in self.model.parameters() if _is_sliced_param(p)}
+        self._tracker = _SliceTracker(sliced) if sliced else None
         self._mode = _Counter(self)
         self._mode.__enter__()
         self._began = time.perf_counter()
@@ -96,6 +178,7 @@ class FlopsProfiler:
         self.stop_profile()
         self.stats.clear()
         self._stack.clear()
+        self.replicated_flops = 0
 
     def _pre(self, key: str) -> Any:
         def hook(module: Any, args: Any) -> None:
@@ -120,6 +203,12 @@ class FlopsProfiler:
         v = self._root().flops
         return _fmt(v, "FLOPs") if as_string else v
 
+    def get_replicated_flops(self, as_string: bool = False) -> Any:
+        """The part of ``get_total_flops()`` every tensor-parallel rank computes identically (all of
+        it without sliced parameters): counted once in the model's FLOPs."""
+        v = self.replicated_flops
+        return _fmt(v, "FLOPs") if as_string else v
+
     def get_total_macs(self, as_string: bool = False) -> Any:
         v = self._root().macs
         return _fmt(v, "MACs") if as_string else v
@@ -139,6 +228,9 @@ class FlopsProfiler:
                  f"params: {_fmt(root.params, '')}   MACs: {_fmt(root.macs, 'MACs')}   "
                  f"FLOPs: {_fmt(root.flops, 'FLOPs')}   forward latency: {root.latency * 1e3:.2f} ms   "
                  f"FLOP/s: {_fmt(root.flops / root.latency, 'FLOPS') if root.latency else '-'}"]
+        if self._tracker is not None:
+            lines.append(f"tensor slicing: this rank's own counts; {_fmt(self.replicated_flops, 'FLOPs')} of them "
+                         "run identically on every tensor-parallel rank (counted once in the model's FLOPs)")
         depths = sorted({s.depth for s in self.stats.values()})
         lines.append(f"top {top_modules} modules by MACs at each depth:")
         for d in depths:
@@ -172,15 +264,23 @@ class FlopsProfiler:
 
 
 def param_count(m: torch.nn.Module) -> int:
-    """A module's parameters (shared ones once); stage 3 placeholders count at their full size."""
-    seen: set[int] = set()
-    total = 0
-    for p in m.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            shape = getattr(p, "ds_shape", None)
-            total += int(torch.Size(shape).numel()) if shape is not None else p.numel()
-    return total
+    """A module's parameters on this rank (shared ones once); stage 3 placeholders count at their
+    full size, a tensor-parallel slice at its own."""
+    return sum(param_counts(m))
+
+
+def param_counts(m: torch.nn.Module) -> tuple[int, int]:
+    """(elements of tensor-parallel slices, elements of other parameters) this rank holds: the
+    model has T times the first plus the second."""
+    sliced = replicated = 0
+    for p in m.parameters():  # each shared parameter once
+        shape = getattr(p, "ds_shape", None)
+        n = int(torch.Size(shape).numel()) if shape is not None else p.numel()
+        if _is_sliced_param(p):
+            sliced += n
+        else:
+            replicated += n
+    return sliced, replicated
 
 
 def _fmt(v: float, unit: str) -> str:

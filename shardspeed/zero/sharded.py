@@ -152,13 +152,7 @@ class ShardedStrategy(OrderedReduction, Strategy):
         index = {name: i for i, (name, _) in enumerate(self.named_params)}
         segments = {id(b.master): [(index[s.slot.name], s.shard_offset, s.length)
                                    for s in shard_segments(b.splan, self.topo.dp_rank)] for b in self.buckets}
-        group = self.topo.dp_group
-
-        def reduce_sum(v: torch.Tensor) -> torch.Tensor:
-            all_reduce(v, group=group)
-            return v
-
-        optimizer.set_partition(segments, len(self.named_params), reduce_sum)
+        optimizer.set_partition(segments, len(self.named_params), self._norm_reducer(over_dp=True))
 
     replicated = False
 

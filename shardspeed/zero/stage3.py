@@ -450,13 +450,7 @@ class Stage3Strategy(OrderedReduction, Strategy):
             for p, m, (_, _, length) in zip(u.params, u.master_chunks, u.layout.pieces, strict=True):
                 if id(p) in index:
                     segments[id(m)] = [(index[id(p)], 0, length)] if length else []  # the whole chunk
-        group = self.group
-
-        def reduce_sum(v: torch.Tensor) -> torch.Tensor:
-            all_reduce(v, group=group)
-            return v
-
-        optimizer.set_partition(segments, len(self.named_params), reduce_sum)
+        optimizer.set_partition(segments, len(self.named_params), self._norm_reducer(over_dp=True))
 
     def grad_norm_sq(self) -> torch.Tensor:
         if self.topo.mp_world_size > 1:

@@ -51,6 +51,12 @@ class StrategyOptions:
     allgather_numel: int = 500_000_000  # cap on parameter elements being gathered at once
 
 
+def is_sliced(param: torch.Tensor) -> bool:
+    """A tensor-parallel slice: marked by a tensor-parallel layer (``tensor_model_parallel``) or with
+    DeepSpeed's older ``model_parallel`` attribute."""
+    return bool(getattr(param, "model_parallel", False) or getattr(param, "tensor_model_parallel", False))
+
+
 class Strategy(ABC):
     def __init__(self, module: torch.nn.Module, topo: Topology, opts: StrategyOptions):
         self.module = module
@@ -72,8 +78,37 @@ class Strategy(ABC):
         self.reduce_enabled = boundary and not self._no_sync
 
     def attach_optimizer(self, optimizer: Any) -> None:
-        """Called once the optimizer over this strategy's masters exists."""
-        del optimizer  # nothing to wire unless parameters are partitioned
+        """Called once the optimizer over this strategy's masters exists. Per-parameter optimizers
+        (LAMB) under tensor slicing need whole-parameter norms (Note: per-parameter norms)."""
+        if not hasattr(optimizer, "set_partition") or self.topo.tp_world_size == 1:
+            return
+        index = {id(p): i for i, (_, p) in enumerate(self.named_params)}
+        segments = {id(self.master_for(p)): [(index[id(p)], 0, p.numel())] for _, p in self.named_params}
+        optimizer.set_partition(segments, len(self.named_params), self._norm_reducer(over_dp=False))
+
+    def _norm_reducer(self, over_dp: bool) -> Any:
+        """[Note: per-parameter norms] LAMB's trust ratio needs each whole parameter's norm
+        (optim/lamb.py): vectors of squared norms, one entry per trainable parameter in
+        ``named_params`` order (the same list on every rank of the data- and tensor-parallel
+        groups), are summed over the data-parallel group (``over_dp``: ZeRO partitions the
+        parameters) and over the tensor-parallel group, where a replicated parameter's entry comes
+        from tensor-parallel rank 0 only (every rank holds all of it). Not over pipe stages: they
+        hold other parameters under the same indices."""
+        topo = self.topo
+        units = len(self.named_params)
+        repeated = torch.tensor([not is_sliced(p) for _, p in self.named_params], dtype=torch.bool,
+                                device=self.device)
+
+        def reduce_sum(v: torch.Tensor) -> torch.Tensor:
+            if over_dp:
+                all_reduce(v, group=topo.dp_group)
+            if topo.tp_world_size > 1:
+                if topo.tp_rank != 0:
+                    v.view(-1, units).masked_fill_(repeated, 0.0)
+                all_reduce(v, group=topo.tp_group)
+            return v
+
+        return reduce_sum
 
     @abstractmethod
     def master_for(self, param: torch.nn.Parameter) -> torch.Tensor:
@@ -117,15 +152,24 @@ class Strategy(ABC):
         """Forget this step's gradients."""
 
     def _model_parallel_norm_sq(self, pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """Squared norm over (gradient piece, its parameter) pairs under model parallelism: a sliced
-        parameter (``model_parallel`` / ``tensor_model_parallel`` attribute) counts on every
-        tensor-parallel rank, a replicated one only on tensor-parallel rank 0 (pipe stages hold
-        different parameters: each counts its own). Summed over both groups."""
-        total = self.zero_norm()
+        """Squared norm over (gradient piece, its parameter) pairs under model parallelism, summed
+        over the data- and model-parallel groups.
+
+        [Note: replicated parameters in the norm] A sliced parameter (``model_parallel`` /
+        ``tensor_model_parallel`` attribute) counts on every tensor-parallel rank; a replicated one
+        counts only on tensor-parallel rank 0 (pipe stages hold different parameters: each counts
+        its own). The other tensor-parallel ranks still add 0 x its squared norm: zero when finite,
+        NaN when that rank's copy overflowed, so an fp16 overflow on any rank, even in a gradient
+        it does not count, makes every rank skip the step (each rank steps its own replica, and
+        one stepping with inf would leave the replicas apart for good)."""
+        counted, uncounted = [], []
         for grad, param in pieces:
-            sliced = getattr(param, "model_parallel", False) or getattr(param, "tensor_model_parallel", False)
-            if sliced or self.topo.tp_rank == 0:
-                total += torch.linalg.vector_norm(grad, dtype=torch.float32) ** 2
+            (counted if is_sliced(param) or self.topo.tp_rank == 0 else uncounted).append(grad)
+        total = self.zero_norm()
+        for grad in counted:
+            total += torch.linalg.vector_norm(grad, dtype=torch.float32) ** 2
+        for grad in uncounted:
+            total += 0.0 * torch.linalg.vector_norm(grad, dtype=torch.float32) ** 2
         all_reduce(total, group=self.topo.dp_group)
         all_reduce(total, group=self.topo.mp_group)
         return total

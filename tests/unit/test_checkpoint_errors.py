@@ -61,3 +61,48 @@ def test_client_optimizer_that_already_stepped():
         shardspeed.initialize(model=model, optimizer=opt, config={"train_batch_size": 2})
     with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer or a callable"):
         shardspeed.initialize(model=tiny_gpt(), optimizer=42, config={"train_batch_size": 2})
+
+
+def _rewrite_rank0(ckpt, edit):
+    """Change rank_0.pt's pieces and reseal the manifest, as a buggy or foreign writer would."""
+    from shardspeed.checkpoint import files
+
+    data = torch.load(ckpt / "rank_0.pt", weights_only=True)
+    edit(data["pieces"])
+    torch.save(data, ckpt / "rank_0.pt")
+    manifest = json.loads((ckpt / files.MANIFEST).read_text())
+    del manifest["files"], manifest["format_version"]
+    files.write_manifest(ckpt, manifest)
+
+
+def test_a_piece_missing_or_saved_twice_is_named(tmp_path):
+    from shardspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    _engine().save_checkpoint(str(tmp_path), tag="t")
+    n = tiny_gpt().head.weight.numel()
+    _rewrite_rank0(tmp_path / "t", lambda pieces: pieces.pop("head.weight"))
+    with pytest.raises(CheckpointError, match=r"checkpoint .*/t is incomplete or inconsistent: parameter 'head.weight' "
+                                              rf"elements \[0, {n}\) of this rank got 0 values, not {n}$"):
+        _engine(stage=3).load_checkpoint(str(tmp_path), tag="t")
+    with pytest.raises(CheckpointError, match=rf"checkpoint .*/t has 0 of the {n} values of parameter 'head.weight'$"):
+        get_fp32_state_dict_from_zero_checkpoint(str(tmp_path), tag="t")
+    _engine().save_checkpoint(str(tmp_path), tag="t")
+    _rewrite_rank0(tmp_path / "t", lambda pieces: pieces["tok.weight"].append(pieces["tok.weight"][0]))
+    m = tiny_gpt().tok.weight.numel()
+    with pytest.raises(CheckpointError, match=rf"parameter 'tok.weight' elements \[0, {m}\) of this rank got {2 * m} "):
+        _engine().load_checkpoint(str(tmp_path), tag="t")
+
+
+def test_a_model_of_another_size_names_the_parameter_and_shapes(tmp_path):
+    _engine().save_checkpoint(str(tmp_path), tag="t")
+    with pytest.raises(CheckpointError, match=r"^parameter 'tok.weight' has shape \(64, 32\) in the checkpoint, but "
+                                              r"this model holds it whole as \(64, 16\)$"):
+        _engine(hidden=16).load_checkpoint(str(tmp_path), tag="t")
+
+
+def test_unknown_format_version(tmp_path):
+    _engine().save_checkpoint(str(tmp_path), tag="t")
+    path = tmp_path / "t" / "manifest.json"
+    path.write_text(path.read_text().replace('"format_version": 2', '"format_version": 7'))
+    with pytest.raises(CheckpointError, match=r"manifest.json: format version 7, expected one of 1, 2$"):
+        _engine().load_checkpoint(str(tmp_path), tag="t")

@@ -31,6 +31,16 @@ def test_linear_model():
     assert prof.stats["0"].macs == b * 64 * 128 and prof.stats["2"].macs == b * 128 * 32
 
 
+class Copies(nn.Module):
+    def forward(self, x):
+        y = x.clone().t().contiguous()
+        return y.copy_(x.t())
+
+
+def test_copies_count_nothing():
+    assert _profile(Copies(), torch.randn(64, 64)).get_total_flops() == 0
+
+
 def test_linear_on_three_dimensional_input_counts_the_same():
     lin = nn.Linear(48, 40)
     prof = _profile(lin, torch.randn(2, 7, 48))
