@@ -25,6 +25,7 @@ from shardspeed.tensor_parallel import (
     current_tensor_parallel_group,
     vocab_parallel_cross_entropy,
 )
+from shardspeed.zero import register_external_parameter
 
 
 def _gpt2_init(w: torch.Tensor) -> None:
@@ -69,6 +70,10 @@ class ParallelGPT(nn.Module):
         nn.init.normal_(self.pos.weight, std=0.02)
         self.blocks = nn.ModuleList(ParallelBlock(c) for _ in range(c.layers))
         self.ln = nn.LayerNorm(c.hidden)
+        # the head is tok.weight used in this module's own forward, outside ``tok``: ZeRO stage 3 must
+        # gather it for this forward too (else it reads the released, empty shard once the table is
+        # above the persistence threshold)
+        register_external_parameter(self, self.tok.weight)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         t = tokens.shape[1]

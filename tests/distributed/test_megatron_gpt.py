@@ -16,7 +16,10 @@ def _config(stage, dp):
     return {"train_batch_size": MICRO * GAS * dp, "train_micro_batch_size_per_gpu": MICRO,
             "gradient_accumulation_steps": GAS, "steps_per_print": None, "gradient_clipping": 0.05,
             "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01}},
-            "zero_optimization": {"stage": stage, "reduce_bucket_size": 2000}}
+            # persistence 0: stage 3 releases every parameter, the tied head's table too, as it does
+            # for any table above the default threshold (1e5 elements)
+            "zero_optimization": {"stage": stage, "reduce_bucket_size": 2000,
+                                  "stage3_param_persistence_threshold": 0}}
 
 
 def _batches(step, dp):
@@ -76,7 +79,7 @@ def _reference(dp):
 
 @pytest.mark.parametrize("tp, world", [(2, 4), (4, 4)])
 def test_tensor_parallel_gpt_with_zero_equals_single_process(tp, world):
-    stages = (0, 1)
+    stages = (0, 1, 3)
     results = run_ranks(_tp_run, world, tp, stages, timeout=600)
     ref = _reference(world // tp)
     for rank, r in enumerate(results):
