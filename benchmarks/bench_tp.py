@@ -21,9 +21,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import OUT, launch, median, read_results  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tp_worker.py")
-MODES = [("shardspeed", 1), ("torch-tp", None), ("shardspeed", 3), ("fsdp2", None)]
+MODES = [("shardspeed", 1), ("torch-tp", None), ("shardspeed", 3), ("fsdp2", None), ("torch-tp-shared-qkv", None)]
 NAMES = {("shardspeed", 1): "shardspeed T=2 x ZeRO-1 D=2", ("shardspeed", 3): "shardspeed T=2 x ZeRO-3 D=2",
-         ("torch-tp", None): "PyTorch TP T=2 x FSDP2 D=2", ("fsdp2", None): "PyTorch FSDP2 D=4"}
+         ("torch-tp", None): "PyTorch TP T=2 x FSDP2 D=2", ("fsdp2", None): "PyTorch FSDP2 D=4",
+         ("torch-tp-shared-qkv", None): "PyTorch TP T=2 x FSDP2 D=2, q/k/v input shared"}
+# the worker's arguments for a mode (the shared-qkv variant: one backward all-reduce for q, k and v's input,
+# where the usual per-projection plan issues three)
+WORKER_MODE = {"torch-tp-shared-qkv": ["--mode", "torch-tp", "--shared-qkv-input"]}
 
 
 def _mib(x: float) -> str:
@@ -107,7 +111,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--tag", default="run")
-    ap.add_argument("--only", default="", help="comma-separated subset: shardspeed1,shardspeed3,torch-tp,fsdp2")
+    ap.add_argument("--only", default="",
+                    help="comma-separated subset: shardspeed1,shardspeed3,torch-tp,fsdp2,torch-tp-shared-qkv")
     ap.add_argument("worker_args", nargs=argparse.REMAINDER,
                     help="passed to tp_worker.py after '--' (e.g. -- --hidden 512 --steps 20)")
     args = ap.parse_args()
@@ -119,7 +124,8 @@ def main() -> None:
     for rep in range(args.reps):
         for mode, stage in (modes if rep % 2 == 0 else modes[::-1]):
             print(f"rep {rep}: {NAMES[(mode, stage)]}", flush=True)
-            launch(4, WORKER, "--mode", mode, "--stage", str(stage or 0), "--tag", args.tag, *extra, results="tp")
+            how = WORKER_MODE.get(mode, ["--mode", mode])
+            launch(4, WORKER, *how, "--stage", str(stage or 0), "--tag", args.tag, *extra, results="tp")
     print(summarize(args.tag))
     print()
     print(breakdown(args.tag))

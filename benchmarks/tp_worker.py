@@ -241,7 +241,13 @@ def run_torch_tp(args, cfg, plain):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, loss_parallel, parallelize_module
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleOutput,
+        RowwiseParallel,
+        loss_parallel,
+        parallelize_module,
+    )
 
     dist.init_process_group("gloo")
     world = dist.get_world_size()
@@ -252,6 +258,10 @@ def run_torch_tp(args, cfg, plain):
     for i in range(cfg.layers):
         plan.update({f"blocks.{i}.{n}": ColwiseParallel() for n in ("q", "k", "v", "fc")})
         plan.update({f"blocks.{i}.{n}": RowwiseParallel() for n in ("proj", "out")})
+        if args.shared_qkv_input:  # ln1's output enters the tensor-parallel region once, as a DTensor:
+            # q, k and v's partial input gradients add up on it, and one all-reduce (not three) settles them
+            plan[f"blocks.{i}.ln1"] = PrepareModuleOutput(
+                output_layouts=Replicate(), desired_output_layouts=Replicate(), use_local_output=False)
     parallelize_module(model, mesh["tp"], plan)
     # both shard the [vocab, hidden] weight on dim 0 over "tp": the same DTensor can serve both again
     tok, head = model.tok.weight, model.head.weight
@@ -344,6 +354,9 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--count-steps", type=int, default=2)
     ap.add_argument("--profile-steps", type=int, default=2, help="steps under torch.profiler after the counted ones")
+    ap.add_argument("--shared-qkv-input", action="store_true",
+                    help="torch-tp: ln1's output as one Replicate DTensor for q, k and v (one backward all-reduce "
+                         "instead of one per projection)")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -420,7 +433,8 @@ def main():
     per_rank = [None] * world
     dist.all_gather_object(per_rank, counted)
     if rank == 0:
-        append_result("tp", {"mode": args.mode, "stage": args.stage if args.mode == "shardspeed" else None,
+        mode = args.mode + ("-shared-qkv" if args.shared_qkv_input else "")
+        append_result("tp", {"mode": mode, "stage": args.stage if args.mode == "shardspeed" else None,
                              "tp": args.tp if args.mode != "fsdp2" else 1, "dp": dp_size, "tag": args.tag,
                              "config": cfg.__dict__, "global_batch": args.global_batch, "info": info,
                              "median_step_s": median(times), "wall_step_s": wall, "times": times,
