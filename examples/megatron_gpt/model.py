@@ -4,9 +4,10 @@ the second MLP layer by input features (rows), so a block costs two all-reduces 
 backward; the vocabulary-parallel embedding is tied to the output head and the loss is computed
 on vocabulary-parallel logits (no rank ever holds the full logits).
 
-Parameter names and initial values are those of ``examples.gpt_model.GPT`` with tied embeddings,
-whatever the tensor-parallel size T: every layer draws its full weight from the same seed and keeps
-its slice. So ``load_plain`` gives the unsliced single-process model this one equals.
+Parameter names are those of ``examples.gpt_model.GPT`` with tied embeddings, and initial values do
+not depend on the tensor-parallel size T: every layer draws its full weight from the same seed and
+keeps its slice. (They are not the plain GPT's draws from the same seed: the layers draw in their own
+order.) ``load_plain`` gives the unsliced single-process model holding a T = 1 build's values.
 """
 
 from __future__ import annotations
