@@ -157,6 +157,18 @@ def full_module_state(engine: Any) -> dict[str, torch.Tensor]:
     return state
 
 
+def _persistent_buffers(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The buffers ``module.state_dict()`` holds: a buffer registered ``persistent=False`` (Hugging
+    Face's GPT-2 attention masks) is rebuilt by its module, and a consolidated checkpoint holding it
+    would not load into the model (unexpected keys)."""
+    out = []
+    for prefix, mod in module.named_modules():
+        for name, buf in mod.named_buffers(recurse=False):
+            if buf is not None and name not in mod._non_persistent_buffers_set:
+                out.append((f"{prefix}.{name}" if prefix else name, buf))
+    return out
+
+
 def _common(engine: Any, client_state: dict[str, Any] | None) -> dict[str, Any]:
     opt, sched, loader = engine.optimizer, engine.lr_scheduler, engine.training_dataloader
     return {
@@ -168,7 +180,7 @@ def _common(engine: Any, client_state: dict[str, Any] | None) -> dict[str, Any]:
                                                     for g in opt.param_groups],
         "lr_scheduler": sched.state_dict() if sched is not None else None,
         "loss_scaler": engine.loss_scaler.state_dict() if engine.loss_scaler is not None else None,
-        "buffers": {n: b.detach().clone() for n, b in engine.module.named_buffers()},
+        "buffers": {n: b.detach().clone() for n, b in _persistent_buffers(engine.module)},
         "loader": loader.state_dict() if hasattr(loader, "state_dict") else None,
         "client_state": client_state or {},
         "config": engine.config.model_dump(mode="json"),

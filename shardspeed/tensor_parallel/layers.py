@@ -42,7 +42,14 @@ from shardspeed.tensor_parallel.mappings import (
     _ReduceScatterToSequence,
     _ScatterToRegion,
 )
-from shardspeed.tensor_parallel.meta import SliceSpec, join_slices, mark_sequence_parallel, mark_sliced, take_slice
+from shardspeed.tensor_parallel.meta import (
+    SliceSpec,
+    join_slices,
+    mark_sequence_parallel,
+    mark_sliced,
+    slice_spec,
+    take_slice,
+)
 
 InitMethod = Callable[[torch.Tensor], Any]
 
@@ -89,6 +96,19 @@ def _keep_requires_grad(layer: nn.Module, linear: nn.Module) -> None:
             dst.requires_grad_(src.requires_grad)
 
 
+def _store_transposed(layer: nn.Module) -> None:
+    """[Note: transposed weights] A layer made from Hugging Face's ``Conv1D`` keeps its weight as the
+    original stores it, [in, out] (this rank's slice of it), so its state dict, checkpoints,
+    ``zero_to_fp32`` and ``save_16bit_model`` hold tensors of the original model's shapes, loadable
+    into it. The slice mark names the cut dimension of that stored layout; forward multiplies by the
+    transpose (a view, no copy)."""
+    spec = slice_spec(layer.weight)
+    w = nn.Parameter(layer.weight.detach().t().contiguous(), requires_grad=layer.weight.requires_grad)
+    mark_sliced(w, 1 - spec.dim, spec.stride)
+    layer.weight = w
+    layer.weight_transposed = True
+
+
 def _sliced_parameter(full: torch.Tensor, spec: SliceSpec, tp: TensorParallelGroup) -> nn.Parameter:
     p = nn.Parameter(take_slice(full, spec, tp.world_size, tp.rank))
     mark_sliced(p, spec.dim, spec.stride)
@@ -115,6 +135,8 @@ class ColumnParallelLinear(nn.Module):
             (none: T = 1, an ordinary linear layer).
         device, dtype: where and in what type the parameters are made (and the full weight drawn).
     """
+
+    weight_transposed = False  # stored [in, out] (made from a Conv1D): Note: transposed weights
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, gather_output: bool = True,
                  init_method: InitMethod | None = None, stride: int = 1, skip_bias_add: bool = False,
@@ -146,7 +168,8 @@ class ColumnParallelLinear(nn.Module):
             x = _GatherFromSequence.apply(x, self.sequence_dim, tp, True)
         else:
             x = _CopyToRegion.apply(x, tp)
-        out = F.linear(x, self.weight, None if self.skip_bias_add else self.bias)
+        weight = self.weight.t() if self.weight_transposed else self.weight
+        out = F.linear(x, weight, None if self.skip_bias_add else self.bias)
         if self.gather_output and tp.world_size > 1:
             out = _GatherFromRegion.apply(out, -1, tp)
             if self.stride > 1:  # rank-major after the gather; the unsliced layer is block-major
@@ -167,6 +190,8 @@ class ColumnParallelLinear(nn.Module):
             with torch.no_grad():
                 layer.bias.copy_(take_slice(b, SliceSpec(0, stride), layer.tp.world_size, layer.tp.rank))
         _keep_requires_grad(layer, linear)
+        if transposed:
+            _store_transposed(layer)
         return layer
 
     def extra_repr(self) -> str:
@@ -194,6 +219,8 @@ class RowParallelLinear(nn.Module):
         tp_group, device, dtype: as in ``ColumnParallelLinear``.
     """
 
+    weight_transposed = False  # stored [in, out] (made from a Conv1D): Note: transposed weights
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, input_is_parallel: bool = False,
                  init_method: InitMethod | None = None, skip_bias_add: bool = False, sequence_parallel: bool = False,
                  sequence_dim: int = 0, tp_group: Group = None, device: Any = None, dtype: torch.dtype | None = None):
@@ -216,7 +243,7 @@ class RowParallelLinear(nn.Module):
         tp = self.tp
         if not self.input_is_parallel:
             x = _ScatterToRegion.apply(x, -1, tp)
-        out = F.linear(x, self.weight)
+        out = F.linear(x, self.weight.t() if self.weight_transposed else self.weight)
         if self.sequence_parallel:
             out = _ReduceScatterToSequence.apply(out, self.sequence_dim, tp)
         else:
@@ -241,6 +268,8 @@ class RowParallelLinear(nn.Module):
             with torch.no_grad():
                 layer.bias.copy_(b)
         _keep_requires_grad(layer, linear)
+        if transposed:
+            _store_transposed(layer)
         return layer
 
     def extra_repr(self) -> str:

@@ -95,7 +95,10 @@ def _refusals():
     return messages
 
 
-def _worker(rank):
+SAVED = ("gpt2", 1)  # this case also writes a checkpoint
+
+
+def _worker(rank, ckpt):
     import shardspeed
     from shardspeed.tensor_parallel import autotp
 
@@ -103,6 +106,8 @@ def _worker(rank):
     for kind, stage in CASES:  # the first call makes the unit (T = 2); the others find it
         engine, *_ = shardspeed.initialize(model=hf_model(kind), config=_config(stage))
         out[(kind, stage)] = _train(engine)
+        if (kind, stage) == SAVED:
+            engine.save_checkpoint(ckpt)
     # sliced by the user, then initialize() without tensor_parallel: the unit made above is used
     model = autotp(hf_model("llama"), T, plan=LLAMA_PLAN, use_default_rules=False)
     engine, *_ = shardspeed.initialize(model=model, config=_config(0, autotp=False))
@@ -112,8 +117,13 @@ def _worker(rank):
 
 
 @pytest.fixture(scope="module")
-def ranks():
-    return run_ranks(_worker, T * D, timeout=400)
+def ckpt(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("autotp_ckpt"))
+
+
+@pytest.fixture(scope="module")
+def ranks(ckpt):
+    return run_ranks(_worker, T * D, ckpt, timeout=400)
 
 
 def _reference(kind):
@@ -138,12 +148,6 @@ def _joined(ranks, case, tp_ranks):
             for name, (value, spec) in results[0]["params"].items()}
 
 
-def _as_reference(name, value, ref_model):
-    """A joined parameter in the reference's layout: Hugging Face's Conv1D stores [in, out]."""
-    owner = ref_model.get_submodule(name.rpartition(".")[0])
-    return value.t() if type(owner).__name__ == "Conv1D" and name.endswith("weight") else value
-
-
 @pytest.mark.parametrize("kind, stage", [*CASES, ("llama", "autotp()")])
 def test_autotp_trains_like_the_unsliced_model(ranks, kind, stage):
     ref, ref_norms = _reference(kind)
@@ -157,7 +161,7 @@ def test_autotp_trains_like_the_unsliced_model(ranks, kind, stage):
         full = _joined(ranks, case, list(replica))
         assert full.keys() == ref_params.keys()
         for name, value in full.items():
-            want, got = ref_params[name].detach(), _as_reference(name, value, ref)
+            want, got = ref_params[name].detach(), value  # Conv1D slices keep its [in, out] layout
             assert got.shape == want.shape, name
             if name.endswith(ZERO_GRADIENT):
                 assert (got - want).abs().max() < 1e-8, name
@@ -177,3 +181,27 @@ def test_sizes_that_disagree_and_stale_parameters_are_refused(ranks):
         "tensor_parallel_size 3 does not divide the world size 4: the ranks cannot be split into equal model "
         "replicas; use a T that divides 4",
     ]
+
+
+def _load_unsliced(rank, ckpt):
+    import shardspeed
+
+    engine, *_ = shardspeed.initialize(model=hf_model("gpt2"), config=_config(0, autotp=False))
+    engine.load_checkpoint(ckpt)
+    return {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+
+
+def test_autotp_gpt2_checkpoint_loads_into_the_unsliced_hugging_face_model(ranks, ckpt):
+    """GPT-2's Conv1D slices keep its [in, out] layout, so what AutoTP saved at T=2 is the Hugging Face
+    model's own state: zero_to_fp32's output loads into a fresh GPT2LMHeadModel, and one unsliced rank
+    resumes the checkpoint, both holding exactly the parameters trained at T=2."""
+    from shardspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    trained = _joined(ranks, SAVED, list(range(T)))
+    model = hf_model("gpt2")
+    missing, unexpected = model.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(ckpt), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}  # tied to wte, saved once
+    resumed = run_ranks(_load_unsliced, 1, ckpt)[0]
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), trained[name]), name
+        assert torch.equal(resumed[name], trained[name]), name

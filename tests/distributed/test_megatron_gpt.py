@@ -97,3 +97,79 @@ def test_tensor_parallel_gpt_in_low_precision_tracks_fp32(precision, stage):
     ref = _reference(2)
     for rank, r in enumerate(results):
         assert model_rel_diff(r[stage], ref) < LOW_PRECISION_TOL, (rank, model_rel_diff(r[stage], ref))
+
+
+SAVE_AT, LAST = 2, 5
+# (T, ZeRO stage, micro-batch, accumulation) of the runs that resume the (T=2, D=2, stage 1) checkpoint
+RESUMES = {"T4_stage3": (4, 3, 4, 2), "T4_stage0": (4, 0, 4, 2), "T1_D4_stage3": (1, 3, 2, 1)}
+
+
+def _ckpt_config(stage, micro, gas):
+    return {**_config(stage, 8 // (micro * gas)), "train_micro_batch_size_per_gpu": micro,
+            "gradient_accumulation_steps": gas, "train_batch_size": 8}
+
+
+def _train_steps(engine, first, last):
+    from examples.gpt_model import synthetic_batch
+
+    micro, gas, dp_rank = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps(), \
+        engine.topo.dp_rank
+    for step in range(first, last):
+        x, y = synthetic_batch(step, 8, CFG["seq"], CFG["vocab"])
+        for m in range(gas):
+            lo = (dp_rank * gas + m) * micro
+            engine.backward(engine(x[lo:lo + micro], y[lo:lo + micro]))
+            engine.step()
+
+
+def _resume_run(rank, ckpt, resumes):
+    """Train (T=2, D=2, stage 1), save after step 2, go on to step 5; then resume the checkpoint at each
+    other layout and train the same steps."""
+    import shardspeed
+    from examples.gpt_model import GPTConfig
+    from examples.megatron_gpt.model import ParallelGPT
+    from shardspeed import comm
+
+    def build():
+        torch.manual_seed(SEED)
+        return ParallelGPT(GPTConfig(**CFG))
+
+    unit = shardspeed.initialize_model_parallel(tensor_parallel_size=2)
+    engine, *_ = shardspeed.initialize(model=build(), config=_ckpt_config(1, 2, 2), mpu=unit)
+    _train_steps(engine, 0, SAVE_AT)
+    engine.save_checkpoint(ckpt)
+    _train_steps(engine, SAVE_AT, LAST)
+    out = {"straight": full_params(engine, unit)}
+    for name, (tp, stage, micro, gas) in resumes.items():
+        comm.destroy_model_parallel()
+        unit = shardspeed.initialize_model_parallel(tensor_parallel_size=tp)
+        engine, *_ = shardspeed.initialize(model=build(), config=_ckpt_config(stage, micro, gas), mpu=unit)
+        engine.load_checkpoint(ckpt)
+        _train_steps(engine, SAVE_AT, LAST)
+        out[name] = full_params(engine, unit)
+    return out
+
+
+def test_example_gpt_checkpoint_resumes_at_other_tensor_parallel_layouts(tmp_path):
+    """The tied vocab-parallel embedding/head included: saved at (T=2, D=2, ZeRO 1), resumed at (4, 1, 3),
+    (4, 1, 0), (1, 4, 3) and in one process (unsliced), the next 3 steps equal the run that never stopped."""
+    ckpt = str(tmp_path)
+    runs = run_ranks(_resume_run, 4, ckpt, RESUMES, timeout=600)
+    straight = runs[0]["straight"]
+    single = run_ranks(_resume_run_single, 1, ckpt)[0]
+    for rank, r in enumerate(runs):
+        for name in RESUMES:
+            assert max_rel_diff(r[name], straight) < 1e-5, (rank, name, max_rel_diff(r[name], straight))
+    assert max_rel_diff(single, straight) < 1e-5
+
+
+def _resume_run_single(rank, ckpt):
+    import shardspeed
+    from examples.gpt_model import GPTConfig
+    from examples.megatron_gpt.model import ParallelGPT
+
+    torch.manual_seed(SEED)
+    engine, *_ = shardspeed.initialize(model=ParallelGPT(GPTConfig(**CFG)), config=_ckpt_config(0, 8, 1))
+    engine.load_checkpoint(ckpt)
+    _train_steps(engine, SAVE_AT, LAST)
+    return {n: p.detach().clone() for n, p in engine.module.named_parameters()}

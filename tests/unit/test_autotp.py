@@ -213,7 +213,9 @@ def test_from_linear_copies_the_layer_draws_nothing_and_keeps_requires_grad():
     assert torch.equal(torch.get_rng_state(), state)
     assert torch.equal(col(x), linear(x)) and torch.allclose(row(x), conv(x), atol=1e-6)
     assert tp.slice_spec(col.weight) == tp.SliceSpec(0, 3) and tp.slice_spec(col.bias) == tp.SliceSpec(0, 3)
-    assert tp.slice_spec(row.weight) == tp.SliceSpec(1) and tp.slice_spec(row.bias) is None
+    # a Conv1D keeps its [in, out] layout: the row cut is on its dim 0
+    assert tp.slice_spec(row.weight) == tp.SliceSpec(0) and row.weight.shape == conv.weight.shape
+    assert tp.slice_spec(row.bias) is None
     assert not col.bias.requires_grad and col.weight.requires_grad
 
 
