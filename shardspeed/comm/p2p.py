@@ -52,6 +52,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
+from shardspeed.comm import health
 from shardspeed.comm.backend import ProcessGroup
 from shardspeed.comm.collectives import Handle, report
 
@@ -298,12 +299,12 @@ class PipeComm:
                 results[i] = bufs
         layouts: dict[int, Layout] = {}
         for (i, slot), work in zip(slots.items(), header_works, strict=True):
-            work.wait()
+            self._wait(work, ops[i].peer, HEADER_SLOT * 8)
             n = int(slot[0])
             codes = slot[1:1 + min(n, HEADER_SLOT - 1)].tolist()
             if n > HEADER_SLOT - 1:
                 rest = torch.empty(n - HEADER_SLOT + 1, dtype=torch.int64, device=self.device)
-                self._irecv(rest, ops[i].peer, ops[i].tag, _KIND_OVERFLOW).wait()
+                self._wait(self._irecv(rest, ops[i].peer, ops[i].tag, _KIND_OVERFLOW), ops[i].peer, rest.numel() * 8)
                 codes += rest.tolist()
             layouts[i] = Layout(codes)
             received += 8 * (HEADER_SLOT + max(0, n - HEADER_SLOT + 1))
@@ -324,6 +325,15 @@ class PipeComm:
             if nbytes and not works:
                 report(what, nbytes, time.perf_counter() - start, 2)
         return results
+
+    def _wait(self, work: Any, peer: int, nbytes: int) -> None:
+        """Wait for one header receive; a lost peer becomes the comm layer's error, naming it."""
+        try:
+            work.wait()
+        except RuntimeError as e:
+            if health.is_comm_failure(e):
+                raise health.explain(f"pipeline receive from rank {peer}", nbytes, self.group, e) from e
+            raise
 
     def _isend(self, t: torch.Tensor, peer: int, tag: int, kind: int) -> Any:
         return dist.isend(t, dst=peer, group=self.group, tag=tag << 2 | kind)

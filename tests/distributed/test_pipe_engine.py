@@ -93,3 +93,49 @@ def test_pipeline_p2_d1_equals_single_process():
 
 def test_pipeline_p2_d2_equals_single_process():
     _check(run_ranks(_train, 4, (0, 1, 2)), 2, (0, 1, 2))
+
+
+def _fp16_and_bad_output(rank):
+    from torch import nn
+
+    import shardspeed
+    from shardspeed import comm
+    from shardspeed.pipe import PipelineModule
+
+    comm.init_distributed()
+    out = {}
+    engine = _engine(1, fp16={"enabled": True, "initial_scale_power": 8, "hysteresis": 1})
+    before = _global_state(engine)
+    hook = None
+    if engine.is_first_stage():  # an overflow in one stage's gradient only
+        p = dict(engine.module.named_parameters())["1.fc1.weight"]
+        hook = p.register_hook(lambda g: torch.full_like(g, float("inf")))
+    data = lambda step: iter(pw.micro_batches(step, 0, 1, MICRO, GAS))  # noqa: E731
+    engine.train_batch(data(0))
+    out["skipped"] = (engine.skipped_steps, engine.loss_scale,
+                      all(torch.equal(v, before[k]) for k, v in _global_state(engine).items()))
+    if hook is not None:
+        hook.remove()
+    loss = engine.train_batch(data(1))
+    out["stepped"] = (engine.skipped_steps, bool(torch.isfinite(loss)),
+                      any(not torch.equal(v, before[k]) for k, v in _global_state(engine).items()))
+    # a stage whose output is not tensors: stage 0 says which stage and what; stage 1, left waiting
+    # for the activation, fails in its receive instead of hanging
+    bad = PipelineModule([nn.Linear(4, 4), lambda x: {"h": x, "why": "text"}, nn.Linear(4, 4), nn.Linear(4, 4)],
+                         num_stages=2, loss_fn=lambda y, t: y.sum(), partition_method="uniform")
+    engine, *_ = shardspeed.initialize(model=bad, config=_config(0))
+    try:
+        engine.train_batch(iter([(torch.ones(2, 4), torch.ones(2, 4))] * GAS))
+    except Exception as e:  # noqa: BLE001 - the message is what is checked
+        out["error"] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def test_fp16_overflow_in_one_stage_skips_everywhere_and_bad_outputs_are_named():
+    results = run_ranks(_fp16_and_bad_output, 2, extra_env={"SHARDSPEED_COMM_TIMEOUT_S": "5"}, timeout=120)
+    for rank, r in enumerate(results):
+        assert r["skipped"] == (1, 128.0, True), (rank, r["skipped"])
+        assert r["stepped"] == (1, True, True), (rank, r["stepped"])
+    assert ("TypeError: pipeline stage 0 (layers 0..1) returned a dict that cannot go to stage 1: "
+            "output['why'] is a str") in results[0]["error"]
+    assert results[1]["error"].startswith("CollectiveError: pipeline receive from rank 0 of 512 bytes"), results[1]
