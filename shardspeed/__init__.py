@@ -28,7 +28,7 @@ _NAMES = {
 
 __all__ = ["ConfigError", "DeepSpeedEngine", "RepeatingLoader", "ShardspeedConfig", "ShardspeedEngine",
            "__version__", "add_config_arguments", "checkpointing", "comm", "init_distributed", "initialize",
-           "initialize_model_parallel", "monitor", "ops", "profiling", "tensor_parallel", "zero"]
+           "initialize_model_parallel", "monitor", "ops", "pipe", "profiling", "tensor_parallel", "zero"]
 
 
 def __getattr__(name: str) -> Any:
