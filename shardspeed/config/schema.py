@@ -168,6 +168,21 @@ class DataTypesConfig(Section):
 DTypeName = Literal["fp32", "fp16", "bf16"]
 
 
+class PipelineConfig(Section):
+    """Settings of the pipeline engine (``initialize(model=PipelineModule(...))``); ignored by a
+    plain model. DeepSpeed has no key for the schedule (its engine always runs 1F1B)."""
+
+    schedule: Literal["1f1b", "gpipe"] = Field(
+        "1f1b", description="micro-batch order in train_batch: '1f1b' (PipeDream-flush: stage s holds at most "
+        "p - s micro-batches' activations) or 'gpipe' (all forwards, then all backwards: every stage holds all "
+        "m); both give the same gradients")
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value  # "1F1B", "GPipe" as written in papers
+
+
 class LayerSpecConfig(Section):
     """One entry of ``tensor_parallel.partition_config.layer_specs`` (DeepSpeed's ``TPLayerSpec``)."""
 
@@ -269,6 +284,7 @@ class ShardspeedConfig(Section):
     comms_logger: CommsLoggerConfig = Field(default_factory=CommsLoggerConfig)
     data_types: DataTypesConfig = Field(default_factory=DataTypesConfig)
     tensor_parallel: TensorParallelConfig = Field(default_factory=TensorParallelConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     seed: int | None = None
 
     @field_validator("zero_optimization", mode="before")

@@ -3,7 +3,9 @@ for this rank's stage, on top of the same strategy, precision, optimizer and LR 
 data-parallel engine.
 
 ``initialize(model=PipelineModule(...))`` returns it. A step is ``engine.train_batch(data_iter)``:
-``gradient_accumulation_steps`` micro-batches through the 1F1B schedule, then one optimizer step.
+``gradient_accumulation_steps`` micro-batches through the 1F1B schedule (or GPipe, config
+``"pipeline": {"schedule": "gpipe"}``), then one optimizer step. ``pipe_stats()`` reports what the
+last batch held awaiting backward (pipe_stats.py).
 
 [Note: one batch, as executed]
 Each tick runs in the order the schedule's contract fixes: load (the first stage keeps the inputs,
@@ -30,6 +32,7 @@ ZeRO stage 3 is refused: its parameter gathers are issued from module hooks in f
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,10 +54,12 @@ from shardspeed.comm.p2p import (
 from shardspeed.config import ConfigError
 from shardspeed.data import RepeatingLoader
 from shardspeed.engine.engine import ShardspeedEngine
+from shardspeed.engine.pipe_stats import ActivationLedger
 from shardspeed.engine.pipe_tied import TiedWeights
 from shardspeed.pipe.schedule import (
     BackwardPass,
     ForwardPass,
+    GPipeSchedule,
     InferenceSchedule,
     LoadMicroBatch,
     OptimizerStep,
@@ -67,6 +72,9 @@ from shardspeed.pipe.schedule import (
     SendGrad,
     TrainSchedule,
 )
+
+# config "pipeline": {"schedule": ...} -> the train schedule (the config's Literal rejects other names)
+_TRAIN_SCHEDULES: dict[str, type[PipeSchedule]] = {"1f1b": TrainSchedule, "gpipe": GPipeSchedule}
 
 _USE_TRAIN_BATCH = ("the pipeline engine runs forward, backward and the optimizer step itself, over all stages "
                     "and micro-batches: call engine.train_batch(data_iter) (engine.eval_batch(data_iter) to evaluate)")
@@ -115,6 +123,9 @@ class PipelineEngine(ShardspeedEngine):
         self.stage_id: int = model.stage_id
         self.num_stages: int = model.num_stages
         self.p2p = PipeComm(topo.pp_group, self.device)
+        self.pipe_schedule: str = config.pipeline.schedule
+        self._ledger = ActivationLedger()
+        self._ledger_bound = 0
         self._last_rank = mpu.stage_to_global(self.num_stages - 1)
         self.data_iterator: Iterator[Any] | None = None
         if self.training_dataloader is not None and (self.is_first_stage() or self.is_last_stage()):
@@ -158,11 +169,22 @@ class PipelineEngine(ShardspeedEngine):
         self.module.train()
         m = self.batch.gradient_accumulation_steps
         b = _Batch(m, train=True, data=self._data(data_iter, "train_batch"))
-        self._run(TrainSchedule(m, self.num_stages, self.stage_id), b)
+        schedule = _TRAIN_SCHEDULES[self.pipe_schedule](m, self.num_stages, self.stage_id)
+        self._ledger.start_batch(self.module.parameters())
+        self._ledger_bound = schedule.max_in_flight()
+        self._run(schedule, b)
         loss = self._mean_over_batch(b.results)
         self.reporter.on_backward(loss)
         self.reporter.on_step()
         return loss
+
+    def pipe_stats(self) -> dict[str, Any]:
+        """What this stage held awaiting backward in the last ``train_batch`` (pipe_stats.py's note):
+        ``peak_micro_batches`` (at most ``bound``: p - s with 1F1B, m with GPipe) and
+        ``peak_activation_bytes`` (what autograd saved for them, parameters left out)."""
+        ledger = self._ledger
+        return {"schedule": self.pipe_schedule, "stage": self.stage_id, "peak_micro_batches": ledger.peak_micro_batches,
+                "bound": self._ledger_bound, "peak_activation_bytes": ledger.peak_bytes}
 
     @torch.no_grad()
     def eval_batch(self, data_iter: Iterable[Any], return_logits: bool = False, compute_loss: bool = True,
@@ -295,7 +317,8 @@ class PipelineEngine(ShardspeedEngine):
             b.labels[mb] = self._to_device(item[1])
 
     def _forward(self, mb: int, b: _Batch) -> None:
-        with torch.set_grad_enabled(b.train), self.timers("forward"), self.strategy.forward_context():
+        held = self._ledger.forward(mb) if b.train else contextlib.nullcontext()
+        with torch.set_grad_enabled(b.train), self.timers("forward"), self.strategy.forward_context(), held:
             out = self.module(b.inputs[mb])
         if not self.is_last_stage():
             self._check_output(out)
@@ -339,6 +362,7 @@ class PipelineEngine(ShardspeedEngine):
                     torch.autograd.backward(outs, grads)
                 self.p2p.release(grads)
             self.strategy.finish_backward()
+        self._ledger.backward_done(mb)
         x = b.inputs.pop(mb)
         if not self.is_first_stage():
             # received leaves that needed grad, in leaf order: what the previous stage waits for

@@ -58,3 +58,19 @@ def test_no_iterator_says_how_to_give_one():
 def test_zero_stage_3_is_refused_with_the_reason():
     with pytest.raises(ConfigError, match=r"stage 3 is not supported with pipeline parallelism.*use stage 0, 1 or 2"):
         _engine(zero_optimization={"stage": 3})
+
+
+def test_schedule_is_chosen_by_config_and_unknown_names_are_refused():
+    with pytest.raises(ConfigError, match=r"pipeline\.schedule': Input should be '1f1b' or 'gpipe' \(got 'pipedream'\)"):
+        _engine(pipeline={"schedule": "pipedream"})
+    with pytest.raises(ConfigError, match=r"unknown config key 'pipeline\.schedul'\. Did you mean 'schedule'"):
+        _engine(pipeline={"schedul": "gpipe"})
+    # one stage (p = 1): 1F1B holds one micro-batch at a time, GPipe all m = 4, with equal bytes each
+    stats = {}
+    for name in ("1F1B", "GPipe"):  # as papers write them
+        engine = _engine(pipeline={"schedule": name})
+        engine.train_batch(iter(pw.micro_batches(0, 0, 1, 2, 4)))
+        stats[name] = engine.pipe_stats()
+    assert stats["1F1B"]["schedule"] == "1f1b" and stats["GPipe"]["schedule"] == "gpipe"
+    assert [stats[n]["peak_micro_batches"] for n in stats] == [1, 4] == [stats[n]["bound"] for n in stats]
+    assert stats["GPipe"]["peak_activation_bytes"] == 4 * stats["1F1B"]["peak_activation_bytes"] > 0

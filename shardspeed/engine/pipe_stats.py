@@ -1,0 +1,64 @@
+"""What a pipeline stage holds between a micro-batch's forward and its backward, counted per batch.
+
+[Note: what counts as held]
+A micro-batch is *held* on a stage from the end of its forward until its backward has run: its
+autograd graph keeps the tensors the stage's ops saved for backward, and the engine keeps its
+received input and its output. Bytes are the storages autograd saved during that forward (through
+``saved_tensors_hooks``, so exactly what backward will read), each storage once per micro-batch,
+leaving out the stage's parameters (held anyway, whatever the schedule). With activation
+checkpointing the recomputed regions save only their inputs, and the count shows it.
+The peak is taken after every forward, where the number held only grows: 1F1B keeps it at
+p - s on stage s, GPipe at m (the schedules' ``max_in_flight``), which the tests check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+
+class ActivationLedger:
+    """Per ``train_batch``: micro-batches held awaiting backward and the bytes saved for them."""
+
+    def __init__(self) -> None:
+        self._held: dict[int, int] = {}  # micro-batch -> bytes saved for its backward
+        self._skip: set[int] = set()
+        self.peak_micro_batches = 0
+        self.peak_bytes = 0
+
+    def start_batch(self, params: Iterator[torch.nn.Parameter]) -> None:
+        assert not self._held, "micro-batches held across batches"
+        # parameters' storages are read at every step (their .data may move between batches: look again)
+        self._skip = {p.untyped_storage().data_ptr() for p in params}
+        self.peak_micro_batches = self.peak_bytes = 0
+
+    @contextlib.contextmanager
+    def forward(self, mb: int) -> Iterator[None]:
+        """Around micro-batch ``mb``'s forward: record what autograd saves for its backward."""
+        seen: set[int] = set()
+        total = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal total
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr not in self._skip and ptr not in seen:
+                seen.add(ptr)
+                total += storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, _same):
+            yield
+        self._held[mb] = total
+        self.peak_micro_batches = max(self.peak_micro_batches, len(self._held))
+        self.peak_bytes = max(self.peak_bytes, sum(self._held.values()))
+
+    def backward_done(self, mb: int) -> None:
+        self._held.pop(mb, None)
+
+
+def _same(t: Any) -> Any:
+    return t
