@@ -61,7 +61,7 @@ def test_zero_stage_3_is_refused_with_the_reason():
 
 
 def test_schedule_is_chosen_by_config_and_unknown_names_are_refused():
-    with pytest.raises(ConfigError, match=r"pipeline\.schedule': Input should be '1f1b' or 'gpipe' \(got 'pipedream'\)"):
+    with pytest.raises(ConfigError, match=r"pipeline\.schedule': Input should be '1f1b' or 'gpipe' \(got 'pipedream"):
         _engine(pipeline={"schedule": "pipedream"})
     with pytest.raises(ConfigError, match=r"unknown config key 'pipeline\.schedul'\. Did you mean 'schedule'"):
         _engine(pipeline={"schedul": "gpipe"})
