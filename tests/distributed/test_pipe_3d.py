@@ -136,7 +136,7 @@ def _p2_t2_d2(rank):
 
 def test_pipeline_3d_p2_t2_d2_equals_single_process():
     results = run_ranks(_p2_t2_d2, 8)
-    assert sorted(r["tp"] for r in results) == [(0, 2), (1, 2)] * 4
+    assert sorted(r["tp"] for r in results) == [(0, 2)] * 4 + [(1, 2)] * 4
     sliced = {n for r in results for n, spec in r["slices"].items() if spec is not None}
     assert sliced == {"0.weight", "1.fc1.weight", "1.fc1.bias", "1.fc2.weight", "2.fc1.weight", "2.fc1.bias",
                       "2.fc2.weight", "3.fc1.weight", "3.fc1.bias", "3.fc2.weight"}, sliced
