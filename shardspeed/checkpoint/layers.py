@@ -54,7 +54,7 @@ def over_stages(engine: Any, mine: dict[str, Any]) -> dict[str, Any]:
 def layer_record(module: nn.Module) -> dict[str, Any] | None:
     """What the manifest says about the model's layers: their count and, for a pipeline, how they were
     cut (only to explain a mismatch at load; loading never depends on it)."""
-    if hasattr(module, "partitions"):
+    if hasattr(module, "global_state_name"):  # a PipelineModule stage (checkpoint/ does not import pipe/)
         parts = module.partitions()
         return {"count": parts[-1], "pipeline_stages": len(parts) - 1, "partition": parts}
     if isinstance(module, nn.Sequential):
