@@ -3,13 +3,15 @@ ZeRO stage in, any out.
 
 Saved state is keyed by parameter name and flat element range (``Strategy.owned_pieces``), never by
 rank or bucket, and a tensor-parallel slice carries where it sits in the full parameter (pieces.py,
-Note: slices in checkpoints), so loading into another layout is a re-slice.
+Note: slices in checkpoints), so loading into another layout is a re-slice. A pipeline stage names
+its entries by layer index (layers.py, Note: checkpoints keyed by layer index), so loading at
+another number of stages, or into the plain ``nn.Sequential``, is one too.
 
 [Note: who writes what] Each rank writes the pieces it owns, except copies: under a replicating
 strategy (stage 0) only data-parallel rank 0 writes, and a parameter replicated across the
-tensor-parallel group (no slice mark) only by tensor-parallel rank 0. Parameters the strategy does
-not hold (frozen ones at stages 0-2) are written whole by the same rule. So every element of every
-full parameter is saved exactly once, which loading checks.
+tensor-parallel group (no slice mark) only by tensor-parallel rank 0, and a pipeline tie only by its
+owner stage. Parameters the strategy does not hold (frozen ones at stages 0-2) are written whole by
+the same rule. So every element of every full parameter is saved exactly once, which loading checks.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 
 import torch
 
-from shardspeed.checkpoint import files
+from shardspeed.checkpoint import files, layers
 from shardspeed.checkpoint.files import CheckpointError
 from shardspeed.checkpoint.pieces import copy_into, layout_for, split_state, transfers
 from shardspeed.comm import all_gather, barrier, broadcast_object, get_rank, get_world_size, monitored_barrier
@@ -80,14 +82,16 @@ def _payload(engine: Any, sliced: dict[str, SliceSpec]) -> dict[str, Any]:
     if topo.dp_rank == 0:  # parameters the strategy does not hold: each data-parallel rank has them whole
         pieced = engine.strategy.checkpointed_names()
         mine += [(n, 0, p.numel(), p.detach(), 0) for n, p in engine.module.named_parameters() if n not in pieced]
+    elsewhere = {n for n, p in engine.module.named_parameters() if layers.written_elsewhere(p)}
+    gname = layers.global_names(engine)
     for name, start, length, master, offset in mine:
-        if name not in sliced and topo.tp_rank != 0:
+        if (name not in sliced and topo.tp_rank != 0) or name in elsewhere:
             continue
         flat = master.detach().reshape(-1)
         values = flat[offset:offset + length].float().clone()
         per_elem, scalars = ({}, {}) if opt is None else split_state(opt.state.get(master, {}), master)
         states = {k: v.reshape(-1)[offset:offset + length].clone() for k, v in per_elem.items()}
-        pieces.setdefault(name, []).append((start, length, values, states, dict(scalars)))
+        pieces.setdefault(gname(name), []).append((start, length, values, states, dict(scalars)))
     return pieces
 
 
@@ -96,6 +100,7 @@ def save_checkpoint(engine: Any, save_dir: str | os.PathLike, tag: str | None = 
     tag = tag or f"global_step{engine.global_steps}"
     sliced = _sliced(engine)  # refuses on every rank alike, before any rank waits for another
     monitored_barrier(f"save_checkpoint(tag={tag!r})", SAVE_TIMEOUT_S)
+    model = _whole_model(engine, sliced)  # every stage's names, before rank 0 writes the manifest
     engine.strategy.wait_reductions()
     root = Path(save_dir)
     tmp, final = root / f".{tag}.partial", root / tag
@@ -110,15 +115,24 @@ def save_checkpoint(engine: Any, save_dir: str | os.PathLike, tag: str | None = 
     barrier()
     if rank == 0:
         tp = engine.topo.tp_world_size
-        files.atomic_save(_common(engine, client_state), tmp / files.COMMON)
+        files.atomic_save(_common(engine, client_state, model["buffers"]), tmp / files.COMMON)
         files.write_manifest(tmp, {"tag": tag, "world_size": world, "stage": engine.config.zero_optimization.stage,
                                    "dtype": engine.policy.compute_name, "global_steps": engine.global_steps,
-                                   "param_shapes": {n: list(s) for n, s in _full_shapes(engine, sliced).items()},
-                                   "tensor_parallel": {"world_size": tp, "sliced": {
-                                       n: [spec.dim, spec.stride] for n, spec in sliced.items()}}})
+                                   "param_shapes": model["shapes"], "layers": layers.layer_record(engine.module),
+                                   "tensor_parallel": {"world_size": tp, "sliced": model["sliced"]}})
         files.publish(tmp, final, root, tag, save_latest)
     barrier()
     return True
+
+
+def _whole_model(engine: Any, sliced: dict[str, SliceSpec]) -> dict[str, dict[str, Any]]:
+    """Full shapes, slice marks and persistent buffers of the whole model under layer-indexed names:
+    this stage's, joined over the pipeline group (a collective: every rank calls it)."""
+    gname = layers.global_names(engine)
+    return {"shapes": layers.over_stages(engine, {gname(n): list(s) for n, s in _full_shapes(engine, sliced).items()}),
+            "sliced": layers.over_stages(engine, {gname(n): [s.dim, s.stride] for n, s in sliced.items()}),
+            "buffers": layers.over_stages(engine, {gname(n): b.detach().clone()
+                                                   for n, b in _persistent_buffers(engine.module)})}
 
 
 def _held_shapes(engine: Any) -> dict[str, tuple[int, ...]]:
@@ -169,7 +183,7 @@ def _persistent_buffers(module: torch.nn.Module) -> list[tuple[str, torch.Tensor
     return out
 
 
-def _common(engine: Any, client_state: dict[str, Any] | None) -> dict[str, Any]:
+def _common(engine: Any, client_state: dict[str, Any] | None, buffers: dict[str, torch.Tensor]) -> dict[str, Any]:
     opt, sched, loader = engine.optimizer, engine.lr_scheduler, engine.training_dataloader
     return {
         "counters": {"global_steps": engine.global_steps, "micro_steps": engine.micro_steps,
@@ -180,7 +194,7 @@ def _common(engine: Any, client_state: dict[str, Any] | None) -> dict[str, Any]:
                                                     for g in opt.param_groups],
         "lr_scheduler": sched.state_dict() if sched is not None else None,
         "loss_scaler": engine.loss_scaler.state_dict() if engine.loss_scaler is not None else None,
-        "buffers": {n: b.detach().clone() for n, b in _persistent_buffers(engine.module)},
+        "buffers": buffers,
         "loader": loader.state_dict() if hasattr(loader, "state_dict") else None,
         "client_state": client_state or {},
         "config": engine.config.model_dump(mode="json"),
@@ -196,19 +210,31 @@ def load_checkpoint(engine: Any, load_dir: str | os.PathLike, tag: str | None = 
     manifest = files.read_manifest(ckpt)
     common = files.load_file(ckpt / files.COMMON)
     with_optimizer = load_optimizer_states and not load_module_only and engine.optimizer is not None
-    _check_names(engine, manifest, load_module_strict)
+    model = layers.over_stages(engine, _model_names(engine))  # the whole model's names, every stage's
+    _check_names(engine, manifest, {n for n, kind in model.items() if kind == "param"}, load_module_strict)
     _load_pieces(engine, ckpt, manifest, with_optimizer, common.get("frozen", {}))
-    _load_module_extras(engine, common, load_module_strict)
+    _load_module_extras(engine, common, {n for n, kind in model.items() if kind == "buffer"}, load_module_strict)
     if not load_module_only:
         _load_training_state(engine, common, ckpt, manifest, with_optimizer, load_lr_scheduler_states)
     barrier()
     return str(ckpt), common["client_state"]
 
 
-def _check_names(engine: Any, manifest: dict[str, Any], strict: bool) -> None:
+def _model_names(engine: Any) -> dict[str, str]:
+    """This stage's parameter and persistent buffer names, layer-indexed: name -> "param" / "buffer"."""
+    gname = layers.global_names(engine)
+    out = {gname(n): "buffer" for n, _ in engine.module.named_buffers()}
+    out.update({gname(n): "param" for n, _ in engine.module.named_parameters()})
+    return out
+
+
+def _check_names(engine: Any, manifest: dict[str, Any], mine: set[str], strict: bool) -> None:
+    """``mine``: the whole model's parameter names (every stage's)."""
     saved = set(manifest["param_shapes"])
-    mine = {n for n, _ in engine.module.named_parameters()}
     if strict and saved != mine:
+        by_layer = layers.layer_mismatch(saved, mine, manifest.get("layers"), engine.module)
+        if by_layer:
+            raise CheckpointError(f"{by_layer} (load_module_strict=False loads the common ones)")
         raise CheckpointError(f"checkpoint parameters do not match the model: missing from the checkpoint "
                               f"{sorted(mine - saved)}, not in the model {sorted(saved - mine)} "
                               "(load_module_strict=False loads the common ones)")
@@ -218,26 +244,30 @@ def _load_pieces(engine: Any, ckpt: Path, manifest: dict[str, Any], with_optimiz
                  frozen_v1: dict[str, torch.Tensor]) -> None:
     """Fill every piece this rank holds, optimizer state included, from whichever saved pieces
     overlap it (pieces.py); ``frozen_v1``: whole tensors a format-1 checkpoint kept in common.pt."""
-    shapes = {n: tuple(s) for n, s in manifest["param_shapes"].items()}
-    saved_tp = manifest.get("tensor_parallel") or {"world_size": 1, "sliced": {}}
+    # keyed by the names this rank's module uses; the checkpoint's are layer-indexed (layers.py)
+    gname = layers.global_names(engine)
     params = dict(engine.module.named_parameters())
+    glob = {n: gname(n) for n in params}
+    saved_shapes = {n: tuple(s) for n, s in manifest["param_shapes"].items()}
+    shapes = {n: saved_shapes[g] for n, g in glob.items() if g in saved_shapes}
+    saved_tp = manifest.get("tensor_parallel") or {"world_size": 1, "sliced": {}}
     pieced = engine.strategy.checkpointed_names()
     # (name, flat start, length, destination tensor, offset in it, with optimizer state)
     wanted = [(pc.name, pc.start, pc.length, pc.master, pc.offset, with_optimizer)
               for pc in engine.strategy.owned_pieces() if pc.name in shapes]
     wanted += [(n, 0, p.numel(), p.data, 0, False) for n, p in params.items() if n not in pieced and n in shapes]
     held, topo = _held_shapes(engine), engine.topo
-    mine = {n: layout_for(n, shapes[n], slice_spec(params[n]), topo.tp_world_size, topo.tp_rank, held[n])
+    mine = {n: layout_for(glob[n], shapes[n], slice_spec(params[n]), topo.tp_world_size, topo.tp_rank, held[n])
             for n in params if n in shapes}  # in model order: the first mismatch is the one named
-    cuts = {n: layout_for(n, shapes[n], SliceSpec(dim, stride), saved_tp["world_size"], 0)
-            for n, (dim, stride) in saved_tp["sliced"].items() if n in mine}
+    cuts = {n: layout_for(glob[n], shapes[n], SliceSpec(*saved_tp["sliced"][glob[n]]), saved_tp["world_size"], 0)
+            for n in mine if glob[n] in saved_tp["sliced"]}
     sources = [({n: [(0, t.numel(), t, {}, {})] for n, t in frozen_v1.items()}, 0)]
     for fname in sorted(n for n in manifest["files"] if n.startswith("rank_")):
         data = files.load_file(ckpt / fname)  # mmap'd: only the pages of pieces read below are loaded
         sources.append((data["pieces"], data.get("tp_rank", 0)))
     with torch.no_grad():
         for name, start, length, master, offset, with_state in wanted:
-            saved = [(*piece, rank) for pieces, rank in sources for piece in pieces.get(name, ())]
+            saved = [(*piece, rank) for pieces, rank in sources for piece in pieces.get(glob[name], ())]
             dest = master.view(-1)[offset:offset + length]
             state = engine.optimizer.state[master] if with_state else None
             got = 0
@@ -253,19 +283,22 @@ def _load_pieces(engine: Any, ckpt: Path, manifest: dict[str, Any], with_optimiz
                 for key, value in scalars.items():
                     state.setdefault(key, value.clone() if torch.is_tensor(value) else value)
             if got != length:
-                raise CheckpointError(f"checkpoint {ckpt.resolve()} is incomplete or inconsistent: parameter '{name}' "
-                                      f"elements [{start}, {start + length}) of this rank got {got} values, not "
-                                      f"{length}")
+                raise CheckpointError(f"checkpoint {ckpt.resolve()} is incomplete or inconsistent: parameter "
+                                      f"'{glob[name]}' elements [{start}, {start + length}) of this rank got {got} "
+                                      f"values, not {length}")
     engine.strategy.publish_masters()
 
 
-def _load_module_extras(engine: Any, common: dict[str, Any], strict: bool) -> None:
+def _load_module_extras(engine: Any, common: dict[str, Any], model_buffers: set[str], strict: bool) -> None:
+    """Buffers, by layer-indexed name: this stage's are copied, another stage's are its own business,
+    and ``model_buffers`` (every stage's) decides what the model lacks."""
+    gname = layers.global_names(engine)
     with torch.no_grad():
-        buffers = dict(engine.module.named_buffers())
+        buffers = {gname(n): b for n, b in engine.module.named_buffers()}
         for name, value in common["buffers"].items():
             if name in buffers:
                 buffers[name].copy_(value)
-            elif strict:
+            elif strict and name not in model_buffers:
                 raise CheckpointError(f"checkpoint buffer '{name}' is not in the model")
 
 
