@@ -85,6 +85,11 @@ def _notify(op: str, nbytes: int, seconds: float, size: int) -> None:
         fn(op, nbytes, seconds, size)
 
 
+def report(op: str, nbytes: int, seconds: float, size: int) -> None:
+    """Tell the observers about communication the comm layer ran without a Handle (p2p.py)."""
+    _notify(op, nbytes, seconds, size)
+
+
 def _run(op: str, nbytes: int, group: ProcessGroup | None, async_op: bool,
          launch: Callable[[], Any], then: Callable[[], None] | None = None) -> Handle:
     size = get_world_size(group)

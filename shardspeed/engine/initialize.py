@@ -11,8 +11,10 @@ import torch
 
 from shardspeed.activation import checkpointing
 from shardspeed.comm import get_model_parallel_unit, init_distributed, initialize_model_parallel, topology_from_mpu
-from shardspeed.config import config_from_args
+from shardspeed.config import ConfigError, config_from_args
 from shardspeed.engine.engine import ShardspeedEngine
+from shardspeed.engine.pipe_engine import PipelineEngine
+from shardspeed.pipe import PipelineModule
 from shardspeed.tensor_parallel.autotp import autotp_from_config
 
 log = logging.getLogger("shardspeed")
@@ -54,6 +56,10 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
     _setup_logging()
     cfg = config_from_args(args, config if config is not None else config_params)
     env = init_distributed()
+    if isinstance(model, PipelineModule):
+        return _initialize_pipeline(cfg, model, env.local_rank, mpu, optimizer=optimizer,
+                                    model_parameters=model_parameters, lr_scheduler=lr_scheduler,
+                                    training_data=training_data, collate_fn=collate_fn)
     if mpu is None:  # the unit initialize_model_parallel() made is the job's, as Megatron's parallel_state
         mpu = get_model_parallel_unit()
     autotp_size = cfg.tensor_parallel.autotp_size
@@ -67,6 +73,19 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
     engine = ShardspeedEngine(model, cfg, topo, local_rank=env.local_rank, optimizer=optimizer,
                               model_parameters=model_parameters, lr_scheduler=lr_scheduler,
                               training_data=training_data, collate_fn=collate_fn)
+    return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler
+
+
+def _initialize_pipeline(cfg: Any, model: PipelineModule, local_rank: int, mpu: Any,
+                         **kwargs: Any) -> tuple[PipelineEngine, Any, Any, Any]:
+    """A PipelineModule's engine: its topology's model-parallel unit (pipe x data x tensor groups)."""
+    if cfg.tensor_parallel.autotp_size > 1:
+        raise ConfigError("tensor_parallel.autotp_size slices a plain model; a PipelineModule's layers are "
+                          "sliced by building them from tensor-parallel layers (shardspeed.tensor_parallel)")
+    mpu = mpu or model.mpu()
+    if "activation_checkpointing" in cfg.model_fields_set:
+        checkpointing.configure(mpu, deepspeed_config=cfg)
+    engine = PipelineEngine(model, cfg, topology_from_mpu(mpu), mpu, local_rank=local_rank, **kwargs)
     return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler
 
 

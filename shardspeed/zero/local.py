@@ -34,6 +34,9 @@ class LocalStrategy(Strategy):
             return self.zero_norm()
         return torch.stack([n.float() ** 2 for n in torch._foreach_norm(grads)]).sum()
 
+    def grad_pieces(self) -> list[tuple[str, int, torch.Tensor]]:
+        return [(n, 0, p.grad.view(-1)) for n, p in self.named_params if p.grad is not None]
+
     @torch.no_grad()
     def scale_grads(self, factor: float) -> None:
         grads = self._grads()

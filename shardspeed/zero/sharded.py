@@ -233,6 +233,10 @@ class ShardedStrategy(OrderedReduction, Strategy):
         all_reduce(total, group=self.topo.dp_group)  # one collective: the global norm, and any overflow
         return total
 
+    def grad_pieces(self) -> list[tuple[str, int, torch.Tensor]]:
+        return [(s.slot.name, s.param_offset, b.grad_shard[s.shard_offset:s.shard_offset + s.length])
+                for b in self.buckets for s in shard_segments(b.splan, self.topo.dp_rank)]
+
     @torch.no_grad()
     def scale_grads(self, factor: float) -> None:
         for b in self.buckets:

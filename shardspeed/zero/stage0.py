@@ -112,6 +112,9 @@ class DataParallelStrategy(OrderedReduction, Strategy):
         total = self._model_parallel_norm_sq([(self._view(p), p) for p in self.params])
         return total / self.topo.dp_world_size
 
+    def grad_pieces(self) -> list[tuple[str, int, torch.Tensor]]:
+        return [(n, 0, self._view(p).view(-1)) for n, p in self.named_params]
+
     @torch.no_grad()
     def scale_grads(self, factor: float) -> None:
         for b in self.buckets:

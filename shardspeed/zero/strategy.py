@@ -57,6 +57,12 @@ def is_sliced(param: torch.Tensor) -> bool:
     return bool(getattr(param, "model_parallel", False) or getattr(param, "tensor_model_parallel", False))
 
 
+def is_pipe_replica(param: torch.Tensor) -> bool:
+    """A tied parameter's copy on a pipe stage other than its owner (DeepSpeed's attribute name): its
+    gradient equals the owner's after the tied reduction, so norms count it there only."""
+    return bool(getattr(param, "ds_pipe_replicated", False))
+
+
 class Strategy(ABC):
     def __init__(self, module: torch.nn.Module, topo: Topology, opts: StrategyOptions):
         self.module = module
@@ -143,6 +149,14 @@ class Strategy(ABC):
         parameters. The base (gradients in ``param.grad``, the parameter its own master) has none."""
         return None
 
+    def grad_pieces(self) -> list[tuple[str, int, torch.Tensor]]:
+        """After ``wait_reductions()``: this rank's reduced gradients as (parameter name, flat start,
+        1-D view) over ``named_params``; the views may be written (the pipeline engine sums tied
+        parameters' gradients over the stages holding them through them). A replicated strategy
+        gives whole parameters; a partitioned one its shard's segments (disjoint across the
+        data-parallel group, together covering every parameter)."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its reduced gradients")
+
     @abstractmethod
     def after_step(self) -> None:
         """Publish the updated fp32 parameters to the module's (possibly lower precision) parameters."""
@@ -158,13 +172,16 @@ class Strategy(ABC):
         [Note: replicated parameters in the norm] A sliced parameter (``model_parallel`` /
         ``tensor_model_parallel`` attribute) counts on every tensor-parallel rank; a replicated one
         counts only on tensor-parallel rank 0 (pipe stages hold different parameters: each counts
-        its own). The other tensor-parallel ranks still add 0 x its squared norm: zero when finite,
-        NaN when that rank's copy overflowed, so an fp16 overflow on any rank, even in a gradient
-        it does not count, makes every rank skip the step (each rank steps its own replica, and
-        one stepping with inf would leave the replicas apart for good)."""
+        its own), and a tied parameter only on the first pipe stage holding it (the others carry
+        ``ds_pipe_replicated``, set by the pipeline engine). The ranks that do not count a gradient
+        still add 0 x its squared norm: zero when finite, NaN when that rank's copy overflowed, so
+        an fp16 overflow on any rank, even in a gradient it does not count, makes every rank skip
+        the step (each rank steps its own replica, and one stepping with inf would leave the
+        replicas apart for good)."""
         counted, uncounted = [], []
         for grad, param in pieces:
-            (counted if is_sliced(param) or self.topo.tp_rank == 0 else uncounted).append(grad)
+            once = (is_sliced(param) or self.topo.tp_rank == 0) and not is_pipe_replica(param)
+            (counted if once else uncounted).append(grad)
         total = self.zero_norm()
         for grad in counted:
             total += torch.linalg.vector_norm(grad, dtype=torch.float32) ** 2

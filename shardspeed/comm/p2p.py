@@ -1,0 +1,332 @@
+"""Point-to-point messages between pipeline neighbours: structures of tensors, with their layout.
+
+A pipeline stage may hand the next one a tensor, or tuples, lists and dicts of tensors (nested),
+integer and bool tensors (ids, masks) beside float ones, several tensors that need gradients, and
+shapes that change from one micro-batch to the next. The receiver knows none of this in advance,
+so every structure travels with a small header that describes it.
+
+[Note: the header]
+``encode`` flattens a structure depth-first into int64 codes plus its tensors (the leaves):
+``tensor: [TENSOR, dtype, needs_grad, ndim, *shape]``, ``tuple/list: [kind, n, *children]``,
+``dict: [DICT, n, (len(key), *utf8 bytes of key, child) * n]``, ``None: [NONE]``. On the wire a
+header is a fixed slot of ``HEADER_SLOT`` int64 (512 bytes): ``[length, *codes]``; codes beyond
+the slot follow in a second message whose length the slot announced, so the usual case costs one
+small message and no structure is too big. A header is sent with every structure (it is a few
+hundred bytes against activations of kilobytes to megabytes), which is what lets shapes change
+per micro-batch; nothing has to be warmed up or invalidated.
+
+[Note: gradients]
+A leaf "needs grad" when it is floating point and requires grad on the sender. The receiver gets
+exactly those leaves as leaves requiring grad, and after its backward sends back one gradient per
+such leaf, in leaf order (zeros when autograd produced none, so the message always matches). The
+sender knows the shapes and dtypes of what it sent, so gradients travel without a header.
+
+[Note: one tick, two phases]
+All messages of one pipeline tick are exchanged together (``PipeComm.exchange``). Phase A posts
+every header send and receive (and the header overflow), and every headerless tensor message
+(gradients); it waits only for the header receives, which peers' phase A posts match. Phase B
+posts the structures' payloads, whose receive buffers are now known, and everything is waited
+on. No wait in phase A depends on a peer's phase B, so two ranks sending to each other in the
+same tick (interleaved schedules with two stages) cannot deadlock. Messages carry tags
+(``tag << 2 | kind``), so gloo matches them by tag; within a tag, gloo keeps the posting order
+(measured). For NCCL, which ignores tags, both sides post in the same order: headers, tensor
+messages, then payloads, each in the order the tick lists them.
+
+[Note: receive buffers]
+Received tensors live in buffers from a pool keyed by (dtype, shape). The pipeline engine owns
+their lifetime: it gives a structure back (``release``) once nothing can read it any more (after
+its backward, or after an inference stage forwarded it), and the next receive of the same dtype
+and shape reuses the storage instead of allocating.
+
+p2p messages are reported to the collectives' observers (comm log, profiler) as ``send`` and
+``recv`` with their bytes, headers included.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from shardspeed.comm.backend import ProcessGroup
+from shardspeed.comm.collectives import Handle, report
+
+HEADER_SLOT = 64
+_TENSOR, _TUPLE, _LIST, _DICT, _NONE = range(5)
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
+           torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128]
+_DTYPE_CODE = {d: i for i, d in enumerate(_DTYPES)}
+_KIND_HEADER, _KIND_OVERFLOW, _KIND_PAYLOAD, _KIND_TENSORS = range(4)
+
+
+class TensorSpec(NamedTuple):
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    needs_grad: bool = False
+
+
+def needs_grad(t: torch.Tensor) -> bool:
+    """Whether ``t`` gets a gradient back from the stage it is sent to (Note: gradients)."""
+    return t.requires_grad and t.is_floating_point()
+
+
+# -- the layout of a structure (pure) ---------------------------------------------------------------
+def encode(obj: Any, path: str = "output") -> tuple[list[int], list[torch.Tensor]]:
+    """The header codes of ``obj`` and its tensors, depth-first (Note: the header). ``path`` names
+    ``obj`` in the error raised for anything that is not a tensor, tuple, list, dict or None."""
+    codes: list[int] = []
+    leaves: list[torch.Tensor] = []
+    _encode(obj, path, codes, leaves)
+    return codes, leaves
+
+
+def _encode(obj: Any, path: str, codes: list[int], leaves: list[torch.Tensor]) -> None:
+    if torch.is_tensor(obj):
+        if obj.dtype not in _DTYPE_CODE:
+            raise TypeError(f"{path} is a tensor of dtype {obj.dtype}, which cannot be sent between stages")
+        codes += [_TENSOR, _DTYPE_CODE[obj.dtype], int(needs_grad(obj)), obj.dim(), *obj.shape]
+        leaves.append(obj)
+    elif isinstance(obj, (tuple, list)):
+        codes += [_TUPLE if isinstance(obj, tuple) else _LIST, len(obj)]
+        for i, x in enumerate(obj):
+            _encode(x, f"{path}[{i}]", codes, leaves)
+    elif isinstance(obj, dict):
+        codes += [_DICT, len(obj)]
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                raise TypeError(f"{path} is a dict with key {k!r} of type {type(k).__name__}; "
+                                "only str keys can be sent between stages")
+            raw = k.encode()
+            codes += [len(raw), *raw]
+            _encode(v, f"{path}[{k!r}]", codes, leaves)
+    elif obj is None:
+        codes.append(_NONE)
+    else:
+        raise TypeError(f"{path} is a {type(obj).__name__}; between pipeline stages only tensors and "
+                        "tuples, lists and dicts of tensors (or None) can be sent")
+
+
+@dataclass
+class Layout:
+    """A decoded header: the tensors' specs in leaf order and the tree to put them back into."""
+
+    codes: list[int]
+    specs: list[TensorSpec] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        end = self._walk(0, self.specs)
+        if end != len(self.codes):
+            raise ValueError(f"malformed p2p header: {len(self.codes) - end} codes left after the structure")
+
+    def _walk(self, i: int, specs: list[TensorSpec]) -> int:
+        kind = self.codes[i]
+        if kind == _TENSOR:
+            dtype, grad, ndim = self.codes[i + 1:i + 4]
+            specs.append(TensorSpec(tuple(self.codes[i + 4:i + 4 + ndim]), _DTYPES[dtype], bool(grad)))
+            return i + 4 + ndim
+        if kind in (_TUPLE, _LIST):
+            i, n = i + 2, self.codes[i + 1]
+            for _ in range(n):
+                i = self._walk(i, specs)
+            return i
+        if kind == _DICT:
+            i, n = i + 2, self.codes[i + 1]
+            for _ in range(n):
+                i = self._walk(i + 1 + self.codes[i], specs)
+            return i
+        if kind == _NONE:
+            return i + 1
+        raise ValueError(f"malformed p2p header: unknown code {kind} at {i}")
+
+    def build(self, tensors: Sequence[torch.Tensor]) -> Any:
+        """The structure with ``tensors`` (in leaf order) at its leaves."""
+        it = iter(tensors)
+        obj, _ = self._build(0, it)
+        return obj
+
+    def _build(self, i: int, it: Any) -> tuple[Any, int]:
+        kind = self.codes[i]
+        if kind == _TENSOR:
+            return next(it), i + 4 + self.codes[i + 3]
+        if kind in (_TUPLE, _LIST):
+            items, i = [], i + 2
+            for _ in range(self.codes[i - 1]):
+                x, i = self._build(i, it)
+                items.append(x)
+            return (tuple(items) if kind == _TUPLE else items), i
+        if kind == _DICT:
+            out, n, i = {}, self.codes[i + 1], i + 2
+            for _ in range(n):
+                klen = self.codes[i]
+                key = bytes(self.codes[i + 1:i + 1 + klen]).decode()
+                out[key], i = self._build(i + 1 + klen, it)
+            return out, i
+        return None, i + 1
+
+
+def leaves(obj: Any) -> list[torch.Tensor]:
+    """The tensors of a structure, depth-first (the order ``encode`` sends them in)."""
+    if torch.is_tensor(obj):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [t for x in obj for t in leaves(x)]
+    if isinstance(obj, dict):
+        return [t for x in obj.values() for t in leaves(x)]
+    return []
+
+
+# -- the wire ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SendObj:
+    """Send a structure to global rank ``peer``."""
+    peer: int
+    obj: Any
+    tag: int = 0
+
+
+@dataclass(frozen=True)
+class RecvObj:
+    """Receive a structure from global rank ``peer``; tensors that needed grad arrive requiring grad."""
+    peer: int
+    tag: int = 0
+
+
+@dataclass(frozen=True)
+class SendTensors:
+    """Send a list of tensors whose specs the receiver knows (gradients)."""
+    peer: int
+    tensors: Sequence[torch.Tensor]
+    tag: int = 0
+
+
+@dataclass(frozen=True)
+class RecvTensors:
+    peer: int
+    specs: Sequence[TensorSpec]
+    tag: int = 0
+
+
+Op = SendObj | RecvObj | SendTensors | RecvTensors
+
+
+class BufferPool:
+    """Receive buffers by (dtype, shape), reused once given back (Note: receive buffers)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._free: dict[tuple[torch.dtype, tuple[int, ...]], list[torch.Tensor]] = {}
+        self._lent: dict[int, torch.Tensor] = {}  # data_ptr -> buffer
+        self.allocated = 0  # buffers made (not reused), for tests and memory counts
+
+    def take(self, spec: TensorSpec) -> torch.Tensor:
+        free = self._free.get((spec.dtype, spec.shape))
+        if free:
+            buf = free.pop()
+        else:
+            buf = torch.empty(spec.shape, dtype=spec.dtype, device=self.device)
+            self.allocated += 1
+        if buf.numel():  # every empty tensor may share a data_ptr: they are not worth reusing
+            self._lent[buf.data_ptr()] = buf
+        return buf
+
+    def give(self, t: torch.Tensor) -> None:
+        buf = self._lent.pop(t.data_ptr(), None) if t.numel() else None
+        if buf is not None:
+            self._free.setdefault((buf.dtype, tuple(buf.shape)), []).append(buf)
+
+    def held_bytes(self) -> int:
+        bufs = list(self._lent.values()) + [b for bs in self._free.values() for b in bs]
+        return sum(b.numel() * b.element_size() for b in bufs)
+
+
+def _nbytes(ts: Sequence[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+class PipeComm:
+    """Exchanges the point-to-point messages of pipeline ticks over ``group`` (peers are global
+    ranks), with receive buffers from one pool on ``device``."""
+
+    def __init__(self, group: ProcessGroup | None, device: torch.device):
+        self.group = group
+        self.device = device
+        self.pool = BufferPool(device)
+
+    def release(self, obj: Any) -> None:
+        """Give a received structure's (or gradient list's) buffers back to the pool."""
+        for t in leaves(obj):
+            self.pool.give(t)
+
+    def exchange(self, ops: Sequence[Op]) -> list[Any]:
+        """Run one tick's messages (Note: one tick, two phases). Returns, per op, the received
+        structure or tensor list, None for sends."""
+        start = time.perf_counter()
+        sends: list[Any] = []
+        recvs: list[Any] = []
+        sent = received = 0
+        slots: dict[int, torch.Tensor] = {}
+        payloads: dict[int, list[torch.Tensor]] = {}
+        results: list[Any] = [None] * len(ops)
+        # phase A: headers (and overflow), then headerless tensor messages
+        for i, op in enumerate(ops):
+            if isinstance(op, SendObj):
+                codes, tensors = encode(op.obj)
+                payloads[i] = [t.contiguous() for t in tensors]
+                head = torch.tensor(codes, dtype=torch.int64, device=self.device)
+                slot = torch.zeros(HEADER_SLOT, dtype=torch.int64, device=self.device)
+                slot[0] = len(codes)
+                slot[1:1 + min(len(codes), HEADER_SLOT - 1)] = head[:HEADER_SLOT - 1]
+                sends.append(self._isend(slot, op.peer, op.tag, _KIND_HEADER))
+                if len(codes) > HEADER_SLOT - 1:
+                    sends.append(self._isend(head[HEADER_SLOT - 1:], op.peer, op.tag, _KIND_OVERFLOW))
+                sent += 8 * (HEADER_SLOT + max(0, len(codes) - HEADER_SLOT + 1))
+            elif isinstance(op, RecvObj):
+                slots[i] = torch.empty(HEADER_SLOT, dtype=torch.int64, device=self.device)
+        header_works = [self._irecv(slots[i], ops[i].peer, ops[i].tag, _KIND_HEADER) for i in slots]
+        for i, op in enumerate(ops):
+            if isinstance(op, SendTensors):
+                sends += [self._isend(t.contiguous(), op.peer, op.tag, _KIND_TENSORS) for t in op.tensors if t.numel()]
+                sent += _nbytes(op.tensors)
+            elif isinstance(op, RecvTensors):
+                bufs = [self.pool.take(s) for s in op.specs]
+                recvs += [self._irecv(b, op.peer, op.tag, _KIND_TENSORS) for b in bufs if b.numel()]
+                received += _nbytes(bufs)
+                results[i] = bufs
+        layouts: dict[int, Layout] = {}
+        for (i, slot), work in zip(slots.items(), header_works, strict=True):
+            work.wait()
+            n = int(slot[0])
+            codes = slot[1:1 + min(n, HEADER_SLOT - 1)].tolist()
+            if n > HEADER_SLOT - 1:
+                rest = torch.empty(n - HEADER_SLOT + 1, dtype=torch.int64, device=self.device)
+                self._irecv(rest, ops[i].peer, ops[i].tag, _KIND_OVERFLOW).wait()
+                codes += rest.tolist()
+            layouts[i] = Layout(codes)
+            received += 8 * (HEADER_SLOT + max(0, n - HEADER_SLOT + 1))
+        # phase B: the structures' payloads, into buffers the headers sized
+        for i, tensors in payloads.items():
+            sends += [self._isend(t, ops[i].peer, ops[i].tag, _KIND_PAYLOAD) for t in tensors if t.numel()]
+            sent += _nbytes(tensors)
+        for i, layout in layouts.items():
+            bufs = [self.pool.take(s) for s in layout.specs]
+            recvs += [self._irecv(b, ops[i].peer, ops[i].tag, _KIND_PAYLOAD) for b in bufs if b.numel()]
+            received += _nbytes(bufs)
+            results[i] = layout.build([b.detach().requires_grad_(s.needs_grad)
+                                       for b, s in zip(bufs, layout.specs, strict=True)])
+        # one report per direction and tick. A gloo Work waited twice never returns (measured), so
+        # the header receives, already waited, are not in ``recvs``.
+        for what, nbytes, works in (("send", sent, sends), ("recv", received, recvs)):
+            Handle(what, nbytes, 2, works, start, self.group).wait()
+            if nbytes and not works:
+                report(what, nbytes, time.perf_counter() - start, 2)
+        return results
+
+    def _isend(self, t: torch.Tensor, peer: int, tag: int, kind: int) -> Any:
+        return dist.isend(t, dst=peer, group=self.group, tag=tag << 2 | kind)
+
+    def _irecv(self, t: torch.Tensor, peer: int, tag: int, kind: int) -> Any:
+        return dist.irecv(t, src=peer, group=self.group, tag=tag << 2 | kind)

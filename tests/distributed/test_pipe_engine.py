@@ -1,0 +1,95 @@
+"""The pipeline engine (engine/pipe_engine.py) against plain single-process PyTorch: a tied
+embedding/head model cut into 2 stages, 1F1B, accumulation 4, AdamW, clipping that bites, ZeRO
+0/1/2, at P=2 x D=1 and P=2 x D=2: losses, global norms and every parameter equal the
+``nn.Sequential`` of the same layers to 1e-5; ``eval_batch`` between steps changes nothing; and the
+errors a user meets name the stage, the micro-batch and ``train_batch``."""
+
+import pytest
+import torch
+
+from tests.distributed import pipe_workloads as pw
+from tests.distributed.harness import run_ranks
+
+MICRO, GAS, STEPS, LR, WD, CLIP = 2, 4, 3, 1e-2, 0.01, 0.05
+
+
+def _config(stage: int, **extra) -> dict:
+    return {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": GAS,
+            "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": WD}},
+            "gradient_clipping": CLIP, "zero_optimization": {"stage": stage}, **extra}
+
+
+def _engine(stage: int, **extra):
+    import shardspeed
+    from shardspeed.pipe import PipelineModule
+
+    module = PipelineModule(pw.layers(), num_stages=2, loss_fn=pw.loss_fn, partition_method="uniform")
+    module.load_global_state_dict(pw.reference_model().state_dict())  # the reference's initial values
+    engine, *_ = shardspeed.initialize(model=module, config=_config(stage, **extra))
+    return engine
+
+
+def _global_state(engine) -> dict:
+    return {k: v.detach().clone() for k, v in engine.module.global_state_dict().items()}
+
+
+def _train(rank, stages):
+    from shardspeed import comm
+
+    comm.init_distributed()
+    dp = comm.get_world_size() // 2
+    out = {}
+    for stage in stages:
+        engine = _engine(stage)
+        d = engine.topo.dp_rank
+        losses, norms, states = [], [], []
+        for step in range(STEPS):
+            if step == 1:  # an evaluation between steps must change nothing
+                before = _global_state(engine)
+                ev = engine.eval_batch(iter(pw.micro_batches(50, d, dp, MICRO, GAS)))
+                ev_logits = engine.eval_batch(iter(pw.micro_batches(50, d, dp, MICRO, GAS)), return_logits=True)
+                out[f"eval_{stage}"] = (float(ev), float(ev_logits[0]), ev_logits[1] is None,
+                                        all(torch.equal(v, _global_state(engine)[k]) for k, v in before.items()))
+            losses.append(float(engine.train_batch(iter(pw.micro_batches(step, d, dp, MICRO, GAS)))))
+            norms.append(engine.get_global_grad_norm())
+            states.append(_global_state(engine))
+        out[stage] = (losses, norms, states)
+    return out
+
+
+def _eval_reference(dp: int) -> float:
+    model = pw.reference_model()
+    # after one step of training: recompute from the reference's first state
+    _, _, states = pw.reference(1, dp, MICRO, GAS, LR, WD, CLIP)
+    model.load_state_dict(states[0])
+    with torch.no_grad():
+        batches = [b for d in range(dp) for b in pw.micro_batches(50, d, dp, MICRO, GAS)]
+        return sum(pw.loss_fn(model(i), y).item() for i, y in batches) / len(batches)
+
+
+def _check(results, dp, stages):
+    ref_losses, ref_norms, ref_states = pw.reference(STEPS, dp, MICRO, GAS, LR, WD, CLIP)
+    ev_ref = _eval_reference(dp)
+    assert all(n > CLIP for n in ref_norms)  # clipping bites at every step
+    for rank, res in enumerate(results):
+        for stage in stages:
+            losses, norms, states = res[stage]
+            assert losses == pytest.approx(ref_losses, rel=1e-5), (rank, stage)
+            assert norms == pytest.approx(ref_norms, rel=1e-5), (rank, stage)
+            for step, state in enumerate(states):
+                assert state, (rank, stage)
+                for name, value in state.items():
+                    where = f"rank {rank} zero {stage} step {step} {name}"
+                    torch.testing.assert_close(value, ref_states[step][name], rtol=1e-5, atol=1e-6,
+                                               msg=lambda m, w=where: f"{w}: {m}")
+            ev, ev2, no_logits, unchanged = res[f"eval_{stage}"]
+            assert ev == pytest.approx(ev_ref, rel=1e-5) and ev2 == ev and unchanged, (rank, stage)
+            assert no_logits == (rank < dp)  # logits only on the last stage (ranks p * D + d)
+
+
+def test_pipeline_p2_d1_equals_single_process():
+    _check(run_ranks(_train, 2, (0, 1, 2)), 1, (0, 1, 2))
+
+
+def test_pipeline_p2_d2_equals_single_process():
+    _check(run_ranks(_train, 4, (0, 1, 2)), 2, (0, 1, 2))
