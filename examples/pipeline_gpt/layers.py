@@ -78,30 +78,6 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
 
-def parallel_lm_head(embedding: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The tied head at T > 1: this rank's vocabulary slice of the logits."""
-    from shardspeed.tensor_parallel import copy_to_tensor_parallel_region
-
-    return F.linear(copy_to_tensor_parallel_region(x), embedding.weight)
-
-
-def parallel_next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy on vocabulary-parallel logits (no rank holds them all)."""
-    from shardspeed.tensor_parallel import vocab_parallel_cross_entropy
-
-    return vocab_parallel_cross_entropy(logits.float(), labels, reduction="mean")
-
-
-def _gpt2_init(w: torch.Tensor) -> None:
-    nn.init.normal_(w, std=0.02)
-
-
-def parallel_embedding(vocab: int, hidden: int) -> nn.Module:
-    from shardspeed.tensor_parallel import VocabParallelEmbedding
-
-    return VocabParallelEmbedding(vocab, hidden, init_method=_gpt2_init)
-
-
 @dataclass
 class Layer:
     """One entry of the plan: ``cls(*args, **kwargs)``; ``tie`` names a tie key (then ``forward_fn``
@@ -117,14 +93,19 @@ class Layer:
 def gpt_layer_plan(c: GPTConfig, tp: int = 1, tied: bool = True) -> tuple[list[Layer], Callable[..., torch.Tensor]]:
     """(layers, loss_fn) of the GPT ``c`` cut into embedding, position, blocks, final norm and head."""
     if tp > 1:
-        from examples.megatron_gpt.model import ParallelBlock
+        from examples.pipeline_gpt.parallel_layers import (
+            ParallelBlock,
+            ParallelTokenEmbedding,
+            parallel_lm_head,
+            parallel_next_token_loss,
+        )
 
         if not tied:
             raise ValueError("gpt_layer_plan: the tensor-parallel GPT ties its head to the embedding (tied=True)")
         if c.vocab % tp:
             raise ValueError(f"gpt_layer_plan: vocab {c.vocab} is not a multiple of the tensor-parallel size {tp}; "
                              f"pad it so each rank holds whole rows")
-        embed, block, head_fn, loss = parallel_embedding, ParallelBlock, parallel_lm_head, parallel_next_token_loss
+        embed, block, head_fn, loss = ParallelTokenEmbedding, ParallelBlock, parallel_lm_head, parallel_next_token_loss
     else:
         embed, block, head_fn, loss = TokenEmbedding, Block, lm_head, next_token_loss
     layers = [Layer(embed, (c.vocab, c.hidden), tie="embed" if tied else None), Layer(AddPosition, (c.seq, c.hidden))]

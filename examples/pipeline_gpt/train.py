@@ -35,7 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--pp", type=int, default=2, help="pipeline stages P")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size T inside each stage")
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--out", default="runs/pipeline_gpt")
     parser = shardspeed.add_config_arguments(parser)
