@@ -217,14 +217,18 @@ def main() -> None:
         losses = [step(data[k]) for k in range(ARGS.warmup)]
         dist.barrier()
         t0 = time.perf_counter()
+        marks = [t0]  # this rank's step ends, for the spread (no barrier inside the loop)
         for k in range(ARGS.warmup, ARGS.warmup + ARGS.steps):
             losses.append(step(data[k]))
+            marks.append(time.perf_counter())
         dist.barrier()
         step_s = (time.perf_counter() - t0) / ARGS.steps
         # the losses as the last stage saw them (torch's schedule returns them there only)
         last = torch.tensor([v if v is not None else float("nan") for v in losses], dtype=torch.float64)
         dist.broadcast(last, src=p - 1)
-        rows.append({"lib": ARGS.lib, "p": p, "m": m, "step_s": step_s, "losses": last.tolist(), "parts": parts})
+        rows.append({"lib": ARGS.lib, "p": p, "m": m, "step_s": step_s, "losses": last.tolist(), "parts": parts,
+                     "rank0_step_times": [b - a for a, b in zip(marks, marks[1:], strict=False)],
+                     "load_avg": os.getloadavg()[0]})
         if rank == 0:
             print(f"{ARGS.lib} P={p} m={m}: {step_s:.3f} s/step, loss {last[0]:.6f} -> {last[-1]:.6f}, "
                   f"parts {parts}", flush=True)
