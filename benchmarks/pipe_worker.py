@@ -5,7 +5,8 @@ times its stage alone to give the ideal step time. Rank 0 appends one row per m 
 benchmarks/out/pipe.jsonl.
 
 Runs in our venv (shardspeed, torch) or in DeepSpeed's (deepspeed): it imports only torch, the
-example's layers, and the library it measures.
+example's layers, and the library it measures. With several libraries (``--lib a,b,c``, from
+DeepSpeed's venv) they share one process group and take turns (``interleaved``).
 
 [Note: what a step time holds]
 ``step_s`` is the loop's wall time over ``--steps`` steps after ``--warmup`` steps, from a barrier
@@ -13,6 +14,9 @@ before the first to a barrier after the last, divided by the steps: forward and 
 micro-batch, the p2p between stages, and the optimizer step, as each library's own step function
 (``train_batch``, ``schedule.step`` + ``optimizer.step``) does them. Data is generated before the
 loop. The first step's loss is recorded outside timing (it is step 1 of the warm-up).
+
+Interleaved, the loop is cut into ``--rounds`` turns of ``--steps / --rounds`` steps per library,
+each between barriers, and ``step_s`` is their sum over all the library's steps.
 
 [Note: the ideal step time]
 After the runs, every rank builds its stage's layers as plain modules (same partition, same
@@ -50,7 +54,9 @@ BASE_SEED = 1234
 
 def args_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--lib", choices=["shardspeed", "deepspeed", "torch"], required=True)
+    ap.add_argument("--lib", required=True, help="shardspeed, deepspeed or torch; several, comma-separated: "
+                    "interleaved in one process group (run in DeepSpeed's venv)")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved: turns per library")
     ap.add_argument("--ms", default="4,8,16", help="micro-batches per step, in the order run")
     ap.add_argument("--micro", type=int, default=2, help="micro-batch size")
     ap.add_argument("--steps", type=int, default=6)
@@ -155,52 +161,109 @@ SETUP = {"shardspeed": setup_shardspeed, "deepspeed": setup_deepspeed, "torch": 
 
 
 # -- the ideal: each stage alone --------------------------------------------------------------------------------
+class Stage:
+    """This rank's stage as plain modules (same partition and values) for the ideal (Note: the ideal)."""
+
+    def __init__(self, plan, loss_fn, parts, cfg: GPTConfig):
+        self.p, self.s = len(parts) - 1, dist.get_rank()
+        self.model = torch.nn.Sequential(*build_layers(plan, range(parts[self.s], parts[self.s + 1]),
+                                                       base_seed=BASE_SEED))
+        self.params = list(self.model.parameters())
+        self.opt = optimizer(self.params)
+        self.loss_fn = loss_fn
+        x, self.y = synthetic_batch(10**6, ARGS.micro, cfg.seq, cfg.vocab)
+        self.inp = x
+        if self.s > 0:  # the input a later stage receives: the previous stages' activations
+            with torch.no_grad():
+                prev = torch.nn.Sequential(*build_layers(plan, range(0, parts[self.s]), base_seed=BASE_SEED))
+                self.inp = prev(x)
+        self.grad = torch.randn(ARGS.micro, cfg.seq, cfg.hidden) * 1e-3
+        for _ in range(2):
+            self._fwd_bwd()
+
+    def _fwd_bwd(self) -> None:
+        h = self.inp.detach().requires_grad_() if self.s > 0 else self.inp
+        out = self.model(h)
+        if self.s == self.p - 1:
+            self.loss_fn(out, self.y).backward()
+        else:
+            out.backward(self.grad)
+
+    def times(self, n: int) -> tuple[list[float], list[float]]:
+        """n forward+backward passes and n optimizer steps, each after a barrier: their seconds."""
+        fb, opt = [], []
+        for _ in range(n):
+            dist.barrier()
+            t = time.perf_counter()
+            self._fwd_bwd()
+            fb.append(time.perf_counter() - t)
+        for _ in range(n):
+            dist.barrier()
+            t = time.perf_counter()
+            self.opt.step()
+            opt.append(time.perf_counter() - t)
+        return fb, opt
+
+
 def calibrate(plan, loss_fn, parts, cfg: GPTConfig) -> dict:
     """Per-micro-batch forward+backward and optimizer-step seconds of this rank's stage (Note: the ideal)."""
-    p, s = len(parts) - 1, dist.get_rank()
-    mods = build_layers(plan, range(parts[s], parts[s + 1]), base_seed=BASE_SEED)
-    model = torch.nn.Sequential(*mods)
-    params = list(model.parameters())
-    opt = optimizer(params)
-    x, y = synthetic_batch(10**6, ARGS.micro, cfg.seq, cfg.vocab)
-    if s > 0:  # the input a middle stage receives: the previous stages' activations
-        with torch.no_grad():
-            prev = torch.nn.Sequential(*build_layers(plan, range(0, parts[s]), base_seed=BASE_SEED))
-            inp = prev(x)
-    else:
-        inp = x
-    grad = torch.randn(ARGS.micro, cfg.seq, cfg.hidden) * 1e-3
+    stage = Stage(plan, loss_fn, parts, cfg)
+    fb, opt = stage.times(ARGS.calib)
+    return {"fb_s": statistics.median(fb), "opt_s": statistics.median(opt),
+            "params": sum(q.numel() for q in stage.params)}
 
-    def fwd_bwd():
-        h = inp.detach().requires_grad_(s > 0) if s > 0 else inp
-        out = model(h)
-        if s == p - 1:
-            loss_fn(out, y).backward()
-        else:
-            out.backward(grad)
 
-    times, opt_times = [], []
-    for i in range(ARGS.calib + 2):
-        dist.barrier()
-        t = time.perf_counter()
-        fwd_bwd()
-        if i >= 2:
-            times.append(time.perf_counter() - t)
-    for i in range(ARGS.calib + 1):
-        dist.barrier()
-        t = time.perf_counter()
-        opt.step()
-        if i >= 1:
-            opt_times.append(time.perf_counter() - t)
-    return {"fb_s": statistics.median(times), "opt_s": statistics.median(opt_times),
-            "params": sum(q.numel() for q in params)}
+def interleaved(libs: list[str], plan, loss_fn, cfg: GPTConfig, p: int, m: int) -> list[dict]:
+    """All ``libs`` in this one process group, taking turns: ``--rounds`` rounds, each giving every
+    library ``--steps // --rounds`` timed steps and the stage timing ``--calib // --rounds`` passes,
+    in an order rotated every round, so load from outside hits every library and the ideal alike."""
+    per_round = max(1, ARGS.steps // ARGS.rounds)
+    data = global_batches(cfg, m, ARGS.warmup + ARGS.rounds * per_round)
+    runs = {lib: SETUP[lib](plan, loss_fn, p, m) for lib in libs}
+    parts = {lib: r[0] for lib, r in runs.items()}
+    stage = Stage(plan, loss_fn, parts[libs[0]], cfg)
+    losses = {lib: [runs[lib][1](data[k]) for k in range(ARGS.warmup)] for lib in libs}
+    walls: dict[str, list[float]] = {lib: [] for lib in libs}
+    fb: list[float] = []
+    opt: list[float] = []
+    order = [*libs, "ideal"]
+    for r in range(ARGS.rounds):
+        for lib in order[r % len(order):] + order[:r % len(order)]:
+            if lib == "ideal":
+                f, o = stage.times(max(1, ARGS.calib // ARGS.rounds))
+                fb += f
+                opt += o
+                continue
+            dist.barrier()
+            t0 = time.perf_counter()
+            for k in range(ARGS.warmup + r * per_round, ARGS.warmup + (r + 1) * per_round):
+                losses[lib].append(runs[lib][1](data[k]))
+            dist.barrier()
+            walls[lib].append(time.perf_counter() - t0)
+    cal = {"fb_s": statistics.median(fb), "opt_s": statistics.median(opt),
+           "params": sum(q.numel() for q in stage.params)}
+    cals = [None] * p
+    dist.all_gather_object(cals, cal)
+    rows = []
+    for lib in libs:
+        last = torch.tensor([v if v is not None else float("nan") for v in losses[lib]], dtype=torch.float64)
+        dist.broadcast(last, src=p - 1)
+        step_s = sum(walls[lib]) / (ARGS.rounds * per_round)
+        rows.append({"lib": lib, "p": p, "m": m, "step_s": step_s, "losses": last.tolist(), "parts": parts[lib],
+                     "round_step_s": [w / per_round for w in walls[lib]], "interleaved": libs,
+                     "load_avg": os.getloadavg()[0], "stages": cals})
+        if dist.get_rank() == 0:
+            print(f"{lib} P={p} m={m}: {step_s:.3f} s/step (rounds {[round(w / per_round, 3) for w in walls[lib]]})"
+                  f", loss {last[0]:.6f} -> {last[-1]:.6f}, parts {parts[lib]}", flush=True)
+    return rows
 
 
 def main() -> None:
     global ARGS
     ARGS = args_parser().parse_args()
     torch.set_num_threads(1)
-    if ARGS.lib == "deepspeed":
+    libs = ARGS.lib.split(",")
+    if "deepspeed" in libs:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo")
@@ -209,9 +272,12 @@ def main() -> None:
     rank, p = dist.get_rank(), dist.get_world_size()
     cfg = GPTConfig(vocab=ARGS.vocab, seq=ARGS.seq, layers=ARGS.layers, hidden=ARGS.hidden, heads=ARGS.heads)
     plan, loss_fn = gpt_layer_plan(cfg, tp=1, tied=False)
-    rows = []
+    rows: list[dict] = []
     parts = None
     for m in [int(v) for v in ARGS.ms.split(",")]:
+        if len(libs) > 1:
+            rows += interleaved(libs, plan, loss_fn, cfg, p, m)
+            continue
         data = global_batches(cfg, m, ARGS.warmup + ARGS.steps)
         parts, step = SETUP[ARGS.lib](plan, loss_fn, p, m)
         losses = [step(data[k]) for k in range(ARGS.warmup)]
@@ -232,17 +298,20 @@ def main() -> None:
         if rank == 0:
             print(f"{ARGS.lib} P={p} m={m}: {step_s:.3f} s/step, loss {last[0]:.6f} -> {last[-1]:.6f}, "
                   f"parts {parts}", flush=True)
-    cal = calibrate(plan, loss_fn, parts, cfg)
-    cals = [None] * p
-    dist.all_gather_object(cals, cal)
+    if len(libs) == 1:
+        cal = calibrate(plan, loss_fn, parts, cfg)
+        cals = [None] * p
+        dist.all_gather_object(cals, cal)
+        for r in rows:
+            r["stages"] = cals
     if rank == 0:
         with open(ARGS.out, "a") as f:
             for r in rows:
                 r.update(tag=ARGS.tag, rep=ARGS.rep, micro=ARGS.micro, steps=ARGS.steps, warmup=ARGS.warmup,
                          model={"hidden": cfg.hidden, "heads": cfg.heads, "layers": cfg.layers, "seq": cfg.seq,
-                                "vocab": cfg.vocab}, stages=cals, torch=torch.__version__,
+                                "vocab": cfg.vocab}, torch=torch.__version__,
                          cpu=torch.backends.cpu.get_cpu_capability())
-                if ARGS.lib == "deepspeed":
+                if "deepspeed" in libs:
                     import deepspeed
 
                     r["deepspeed"] = deepspeed.__version__
