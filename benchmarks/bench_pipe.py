@@ -73,13 +73,16 @@ def ideal(row: dict) -> tuple[float, float]:
 
 def _paired(a: list[dict], b: list[dict]) -> float | None:
     """Median over the turns of (a's s/step / b's s/step), turn by turn of the same launch: the two ran
-    seconds apart, so load from outside cancels (None without interleaved turns)."""
+    seconds apart, so load from outside cancels. Without turns (``--separate``): the ratio of the
+    median step times; None when either has no rows."""
     ratios = []
     for ra in a:
         rb = next((r for r in b if r["rep"] == ra["rep"] and "round_step_s" in r), None)
         if rb is not None and "round_step_s" in ra:
             ratios += [x / y for x, y in zip(ra["round_step_s"], rb["round_step_s"], strict=True)]
-    return median(ratios) if ratios else None
+    if ratios:
+        return median(ratios)
+    return median([r["step_s"] for r in a]) / median([r["step_s"] for r in b]) if a and b else None
 
 
 def summarize(tag: str, pending: dict[str, str]) -> tuple[str, dict]:
