@@ -38,6 +38,13 @@ their lifetime: it gives a structure back (``release``) once nothing can read it
 its backward, or after an inference stage forwarded it), and the next receive of the same dtype
 and shape reuses the storage instead of allocating.
 
+[Note: sends finish in the next tick]
+``exchange`` returns once its receives are done; its sends stay in flight, holding the tensors they
+read, so this rank's compute in the tick overlaps them (a receiver needs its data before computing,
+a sender does not). The next ``exchange`` waits for them first, before it takes any receive buffer
+from the pool (a buffer released while a send still read it is not reused early), and the engine
+calls ``flush()`` before a batch returns, so nothing is left in flight outside it.
+
 p2p messages are reported to the collectives' observers (comm log, profiler) as ``send`` and
 ``recv`` with their bytes, headers included.
 """
@@ -256,6 +263,15 @@ class PipeComm:
         self.group = group
         self.device = device
         self.pool = BufferPool(device)
+        # sends of the last exchange still in flight, with the tensors they read (Note: sends finish
+        # in the next tick)
+        self._sending: list[tuple[Handle, list[Any]]] = []
+
+    def flush(self) -> None:
+        """Wait for the sends still in flight (the engine calls it before a batch returns)."""
+        sending, self._sending = self._sending, []
+        for handle, _keep in sending:
+            handle.wait()
 
     def release(self, obj: Any) -> None:
         """Give a received structure's (or gradient list's) buffers back to the pool."""
@@ -265,9 +281,11 @@ class PipeComm:
     def exchange(self, ops: Sequence[Op]) -> list[Any]:
         """Run one tick's messages (Note: one tick, two phases). Returns, per op, the received
         structure or tensor list, None for sends."""
+        self.flush()  # before any receive can reuse a buffer an earlier send still reads
         start = time.perf_counter()
         sends: list[Any] = []
         recvs: list[Any] = []
+        keep: list[Any] = []  # what the sends read, alive until they are waited on
         sent = received = 0
         slots: dict[int, torch.Tensor] = {}
         payloads: dict[int, list[torch.Tensor]] = {}
@@ -282,6 +300,7 @@ class PipeComm:
                 slot[0] = len(codes)
                 slot[1:1 + min(len(codes), HEADER_SLOT - 1)] = head[:HEADER_SLOT - 1]
                 sends.append(self._isend(slot, op.peer, op.tag, _KIND_HEADER))
+                keep += [slot, head]
                 if len(codes) > HEADER_SLOT - 1:
                     sends.append(self._isend(head[HEADER_SLOT - 1:], op.peer, op.tag, _KIND_OVERFLOW))
                 sent += 8 * (HEADER_SLOT + max(0, len(codes) - HEADER_SLOT + 1))
@@ -290,7 +309,9 @@ class PipeComm:
         header_works = [self._irecv(slots[i], ops[i].peer, ops[i].tag, _KIND_HEADER) for i in slots]
         for i, op in enumerate(ops):
             if isinstance(op, SendTensors):
-                sends += [self._isend(t.contiguous(), op.peer, op.tag, _KIND_TENSORS) for t in op.tensors if t.numel()]
+                outgoing = [t.contiguous() for t in op.tensors if t.numel()]
+                sends += [self._isend(t, op.peer, op.tag, _KIND_TENSORS) for t in outgoing]
+                keep += outgoing
                 sent += _nbytes(op.tensors)
             elif isinstance(op, RecvTensors):
                 bufs = [self.pool.take(s) for s in op.specs]
@@ -311,6 +332,7 @@ class PipeComm:
         # phase B: the structures' payloads, into buffers the headers sized
         for i, tensors in payloads.items():
             sends += [self._isend(t, ops[i].peer, ops[i].tag, _KIND_PAYLOAD) for t in tensors if t.numel()]
+            keep += tensors
             sent += _nbytes(tensors)
         for i, layout in layouts.items():
             bufs = [self.pool.take(s) for s in layout.specs]
@@ -319,11 +341,15 @@ class PipeComm:
             results[i] = layout.build([b.detach().requires_grad_(s.needs_grad)
                                        for b, s in zip(bufs, layout.specs, strict=True)])
         # one report per direction and tick. A gloo Work waited twice never returns (measured), so
-        # the header receives, already waited, are not in ``recvs``.
-        for what, nbytes, works in (("send", sent, sends), ("recv", received, recvs)):
-            Handle(what, nbytes, 2, works, start, self.group).wait()
-            if nbytes and not works:
-                report(what, nbytes, time.perf_counter() - start, 2)
+        # the header receives, already waited, are not in ``recvs``. The sends are waited on at the
+        # next exchange or flush(): nothing here needs them done, and the next tick's compute overlaps them.
+        Handle("recv", received, 2, recvs, start, self.group).wait()
+        if received and not recvs:
+            report("recv", received, time.perf_counter() - start, 2)
+        if sends:
+            self._sending.append((Handle("send", sent, 2, sends, start, self.group), keep))
+        elif sent:
+            report("send", sent, time.perf_counter() - start, 2)
         return results
 
     def _wait(self, work: Any, peer: int, nbytes: int) -> None:

@@ -245,6 +245,7 @@ class PipelineEngine(ShardspeedEngine):
     def _run(self, schedule: PipeSchedule, b: _Batch) -> None:
         for tick in schedule:
             self._tick(schedule, tick, b)
+        self.p2p.flush()  # the last tick's sends: nothing left in flight once the batch returns
         assert not (b.inputs or b.outputs or b.out_grads or b.in_grads or b.losses), "pipeline state left over"
 
     def _tick(self, schedule: PipeSchedule, tick: list[Any], b: _Batch) -> None:
