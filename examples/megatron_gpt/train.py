@@ -22,21 +22,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch  # noqa: E402
 
 import shardspeed  # noqa: E402
-from examples.gpt_demo import CharWindows, load_text  # noqa: E402
+from examples.gpt_demo import CharWindows, evaluate, load_text  # noqa: E402
 from examples.gpt_model import GPTConfig  # noqa: E402
 from examples.megatron_gpt.model import ParallelGPT  # noqa: E402
 from shardspeed import comm  # noqa: E402
-
-
-@torch.no_grad()
-def evaluate(engine, data: CharWindows, batches: int = 4) -> float:
-    engine.eval()
-    losses = []
-    for b in range(batches):
-        xs, ys = zip(*(data[i] for i in range(b * 16, (b + 1) * 16)), strict=False)
-        losses.append(engine(torch.stack(xs), torch.stack(ys)).float().item())
-    engine.train()
-    return sum(losses) / len(losses)
 
 
 def main() -> None:
@@ -69,7 +58,7 @@ def main() -> None:
               f"D={engine.dp_world_size} (ZeRO stage {engine.config.zero_optimization.stage}), {args.steps} steps "
               f"of batch {engine.train_batch_size()} x {cfg.seq} chars, precision {engine.policy.compute_name}",
               flush=True)
-    val_before = evaluate(engine, val)
+    val_before = evaluate(engine, val, batches=4)
     start, losses, said = time.perf_counter(), [], 0
     every = max(1, args.steps // 6)
     for x, y in shardspeed.RepeatingLoader(loader):
@@ -84,7 +73,7 @@ def main() -> None:
         if step >= args.steps:
             break
     elapsed = time.perf_counter() - start
-    val_after = evaluate(engine, val)
+    val_after = evaluate(engine, val, batches=4)
     engine.save_checkpoint(os.path.join(args.out, "checkpoint"))
     mems = comm.all_gather_object(engine.memory_breakdown())
     if rank == 0:
