@@ -127,6 +127,12 @@ class ShardspeedEngine(torch.nn.Module):
     def is_gradient_accumulation_boundary(self) -> bool:
         return (self.micro_steps + 1) % self.batch.gradient_accumulation_steps == 0
 
+    @property
+    def monitor(self) -> Any:
+        """The enabled monitors (DeepSpeed's ``engine.monitor``): ``write_events([(name, value, x)])`` adds
+        a script's own metrics (an evaluation score) next to the engine's; only rank 0 writes."""
+        return self.reporter.monitor
+
     def get_lr(self) -> list[float]:
         return [g["lr"] for g in self.optimizer.param_groups] if self.optimizer else []
 
