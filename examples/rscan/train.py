@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--emb", type=int, default=64)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--corpus", default="stdlib+torch", choices=["stdlib", "stdlib+torch"])
+    parser.add_argument("--data_cache", default=None,
+                        help="folder of the mined-pairs cache (default ~/.cache/shardspeed)")
     parser.add_argument("--grads", default="sparse", choices=["sparse", "flag", "dense"])
     parser.add_argument("--lr", type=float, default=None, help="constant lr (overrides the config's)")
     parser.add_argument("--onecycle", default=None, metavar="MIN,MAX",
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     if stage > 2:
         raise SystemExit(f"zero_optimization.stage {stage}: this example evaluates the full model on every rank; "
                          "use stage 0, 1 or 2")
-    train_pairs, held_pairs = split(load_pairs(args.corpus))
+    train_pairs, held_pairs = split(load_pairs(args.corpus, args.data_cache))
     train = RScanData(train_pairs, args.vocab)
     eval_set = RScanData(held_pairs, args.vocab).eval_set(args.eval_limit, seed=args.seed)
     torch.manual_seed(args.seed)

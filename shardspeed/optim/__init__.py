@@ -3,6 +3,7 @@
 from shardspeed.optim.adam import FusedAdam
 from shardspeed.optim.build import build_optimizer, supported_optimizers
 from shardspeed.optim.lamb import FusedLamb
+from shardspeed.optim.range_test import RangeSuggestion, range_test_params, suggest_one_cycle
 from shardspeed.optim.schedules import (
     LRRangeTest,
     OneCycle,
@@ -13,5 +14,6 @@ from shardspeed.optim.schedules import (
     build_scheduler,
 )
 
-__all__ = ["FusedAdam", "FusedLamb", "LRRangeTest", "OneCycle", "StepSchedule", "WarmupCosineLR",
-           "WarmupDecayLR", "WarmupLR", "build_optimizer", "build_scheduler", "supported_optimizers"]
+__all__ = ["FusedAdam", "FusedLamb", "LRRangeTest", "OneCycle", "RangeSuggestion", "StepSchedule", "WarmupCosineLR",
+           "WarmupDecayLR", "WarmupLR", "build_optimizer", "build_scheduler", "range_test_params",
+           "suggest_one_cycle", "supported_optimizers"]
