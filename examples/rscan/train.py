@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data_cache", default=None,
                         help="folder of the mined-pairs cache (default ~/.cache/shardspeed)")
     parser.add_argument("--grads", default="sparse", choices=["sparse", "flag", "dense"])
+    parser.add_argument("--train_batch_size", type=int, default=None,
+                        help="global batch in queries (overrides the config's; the micro-batch stays)")
     parser.add_argument("--lr", type=float, default=None, help="constant lr (overrides the config's)")
     parser.add_argument("--onecycle", default=None, metavar="MIN,MAX",
                         help="OneCycle over --steps between these lrs (beta1 cycles 0.95 .. 0.85)")
@@ -84,6 +86,9 @@ def make_config(args: argparse.Namespace) -> dict:
     cfg["sparse_gradients"] = args.grads != "dense"
     if args.lr is not None:
         cfg["optimizer"]["params"]["lr"] = args.lr
+    if args.train_batch_size is not None:
+        cfg["train_batch_size"] = args.train_batch_size
+        cfg.pop("gradient_accumulation_steps", None)
     if args.range_test and args.onecycle:
         raise SystemExit("--range_test and --onecycle exclude each other: run the range test first")
     if args.range_test:
