@@ -21,6 +21,8 @@ from shardspeed.comm.collectives import (
     add_observer,
     all_gather,
     all_gather_object,
+    all_gather_rows,
+    all_gather_sizes,
     all_reduce,
     broadcast,
     broadcast_object,
@@ -43,7 +45,8 @@ from shardspeed.comm.topology import Topology, topology_from_mpu
 __all__ = [
     "CollectiveError", "CommStats", "DistEnv", "Handle", "ModelParallelUnit", "PipeDataParallelTopology",
     "PipeModelDataParallelTopology", "ProcessGroup", "ProcessTopology", "Topology", "add_observer", "all_gather",
-    "all_gather_object", "all_reduce", "barrier", "broadcast", "broadcast_object", "comm_timeout",
+    "all_gather_object", "all_gather_rows", "all_gather_sizes",
+    "all_reduce", "barrier", "broadcast", "broadcast_object", "comm_timeout",
     "destroy", "destroy_group", "destroy_model_parallel", "enable_comm_log", "free_port", "get_global_rank",
     "get_model_parallel_unit", "get_rank", "get_world_size", "init_distributed", "initialize_model_parallel",
     "is_initialized", "log_summary", "model_parallel_is_initialized", "monitored_barrier", "new_group",

@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 
 from shardspeed.comm import collectives
 
+#: the ops a sparse gradient reduction is logged under (collectives.all_gather_sizes / all_gather_rows)
+SPARSE_OPS = ("sparse_sizes", "sparse_all_gather")
+
 
 @dataclass
 class OpStats:
@@ -34,6 +37,16 @@ class CommStats:
     def reset(self) -> None:
         with self._lock:
             self.ops.clear()
+
+    def bytes_of(self, *ops: str) -> int:
+        """Bytes counted so far for the named ops (the comm log's ``bytes`` column, summed)."""
+        with self._lock:
+            return sum(self.ops[op].bytes for op in ops if op in self.ops)
+
+    def sparse_bytes(self) -> int:
+        """Bytes of sparse (index-slice) gradient reductions: size exchanges and the padded
+        all-gathers of row indices and values (zero/sparse.py)."""
+        return self.bytes_of(*SPARSE_OPS)
 
     def summary(self) -> str:
         rows = [f"{'op':<16}{'calls':>8}{'MiB':>12}{'seconds':>10}"]

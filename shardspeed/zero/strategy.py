@@ -49,6 +49,7 @@ class StrategyOptions:
     reduce_scatter: bool = True  # False: all-reduce whole buckets and keep this rank's shard
     allgather_partitions: bool = True  # False: each rank broadcasts its shard instead
     allgather_numel: int = 500_000_000  # cap on parameter elements being gathered at once
+    sparse_gradients: bool = False  # embedding tables reduced as index slices (zero/sparse.py)
 
 
 def is_sliced(param: torch.Tensor) -> bool:

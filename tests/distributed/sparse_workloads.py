@@ -1,0 +1,125 @@
+"""A tiny embedding + GRU model for sparse_gradients, its data, an engine run and the single-process
+reference (tests/distributed/test_sparse_gradients.py).
+
+The embedding is used only for samples that have text (ids >= 0); a sample without text takes a
+learned vector instead. At ``EMPTY_STEP`` rank 1's samples have none, so its batch touches no row
+of the table while rank 0's does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+VOCAB, DIM, SEQ, HIDDEN = 1000, 8, 5, 12
+EMPTY_STEP = 3
+
+
+class TextModel(torch.nn.Module):
+    def __init__(self, sparse: bool = False, vocab: int = VOCAB, bag: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.bag = bag
+        if bag:
+            self.emb = torch.nn.EmbeddingBag(vocab, DIM, mode="sum", sparse=sparse)
+        else:
+            self.emb = torch.nn.Embedding(vocab, DIM, sparse=sparse)
+        self.gru = torch.nn.GRU(DIM, HIDDEN, batch_first=True)
+        self.blank = torch.nn.Parameter(torch.randn(HIDDEN) * 0.1)
+        self.head = torch.nn.Linear(HIDDEN, 1)
+
+    def forward(self, ids: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        has_text = (ids >= 0).all(dim=1)
+        feats = self.blank.expand(ids.shape[0], HIDDEN).clone()
+        text = ids[has_text]
+        if self.bag:  # one bag per sample: the GRU reads a sequence of length 1
+            seq = self.emb(text).unsqueeze(1)
+        else:
+            seq = self.emb(text)
+        if text.shape[0]:
+            _, h = self.gru(seq)
+            feats[has_text] = h[-1]
+        logits = self.head(torch.tanh(feats)).squeeze(-1)
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
+
+
+def global_batch(step: int, world: int, per_rank: int, vocab: int = VOCAB) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step ``step``'s samples, rank r's are [r * per_rank, (r + 1) * per_rank). Token ids come from a
+    narrow window of the vocabulary (a few rows per step, some repeated within a batch)."""
+    g = torch.Generator().manual_seed(1000 + step)
+    lo = int(torch.randint(0, max(1, vocab - 40), (1,), generator=g))
+    ids = torch.randint(lo, min(vocab, lo + 40), (world * per_rank, SEQ), generator=g)
+    ids[torch.rand(world * per_rank, generator=g) < 0.25] = -1  # some samples without text
+    if step == EMPTY_STEP and world > 1:
+        ids[per_rank:2 * per_rank] = -1  # rank 1 touches no row of the table
+    y = (torch.rand(world * per_rank, generator=g) < 0.5).float()
+    return ids, y
+
+
+def micro_batches(step: int, rank: int, world: int, micro: int, gas: int, vocab: int = VOCAB):
+    ids, y = global_batch(step, world, micro * gas, vocab)
+    mine = slice(rank * micro * gas, (rank + 1) * micro * gas)
+    ids, y = ids[mine], y[mine]
+    return [(ids[m * micro:(m + 1) * micro], y[m * micro:(m + 1) * micro]) for m in range(gas)]
+
+
+def sparse_engine_run(rank: int, config: dict, steps: int, model_kwargs: dict | None = None,
+                      client_optimizer: Any = None, save_dir: str | None = None,
+                      load_dir: str | None = None) -> dict[str, Any]:
+    import shardspeed
+
+    model = TextModel(**(model_kwargs or {}))
+    optimizer = client_optimizer(model) if client_optimizer is not None else None
+    engine, _, _, _ = shardspeed.initialize(model=model, config=config, optimizer=optimizer)
+    vocab = (model_kwargs or {}).get("vocab", VOCAB)
+    start = 0
+    if load_dir is not None:
+        engine.load_checkpoint(load_dir)
+        start = engine.global_steps
+    per_step = []
+    for step in range(start, steps):
+        if engine.comm_stats is not None:
+            engine.comm_stats.reset()
+        for ids, y in micro_batches(step, engine.topo.dp_rank, engine.dp_world_size,
+                                    engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps(),
+                                    vocab):
+            engine.backward(engine(ids, y))
+            engine.step()
+        if engine.comm_stats is not None:
+            per_step.append({op: s.bytes for op, s in engine.comm_stats.ops.items()})
+        if save_dir is not None and step == steps // 2 - 1:
+            engine.save_checkpoint(save_dir)
+    params = {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
+    return {"params": params, "comm": per_step, "skipped": engine.skipped_steps,
+            "dense_fallbacks": engine.strategy._sparse.dense_steps, "grad_norm": engine.get_global_grad_norm()}
+
+
+def reference_run(steps: int, world: int, per_rank: int, make_opt: Any, model_kwargs: dict | None = None,
+                  clip: float = 0.0) -> dict[str, torch.Tensor]:
+    """Plain single-process PyTorch on the same global batches."""
+    model = TextModel(**(model_kwargs or {}))
+    opts = make_opt(model)
+    vocab = (model_kwargs or {}).get("vocab", VOCAB)
+    for step in range(steps):
+        ids, y = global_batch(step, world, per_rank, vocab)
+        for o in opts:
+            o.zero_grad()
+        model(ids, y).backward()
+        if clip:
+            dense = [p for p in model.parameters() if p.grad is not None and not p.grad.is_sparse]
+            sq = sum(float(p.grad.pow(2).sum()) for p in dense)
+            sq += sum(float(p.grad.coalesce().values().pow(2).sum()) for p in model.parameters()
+                      if p.grad is not None and p.grad.is_sparse)
+            coef = min(1.0, clip / (sq**0.5 + 1e-6))
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+        for o in opts:
+            o.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def max_rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max() / (b[k].abs().max() + 1e-12)) for k in a)
