@@ -155,6 +155,7 @@ def table(rows: list[dict]) -> str:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--table":
-        print(table([r for r in read_results("rscan_auc") if r["tag"] == (sys.argv[2] if len(sys.argv) > 2 else "run")]))
+        tag = sys.argv[2] if len(sys.argv) > 2 else "run"
+        print(table([r for r in read_results("rscan_auc") if r["tag"] == tag]))
     else:
         main()

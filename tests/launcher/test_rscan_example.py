@@ -23,7 +23,7 @@ def _run(tmp_path, *extra):
     return out, p.stdout
 
 
-@pytest.mark.parametrize("grads", ["dense"])
+@pytest.mark.parametrize("grads", ["sparse", "dense"])
 def test_rscan_trains_and_reports_auc(tmp_path, grads):
     out, stdout = _run(tmp_path, "--grads", grads, "--steps", "6", "--eval_every", "3")
     assert f"embedding 3000 x 64, {grads} gradients" in stdout
@@ -37,7 +37,7 @@ def test_rscan_trains_and_reports_auc(tmp_path, grads):
 
 
 def test_rscan_range_test_plots_and_suggests(tmp_path):
-    out, stdout = _run(tmp_path, "--grads", "dense", "--steps", "12", "--eval_every", "100",
+    out, stdout = _run(tmp_path, "--steps", "12", "--eval_every", "100",
                        "--range_test", "1e-4,1e-1")
     assert "LR range test over 12 steps, lr 0.0001 .. 0.1" in stdout
     assert "suggested OneCycle: cycle_min_lr" in stdout
