@@ -22,7 +22,13 @@ Tokens. Words are ``[a-z0-9]+`` runs after splitting camelCase and lower-casing,
 ids ``1..vocab-1`` (0 is padding): no vocabulary file, any vocabulary size, collisions accepted, as in
 feature hashing.
 
-On Python 3.11.7 with torch 2.13.0: 3,868 / 17,5xx files ... (see ``describe()``, printed by train.py).
+Size on Python 3.11.7 with torch 2.13.0+cpu (train.py prints it): ``stdlib+torch`` 16,241 pairs (14,647
+train, 1,594 held out; parsing takes ~20 s once, then a JSON cache under ``~/.cache/shardspeed`` loads in
+0.1 s), ``stdlib`` 5,752 pairs (5,178 / 574; ~3 s). Another Python or torch version gives another
+(equally deterministic) corpus, and another cache file.
+
+Examples: query ``get index from node``, passage ``extract the index from a getitem node``; query ``read``,
+passage ``return size bytes from the stream``.
 """
 
 from __future__ import annotations
