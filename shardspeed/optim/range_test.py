@@ -39,13 +39,16 @@ def smooth(losses: list[float], beta: float) -> list[float]:
 
 
 def suggest_one_cycle(lrs: list[float], losses: list[float], smoothing: float = 0.9, diverge_factor: float = 1.5,
-                      max_scale: float = 0.5, min_div: float = 10.0, skip_start: int = 3) -> RangeSuggestion:
+                      max_scale: float = 0.5, min_div: float = 10.0, skip_start: int = 3,
+                      min_drop: float = 0.02) -> RangeSuggestion:
     """Suggest ``cycle_min_lr`` / ``cycle_max_lr`` from a range test's per-step ``lrs`` and ``losses``.
 
     ``cycle_max_lr = max_scale * lr_at_min_loss`` and ``cycle_min_lr = cycle_max_lr / min_div``. Steps
     after the smoothed loss first exceeds ``diverge_factor`` times its running minimum are ignored (a
     non-finite loss counts as divergence), and so are the first ``skip_start`` steps, whose loss is still
-    the initial one's noise.
+    the initial one's noise. A sweep whose smoothed loss never falls ``min_drop`` (a fraction) below
+    its start is an error: there is nothing to read (a loss stuck at chance, e.g. 0.693 for a binary
+    loss, looks like that).
     """
     if len(lrs) != len(losses):
         raise ValueError(f"range test: {len(lrs)} learning rates for {len(losses)} losses")
@@ -66,6 +69,10 @@ def suggest_one_cycle(lrs: list[float], losses: list[float], smoothing: float = 
     stop = diverged if diverged is not None else len(sm)
     if best == skip_start and stop - skip_start < 3:
         raise ValueError("range test: the loss rose from the start; begin the sweep at a lower lr")
+    if sm[skip_start] - sm[best] < min_drop * abs(sm[skip_start]):
+        raise ValueError(f"range test: the smoothed loss never fell by {100 * min_drop:g} % (from "
+                         f"{sm[skip_start]:.4g} to at best {sm[best]:.4g}); the model did not train: sweep over "
+                         "more steps, or from a lower lr to a lower maximum")
     slopes = [(sm[i + 1] - sm[i]) / max(math.log(lrs[i + 1] / lrs[i]), 1e-12)
               for i in range(skip_start, min(stop, best + 1) - 1)]
     steepest = skip_start + min(range(len(slopes)), key=slopes.__getitem__) if slopes else best

@@ -174,6 +174,8 @@ def test_suggestion_errors_say_what_to_change():
     lrs = _sweep(20)
     with pytest.raises(ValueError, match="the loss rose from the start; begin the sweep at a lower lr"):
         suggest_one_cycle(lrs, [1.0 * 3**i for i in range(20)], smoothing=0.0)
+    with pytest.raises(ValueError, match="the smoothed loss never fell by 2 % .*the model did not train"):
+        suggest_one_cycle(lrs, [0.6931 + 0.001 * (i % 2) for i in range(20)])
     with pytest.raises(ValueError, match="20 learning rates for 19 losses"):
         suggest_one_cycle(lrs, [1.0] * 19)
     with pytest.raises(ValueError, match="must be positive and non-decreasing"):
