@@ -151,7 +151,7 @@ def test_suggestion_finds_the_valley_and_divergence():
     s = suggest_one_cycle(lrs, losses, smoothing=0.0)
     valley = max(lr for lr in lrs if lr <= 0.02)
     assert s.lr_at_min_loss == pytest.approx(valley)
-    assert s.cycle_max_lr == pytest.approx(0.5 * valley) and s.cycle_min_lr == pytest.approx(0.05 * valley)
+    assert s.cycle_max_lr == pytest.approx(0.5 * valley) and s.cycle_min_lr == pytest.approx(0.125 * valley)
     assert s.diverged_at_lr is not None and 0.02 < s.diverged_at_lr < 0.1
     assert s.lr_steepest < s.lr_at_min_loss
     cfg = s.scheduler(total_steps=100)
