@@ -91,8 +91,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--target", type=float, default=0.85)
     ap.add_argument("--lr", type=float, default=3e-3, help="the constant lr of runs 1-3")
-    ap.add_argument("--max_steps", type=int, default=1200, help="a run that has not reached the target stops here")
-    ap.add_argument("--onecycle_steps", type=int, default=400, help="OneCycle's planned length (run 4)")
+    ap.add_argument("--max_steps", type=int, default=600, help="a run that has not reached the target stops here")
+    ap.add_argument("--onecycle_steps", type=int, default=200, help="OneCycle's planned length (run 4)")
     ap.add_argument("--range", default="1e-4,5e-2", help="the range test's sweep")
     ap.add_argument("--range_steps", type=int, default=200)
     ap.add_argument("--grads", default="sparse", choices=["sparse", "flag"],
