@@ -29,6 +29,7 @@ NAMES = {"shardspeed-sparse": "shardspeed, sparse_gradients (sparse=True table, 
 
 def run(mode: str, args: argparse.Namespace) -> bool:
     out = os.path.join(OUT, "rscan_comm.jsonl")
+    os.makedirs(OUT, exist_ok=True)
     before = len(read_results("rscan_comm"))
     worker_args = ["--mode", mode, "--steps", str(args.steps), "--warmup", str(args.warmup), "--vocab",
                    str(args.vocab), "--out", out, "--tag", args.tag]
@@ -37,7 +38,10 @@ def run(mode: str, args: argparse.Namespace) -> bool:
         cmd = [os.path.join(args.ds_venv, "bin", "torchrun"), "--standalone", "--nproc_per_node", "2", WORKER]
         env.pop("PYTHONPATH", None)
     else:
-        cmd = [sys.executable, "-m", "shardspeed.launcher", "--num_procs", "2", "--no_local_rank", WORKER]
+        from shardspeed.comm import free_port  # a port of our own: others' jobs share this machine
+
+        cmd = [sys.executable, "-m", "shardspeed.launcher", "--num_procs", "2", "--master_port", str(free_port()),
+               "--no_local_rank", WORKER]
     p = subprocess.run(cmd + worker_args, cwd=ROOT, env=env, capture_output=True, text=True)
     ok = len(read_results("rscan_comm")) > before  # gloo may abort a rank at exit after the row is written
     if not ok:

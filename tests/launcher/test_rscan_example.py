@@ -12,11 +12,17 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _run(tmp_path, *extra):
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One mined-pairs cache for the module's runs: the stdlib is parsed once (~3 s), not per test."""
+    return tmp_path_factory.mktemp("rscan_cache")
+
+
+def _run(tmp_path, cache, *extra):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "shardspeed.launcher", "--num_procs", "2", "examples/rscan/train.py",
            "--deepspeed_config", "examples/rscan/ds_config.json", "--corpus", "stdlib", "--vocab", "3000",
-           "--eval_limit", "120", "--data_cache", str(tmp_path / "cache"), "--out", str(out), *extra]
+           "--eval_limit", "120", "--data_cache", str(cache), "--out", str(out), *extra]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stdout + p.stderr
@@ -24,8 +30,8 @@ def _run(tmp_path, *extra):
 
 
 @pytest.mark.parametrize("grads", ["sparse", "dense"])
-def test_rscan_trains_and_reports_auc(tmp_path, grads):
-    out, stdout = _run(tmp_path, "--grads", grads, "--steps", "6", "--eval_every", "3")
+def test_rscan_trains_and_reports_auc(tmp_path, cache, grads):
+    out, stdout = _run(tmp_path, cache, "--grads", grads, "--steps", "6", "--eval_every", "3")
     assert f"embedding 3000 x 64, {grads} gradients" in stdout
     assert "6 steps of 128 queries on 2 ranks, ZeRO stage 0" in stdout
     curve = [json.loads(line) for line in (out / "auc.jsonl").read_text().splitlines()]
@@ -36,8 +42,8 @@ def test_rscan_trains_and_reports_auc(tmp_path, grads):
     assert monitor[0] == "step,value" and [line.split(",")[0] for line in monitor[1:]] == ["0", "384", "768"]
 
 
-def test_rscan_range_test_plots_and_suggests(tmp_path):
-    out, stdout = _run(tmp_path, "--steps", "12", "--eval_every", "100",
+def test_rscan_range_test_plots_and_suggests(tmp_path, cache):
+    out, stdout = _run(tmp_path, cache, "--steps", "12", "--eval_every", "100",
                        "--range_test", "1e-4,1e-1")
     assert "LR range test over 12 steps, lr 0.0001 .. 0.1" in stdout
     assert "suggested OneCycle: cycle_min_lr" in stdout
