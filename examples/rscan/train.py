@@ -188,8 +188,11 @@ def _range_report(args: argparse.Namespace, cfg: dict, losses: list[float]) -> N
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=params["lr_range_test_min_lr"])
     sched = LRRangeTest(opt, **params)
     lrs = [sched.lr_at(i)[0] for i in range(len(losses))]  # the lr each step trained with
-    report(lrs, losses, os.path.join(args.out, "lr_range_test.png"),
-           title=f"RScan LR range test ({len(losses)} steps, batch {cfg['train_batch_size']})")
+    try:
+        report(lrs, losses, os.path.join(args.out, "lr_range_test.png"),
+               title=f"RScan LR range test ({len(losses)} steps, batch {cfg['train_batch_size']})")
+    except ValueError as e:  # a sweep with nothing to read: say why, without a traceback
+        raise SystemExit(f"LR range test --range_test {args.range_test} over {len(losses)} steps: {e}") from None
 
 
 if __name__ == "__main__":
