@@ -44,7 +44,7 @@ def train(name: str, ranks: int, extra: list[str], args: argparse.Namespace) -> 
     cmd = [sys.executable, "-m", "shardspeed.launcher", "--num_procs", str(ranks), "--master_port",
            str(free_port()), TRAIN, "--deepspeed_config",
            CONFIG, "--eval_every", str(args.eval_every), "--eval_limit", str(args.eval_limit), "--out", out, *extra]
-    print(f"{name}: {' '.join(cmd[5:])}", flush=True)
+    print(f"{name}: {' '.join(cmd[6:])}", flush=True)
     p = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
     tail = [line for line in p.stdout.splitlines() if "final held-out AUC" in line or "suggested" in line]
     print("  " + "\n  ".join(tail), flush=True)
@@ -82,7 +82,6 @@ def plot(curves: dict[str, list[dict]], target: float, path: str) -> None:
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     ax1.set_ylabel("held-out AUC")
-    ax1.set_xscale("log")
     ax2.legend(fontsize=8, loc="lower right")
     fig.suptitle(f"RScan in miniature: held-out AUC (target {target})")
     fig.tight_layout()
@@ -156,9 +155,16 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def report_again(tag: str) -> None:
+    """The table and the curves' PNG again from the saved rows and run folders (no training)."""
+    rows = [r for r in read_results("rscan_auc") if r["tag"] == tag][-4:]
+    curves = {r["name"]: load_curve(os.path.join(OUT, "rscan_auc", r["name"])) for r in rows}
+    plot(curves, rows[0]["target"], os.path.join(FIGURES, "rscan_auc_curves.png"))
+    print(table(rows))
+
+
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--table":
-        tag = sys.argv[2] if len(sys.argv) > 2 else "run"
-        print(table([r for r in read_results("rscan_auc") if r["tag"] == tag]))
+    if len(sys.argv) > 1 and sys.argv[1] == "--table":  # --table [TAG]
+        report_again(sys.argv[2] if len(sys.argv) > 2 else "run")
     else:
         main()
