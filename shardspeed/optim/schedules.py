@@ -160,7 +160,13 @@ class OneCycle(StepSchedule):
     ``cycle_first_step_size`` steps and falls back over ``cycle_second_step_size``; momentum moves the
     other way between ``cycle_max_mom`` and ``cycle_min_mom``. After the cycle lr decays as
     ``min_lr / (1 + decay_lr_rate * k)`` and momentum grows as ``max_mom * (1 + decay_mom_rate * k)``,
-    with ``k = steps since the cycle / decay_step_size``."""
+    with ``k = steps since the cycle / decay_step_size``.
+
+    Momentum is Adam's beta1 (``betas[0]``; beta2 is left as the optimizer has it) or SGD's ``momentum``.
+    Where DeepSpeed 0.19.8's OneCycle differs, on purpose: it replaces beta2 with 0.99, cycles only
+    optimizers with ``betas``, and starts at ``(cycle_min_lr, cycle_min_mom)`` (low lr with low
+    momentum) until its first ``step()``; here step 0 is ``(cycle_min_lr, cycle_max_mom)``, the cycle's
+    own start."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, cycle_min_lr: float, cycle_max_lr: float,
                  decay_lr_rate: float = 0.0, cycle_first_step_size: int = 2000,
