@@ -22,6 +22,8 @@ BENCHES = [
     ("recompute", ["bench_recompute.py", "--reps", "2"]),
     ("launch", ["bench_launch.py", "--reps", "3"]),
     ("scale", ["bench_scale.py", "--layers", "24,25,26"]),
+    ("rscan_comm", ["bench_rscan_comm.py", "--reps", "3"]),
+    ("rscan_auc", ["bench_rscan_auc.py"]),
 ]
 
 
