@@ -40,7 +40,7 @@ from examples.rscan.data import RScanData, describe, load_pairs, split  # noqa: 
 from examples.rscan.metrics import auc  # noqa: E402
 from examples.rscan.model import RScanConfig, RScanModel  # noqa: E402
 from shardspeed import comm  # noqa: E402
-from shardspeed.optim import range_test_params  # noqa: E402
+from shardspeed.optim import one_cycle_config, range_test_params  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -95,16 +95,14 @@ def make_config(args: argparse.Namespace) -> dict:
         lo, hi = _pair(args.range_test, "--range_test")
         cfg["scheduler"] = {"type": "LRRangeTest", "params": range_test_params(lo, hi, args.steps)}
     elif args.onecycle:
-        from shardspeed.optim import RangeSuggestion
-
         lo, hi = _pair(args.onecycle, "--onecycle")
-        cfg["scheduler"] = RangeSuggestion(lo, hi, hi, hi, None, []).scheduler(args.steps)
+        cfg["scheduler"] = one_cycle_config(lo, hi, args.steps)
     if cfg.get("csv_monitor", {}).get("enabled"):
         cfg["csv_monitor"] = {**cfg["csv_monitor"], "output_path": os.path.join(args.out, "monitor")}
     return cfg
 
 
-def local_rows(batch: tuple[torch.Tensor, ...], dp_rank: int, dp: int, micro: int, m: int, gas: int):
+def local_rows(batch: tuple[torch.Tensor, ...], dp_rank: int, micro: int, m: int, gas: int):
     """This rank's micro-batch ``m``: queries ``[(dp_rank * gas + m) * micro, +micro)`` of the global batch,
     each with its positive and negative row."""
     lo = 2 * (dp_rank * gas + m) * micro
@@ -163,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         whole = train.train_batch(step, batch, seed=args.seed)
         step_loss = 0.0
         for m in range(gas):
-            loss = engine(*local_rows(whole, engine.topo.dp_rank, dp, micro, m, gas))
+            loss = engine(*local_rows(whole, engine.topo.dp_rank, micro, m, gas))
             engine.backward(loss)
             engine.step()
             step_loss += loss.item() / gas

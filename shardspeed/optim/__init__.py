@@ -3,7 +3,7 @@
 from shardspeed.optim.adam import FusedAdam
 from shardspeed.optim.build import build_optimizer, supported_optimizers
 from shardspeed.optim.lamb import FusedLamb
-from shardspeed.optim.range_test import RangeSuggestion, range_test_params, suggest_one_cycle
+from shardspeed.optim.range_test import RangeSuggestion, one_cycle_config, range_test_params, suggest_one_cycle
 from shardspeed.optim.schedules import (
     LRRangeTest,
     OneCycle,
@@ -15,5 +15,5 @@ from shardspeed.optim.schedules import (
 )
 
 __all__ = ["FusedAdam", "FusedLamb", "LRRangeTest", "OneCycle", "RangeSuggestion", "StepSchedule", "WarmupCosineLR",
-           "WarmupDecayLR", "WarmupLR", "build_optimizer", "build_scheduler", "range_test_params",
+           "WarmupDecayLR", "WarmupLR", "build_optimizer", "build_scheduler", "one_cycle_config", "range_test_params",
            "suggest_one_cycle", "supported_optimizers"]

@@ -22,13 +22,21 @@ class RangeSuggestion:
     smoothed: list[float]  # the smoothed losses, one per step (as plotted)
 
     def scheduler(self, total_steps: int, cycle_min_mom: float = 0.85, cycle_max_mom: float = 0.95) -> dict:
-        """A ``OneCycle`` scheduler config over ``total_steps``: 45 % up, 45 % down, then decay."""
-        half = max(1, int(0.45 * total_steps))
-        return {"type": "OneCycle", "params": {
-            "cycle_min_lr": self.cycle_min_lr, "cycle_max_lr": self.cycle_max_lr,
-            "cycle_first_step_size": half, "cycle_second_step_size": half,
-            "decay_step_size": max(1, total_steps - 2 * half), "decay_lr_rate": 0.5,
-            "cycle_momentum": True, "cycle_min_mom": cycle_min_mom, "cycle_max_mom": cycle_max_mom}}
+        """The suggested range as a ``OneCycle`` scheduler config (``one_cycle_config``)."""
+        return one_cycle_config(self.cycle_min_lr, self.cycle_max_lr, total_steps, cycle_min_mom, cycle_max_mom)
+
+
+def one_cycle_config(min_lr: float, max_lr: float, total_steps: int, cycle_min_mom: float = 0.85,
+                     cycle_max_mom: float = 0.95) -> dict:
+    """A ``OneCycle`` scheduler config over ``total_steps``: the lr 45 % of the steps up, 45 % down, then
+    decaying as ``min_lr / (1 + 0.5 k)`` with k counting tenths of ``total_steps`` past the cycle; momentum
+    (beta1) goes from ``cycle_max_mom`` to ``cycle_min_mom`` and back meanwhile."""
+    half = max(1, int(0.45 * total_steps))
+    return {"type": "OneCycle", "params": {
+        "cycle_min_lr": min_lr, "cycle_max_lr": max_lr,
+        "cycle_first_step_size": half, "cycle_second_step_size": half,
+        "decay_step_size": max(1, total_steps - 2 * half), "decay_lr_rate": 0.5,
+        "cycle_momentum": True, "cycle_min_mom": cycle_min_mom, "cycle_max_mom": cycle_max_mom}}
 
 
 def smooth(losses: list[float], beta: float) -> list[float]:

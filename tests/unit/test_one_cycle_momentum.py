@@ -92,3 +92,15 @@ def test_engine_steps_with_the_scheduled_beta1():
     for (name, p), q in zip(engine.module.named_parameters(), ref.parameters()):
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-7), name
     assert engine.optimizer.param_groups[0]["betas"][0] == pytest.approx(0.95)  # step 8: back at the low lr
+
+
+def test_one_cycle_config_builds_through_the_config():
+    from shardspeed.config import load_config
+    from shardspeed.optim import build_scheduler, one_cycle_config
+
+    cfg = load_config({"scheduler": one_cycle_config(0.005, 0.02, total_steps=200)}).scheduler
+    opt = _adam()
+    lrs, b1, _ = _trace(build_scheduler(cfg, opt), opt, 201)
+    assert lrs[0] == pytest.approx(0.005) and lrs[90] == pytest.approx(0.02) and lrs[180] == pytest.approx(0.005)
+    assert b1[0] == pytest.approx(0.95) and b1[90] == pytest.approx(0.85) and b1[180] == pytest.approx(0.95)
+    assert lrs[200] == pytest.approx(0.005 / 2)  # 20 steps = two tenths past the cycle: 1 / (1 + 0.5 * 2)
