@@ -103,4 +103,4 @@ def test_one_cycle_config_builds_through_the_config():
     lrs, b1, _ = _trace(build_scheduler(cfg, opt), opt, 201)
     assert lrs[0] == pytest.approx(0.005) and lrs[90] == pytest.approx(0.02) and lrs[180] == pytest.approx(0.005)
     assert b1[0] == pytest.approx(0.95) and b1[90] == pytest.approx(0.85) and b1[180] == pytest.approx(0.95)
-    assert lrs[200] == pytest.approx(0.005 / 2)  # 20 steps = two tenths past the cycle: 1 / (1 + 0.5 * 2)
+    assert lrs[200] == pytest.approx(0.005 / 1.5)  # 20 steps = one tenth past the cycle: 1 / (1 + 0.5 * 1)
