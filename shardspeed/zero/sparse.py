@@ -105,14 +105,12 @@ class SparseTable:
         """This rank's rows of the step, coalesced."""
         if not self.parts:
             return RowSlices(torch.zeros(0, dtype=torch.int64), torch.zeros(0, *self.shape[1:]))
-        sp = torch.cat([p.coalesce() for p in self.parts]) if len(self.parts) > 1 else self.parts[0]
-        sp = sp.coalesce()
-        return coalesce_rows(sp.indices()[0], sp.values(), self.shape[0])
+        rows = torch.cat([p._indices()[0] for p in self.parts])
+        return coalesce_rows(rows, torch.cat([p._values() for p in self.parts]), self.shape[0])
 
     def values(self) -> torch.Tensor:
-        """The reduced gradient's stored values (what norms and scaling act on)."""
-        assert self.grad is not None
-        return self.grad._values()
+        """The reduced gradient's stored values (what norms and scaling act on); none before it exists."""
+        return torch.zeros(0) if self.grad is None else self.grad._values()
 
     def clear(self) -> None:
         self.parts.clear()

@@ -75,6 +75,9 @@ class DataParallelStrategy(OrderedReduction, Strategy):
         """The SparseTable of a ``sparse=True`` embedding weight under sparse_gradients, else None."""
         return self._sparse_tables.get(id(self.buckets[self._where[id(p)][0]]))
 
+    def sparse_grad_masters(self) -> list[tuple[str, torch.Tensor]]:
+        return [(n, self.masters[id(p)]) for n, p in self.named_params if self._table(p) is not None]
+
     def _grad(self, p: torch.Tensor) -> torch.Tensor:
         """The reduced gradient's elements the optimizer will see (a sparse table's stored values)."""
         table = self._table(p)

@@ -123,3 +123,45 @@ def reference_run(steps: int, world: int, per_rank: int, make_opt: Any, model_kw
 def max_rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k] - b[k]).abs().max() / (b[k].abs().max() + 1e-12)) for k in a)
+
+
+class BagModel(torch.nn.Module):
+    """EmbeddingBag (sum) times integer coefficients: integer weights and data give integer-valued
+    gradients, so every reduction order sums them exactly."""
+
+    def __init__(self, sparse: bool = False):
+        super().__init__()
+        self.emb = torch.nn.EmbeddingBag(VOCAB, 4, mode="sum", sparse=sparse)
+        with torch.no_grad():
+            self.emb.weight.copy_(torch.randint(-5, 6, (VOCAB, 4), generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, ids: torch.Tensor, offsets: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+        return (self.emb(ids, offsets) * coef).sum()
+
+
+def bag_batch(step: int, rank: int, bags: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank ``rank``'s bags at ``step``: some empty, and all of rank 1's empty at EMPTY_STEP."""
+    g = torch.Generator().manual_seed(100 * step + rank)
+    sizes = torch.randint(0, 4, (bags,), generator=g)
+    if step == EMPTY_STEP and rank == 1:
+        sizes.zero_()
+    ids = torch.randint(0, VOCAB, (int(sizes.sum()),), generator=g)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)[:-1]])
+    coef = torch.randint(-3, 4, (bags, 4), generator=g).float()
+    return ids, offsets, coef
+
+
+def integer_run(rank: int, config: dict, steps: int, sparse: bool) -> dict[str, torch.Tensor]:
+    import shardspeed
+
+    engine, _, _, _ = shardspeed.initialize(model=BagModel(sparse), config=config)
+    for step in range(steps):
+        engine.backward(engine(*bag_batch(step, engine.topo.dp_rank)))
+        engine.step()
+    return {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+
+
+def model_rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Distance of a whole model from another, relative to its norm (low-precision runs)."""
+    num = sum(float((a[k].float() - b[k].float()).pow(2).sum()) for k in b)
+    return (num / sum(float(b[k].float().pow(2).sum()) for k in b)) ** 0.5

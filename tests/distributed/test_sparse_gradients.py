@@ -5,7 +5,15 @@ import pytest
 import torch
 
 from tests.distributed.harness import run_ranks
-from tests.distributed.sparse_workloads import EMPTY_STEP, max_rel, reference_run, sparse_engine_run
+from tests.distributed.sparse_workloads import (
+    EMPTY_STEP,
+    BagModel,
+    integer_run,
+    max_rel,
+    model_rel,
+    reference_run,
+    sparse_engine_run,
+)
 
 WORLD, MICRO = 2, 3
 ADAMW = {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.01}}
@@ -37,3 +45,79 @@ def test_dense_table_equals_single_process_adamw(stage):
     dense_op = "all_reduce" if stage == 0 else "reduce_scatter"
     assert all(c[dense_op] < 1000 * 8 * 4 / 4 for c in comm)
     assert comm[EMPTY_STEP]["sparse_all_gather"] > 0  # rank 0 still sent rows rank 1 had none of
+
+
+def _sparse_adam_and_adam(model):
+    rest = [p for n, p in model.named_parameters() if n != "emb.weight"]
+    return [torch.optim.SparseAdam([model.emb.weight], lr=1e-2), torch.optim.Adam(rest, lr=1e-2)]
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_sparse_table_config_adam_equals_sparse_adam_plus_adam(stage):
+    """(b) a sparse=True table is updated lazily: rows no rank looked up keep their values and moments."""
+    steps = 20
+    adam = {"type": "Adam", "params": {"lr": 1e-2}}
+    ranks = run_ranks(sparse_engine_run, WORLD, _config(stage, optimizer=adam), steps, {"sparse": True})
+    ref = reference_run(steps, WORLD, MICRO, _sparse_adam_and_adam, {"sparse": True})
+    dense_adam = reference_run(steps, WORLD, MICRO, lambda m: [torch.optim.Adam(m.parameters(), lr=1e-2)])
+    for r in ranks:
+        assert max_rel(r["params"], ref) < 1e-5
+    # lazy, not dense Adam: rows touched early keep moving under dense Adam only
+    assert float((ranks[0]["params"]["emb.weight"] - dense_adam["emb.weight"]).abs().max()) > 1e-3
+    assert ranks[0]["comm"][0]["sparse_all_gather"] > 0
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_integer_gradients_sparse_and_dense_reductions_are_bitwise_equal(stage):
+    """(c) EmbeddingBag with empty bags; SGD with lr 1 applies the averaged gradient itself."""
+    steps = 6
+    sgd = {"type": "SGD", "params": {"lr": 1.0}}
+    cfg = {**_config(stage, optimizer=sgd), "train_batch_size": 8, "train_micro_batch_size_per_gpu": 4}
+    dense = run_ranks(integer_run, WORLD, {**cfg, "sparse_gradients": False}, steps, False)
+    as_slices = run_ranks(integer_run, WORLD, cfg, steps, False)
+    sparse_table = run_ranks(integer_run, WORLD, cfg, steps, True)
+    for a, b, c in zip(dense, as_slices, sparse_table):
+        assert torch.equal(a["emb.weight"], b["emb.weight"])
+        assert torch.equal(a["emb.weight"], c["emb.weight"])
+    assert not torch.equal(dense[0]["emb.weight"], BagModel().emb.weight.detach())  # it trained
+
+
+def test_dense_fallback_when_slices_are_larger_than_the_table():
+    """A 30-row table: a step touching more than 12 rows on some rank would gather more than the table
+    (2 ranks x rows x (32 + 8 index) bytes > 30 x 32), so that step reduces densely; the others not."""
+    steps = 6
+    ranks = run_ranks(sparse_engine_run, WORLD, _config(1), steps, {"vocab": 30})
+    ref = reference_run(steps, WORLD, MICRO, _adamw, {"vocab": 30})
+    for r in ranks:
+        assert max_rel(r["params"], ref) < 1e-5
+    comm = ranks[0]["comm"]
+    dense_steps = [c for c in comm if "sparse_all_gather" not in c]
+    assert 0 < ranks[0]["dense_fallbacks"] == len(dense_steps) < steps
+    # a dense step all-reduces the table's 960 bytes on top of the other parameters' reduce-scatter
+    assert all(c["sparse_sizes"] > 0 and c["all_reduce"] >= 30 * 8 * 4 for c in dense_steps)
+
+
+@pytest.mark.parametrize(("stage", "sparse"), [(0, True), (1, False), (2, True), (2, False)])
+def test_accumulation_and_clipping(stage, sparse):
+    steps, gas, clip = 8, 2, 0.05
+    opt = {"type": "Adam", "params": {"lr": 1e-2}}
+    ranks = run_ranks(sparse_engine_run, WORLD, _config(stage, gas=gas, optimizer=opt, gradient_clipping=clip),
+                      steps, {"sparse": sparse})
+    make = _sparse_adam_and_adam if sparse else (lambda m: [torch.optim.Adam(m.parameters(), lr=1e-2)])
+    ref = reference_run(steps, WORLD, MICRO * gas, make, {"sparse": sparse}, clip=clip)
+    unclipped = reference_run(steps, WORLD, MICRO * gas, make, {"sparse": sparse})
+    assert max_rel(ranks[0]["params"], ref) < 1e-5
+    assert max_rel(ranks[0]["params"], unclipped) > 1e-4  # clipping was active
+    assert ranks[0]["grad_norm"] > clip
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_bf16_and_fp16_track_fp32(sparse):
+    steps = 6
+    opt = {"type": "Adam", "params": {"lr": 1e-2}}
+    fp32 = run_ranks(sparse_engine_run, WORLD, _config(1, optimizer=opt), steps, {"sparse": sparse})
+    for extra in ({"bf16": {"enabled": True}}, {"fp16": {"enabled": True, "initial_scale_power": 8}}):
+        low = run_ranks(sparse_engine_run, WORLD, _config(1, optimizer=opt, **extra), steps, {"sparse": sparse})
+        assert low[0]["skipped"] == 0
+        assert model_rel(low[0]["params"], fp32[0]["params"]) < 1e-2
+        assert max_rel(low[0]["params"], low[1]["params"]) == 0.0
