@@ -87,7 +87,8 @@ def sparse_engine_run(rank: int, config: dict, steps: int, model_kwargs: dict | 
             engine.backward(engine(ids, y))
             engine.step()
         if engine.comm_stats is not None:
-            per_step.append({op: s.bytes for op, s in engine.comm_stats.ops.items()})
+            per_step.append({**{op: s.bytes for op, s in engine.comm_stats.ops.items()},
+                             "sparse_bytes": engine.comm_stats.sparse_bytes()})
         if save_dir is not None and step == steps // 2 - 1:
             engine.save_checkpoint(save_dir)
     params = {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
@@ -165,3 +166,31 @@ def model_rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     """Distance of a whole model from another, relative to its norm (low-precision runs)."""
     num = sum(float((a[k].float() - b[k].float()).pow(2).sum()) for k in b)
     return (num / sum(float(b[k].float().pow(2).sum()) for k in b)) ** 0.5
+
+
+def hf_bert_run(rank: int, config: dict, steps: int) -> dict[str, Any]:
+    """A transformers BERT classifier from a config (3000-word vocabulary, not tied to an output)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    import shardspeed
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=3000, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=16, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    engine, _, _, _ = shardspeed.initialize(model=model, config=config)
+    sparse_bytes = []
+    for step in range(steps):
+        g = torch.Generator().manual_seed(10 * step + rank)
+        ids = torch.randint(0, 3000, (2, 12), generator=g)
+        engine.comm_stats.reset()
+        engine.backward(engine(input_ids=ids, labels=torch.randint(0, 2, (2,), generator=g)).loss)
+        engine.step()
+        sparse_bytes.append(engine.comm_stats.sparse_bytes())
+    return {"params": {n: p.detach().clone() for n, p in engine.module.named_parameters()},
+            "sparse_bytes": sparse_bytes}
+
+
+def runs_in_one_job(rank: int, runs: list[tuple[Any, tuple]]) -> list[Any]:
+    """Several runs on the same ranks, one after another (one process start instead of several)."""
+    return [fn(rank, *args) for fn, args in runs]

@@ -8,10 +8,12 @@ from tests.distributed.harness import run_ranks
 from tests.distributed.sparse_workloads import (
     EMPTY_STEP,
     BagModel,
+    hf_bert_run,
     integer_run,
     max_rel,
     model_rel,
     reference_run,
+    runs_in_one_job,
     sparse_engine_run,
 )
 
@@ -45,6 +47,7 @@ def test_dense_table_equals_single_process_adamw(stage):
     dense_op = "all_reduce" if stage == 0 else "reduce_scatter"
     assert all(c[dense_op] < 1000 * 8 * 4 / 4 for c in comm)
     assert comm[EMPTY_STEP]["sparse_all_gather"] > 0  # rank 0 still sent rows rank 1 had none of
+    assert all(c["sparse_bytes"] == c["sparse_all_gather"] + c["sparse_sizes"] for c in comm)
 
 
 def _sparse_adam_and_adam(model):
@@ -121,3 +124,30 @@ def test_bf16_and_fp16_track_fp32(sparse):
         assert low[0]["skipped"] == 0
         assert model_rel(low[0]["params"], fp32[0]["params"]) < 1e-2
         assert max_rel(low[0]["params"], low[1]["params"]) == 0.0
+
+
+def test_checkpoint_resume_and_zero_to_fp32(tmp_path):
+    """A sparse=True table's lazy Adam state is saved by pieces like any parameter's: resuming at
+    stage 2 or at stage 0 continues exactly, and zero_to_fp32 gives the parameters at the save."""
+    from shardspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    steps, adam = 6, {"type": "Adam", "params": {"lr": 1e-2}}
+    kw = {"sparse": True}
+    ckpt = str(tmp_path)
+    runs = [(sparse_engine_run, (_config(2, optimizer=adam), steps, kw, None, ckpt))]
+    runs += [(sparse_engine_run, (_config(stage, optimizer=adam), steps, kw, None, None, ckpt)) for stage in (2, 0)]
+    full, *resumed = run_ranks(runs_in_one_job, WORLD, runs)[0]
+    for r in resumed:
+        assert max_rel(r["params"], full["params"]) < 1e-6
+    at_save = reference_run(steps // 2, WORLD, MICRO, _sparse_adam_and_adam, kw)
+    assert max_rel(get_fp32_state_dict_from_zero_checkpoint(str(tmp_path)), at_save) < 1e-5
+
+
+def test_hugging_face_bert_stage1_flag_changes_communication_only():
+    steps = 4
+    cfg = {**_config(1, optimizer={"type": "Adam", "params": {"lr": 1e-3}}), "train_batch_size": 4,
+           "train_micro_batch_size_per_gpu": 2}
+    runs = [(hf_bert_run, ({**cfg, "sparse_gradients": False}, steps)), (hf_bert_run, (cfg, steps))]
+    dense, sparse = run_ranks(runs_in_one_job, WORLD, runs)[0]
+    assert max_rel(sparse["params"], dense["params"]) < 1e-5
+    assert all(b > 0 for b in sparse["sparse_bytes"]) and all(b == 0 for b in dense["sparse_bytes"])
