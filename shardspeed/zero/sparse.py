@@ -62,7 +62,8 @@ def coalesce_rows(rows: torch.Tensor, values: torch.Tensor, num_rows: int) -> Ro
     values = values.to(torch.float32)
     if rows.numel() == 0:
         return RowSlices(rows.to(torch.int64), values)
-    sp = torch.sparse_coo_tensor(rows.view(1, -1), values, (num_rows, *values.shape[1:])).coalesce()
+    sp = torch.sparse_coo_tensor(rows.view(1, -1), values, (num_rows, *values.shape[1:]),
+                                 check_invariants=False).coalesce()
     return RowSlices(sp.indices()[0], sp.values())
 
 
@@ -119,7 +120,7 @@ class SparseTable:
 
 def as_sparse(s: RowSlices, shape: tuple[int, ...]) -> torch.Tensor:
     """The slices as a coalesced sparse tensor of ``shape`` (stage 0's optimizer sees this)."""
-    return torch.sparse_coo_tensor(s.rows.view(1, -1), s.values, shape, is_coalesced=True)
+    return torch.sparse_coo_tensor(s.rows.view(1, -1), s.values, shape, is_coalesced=True, check_invariants=False)
 
 
 def shard_of(s: RowSlices, lo: int, hi: int) -> torch.Tensor:
@@ -129,7 +130,8 @@ def shard_of(s: RowSlices, lo: int, hi: int) -> torch.Tensor:
     elems = (s.rows.view(-1, 1) * row_numel + torch.arange(row_numel, device=s.rows.device)).view(-1)
     keep = (elems >= lo) & (elems < hi)
     vals = s.values.reshape(-1)[keep]
-    return torch.sparse_coo_tensor((elems[keep] - lo).view(1, -1), vals, (hi - lo,), is_coalesced=True)
+    return torch.sparse_coo_tensor((elems[keep] - lo).view(1, -1), vals, (hi - lo,), is_coalesced=True,
+                                   check_invariants=False)
 
 
 class SparseReducer:
