@@ -117,8 +117,9 @@ class ShardedStrategy(OrderedReduction, Strategy):
         self._reducer = GradientReducer(opts, topo.dp_group, topo.dp_world_size, bound=opts.bucket_numel)
         self._pool = BufferPool(cap_numel=opts.bucket_numel, before_take=self._reducer.make_room)
         sparse_tables = {n for n, p in self.named_params if tables.get(id(p))}
+        # a sparse=True table's gradient never lands in a full bucket (stage 1 would hold a table-sized one)
         self.buckets = [ShardedBucket(sp, [by_name[s.name] for s in sp.plan.slots], topo.dp_rank, opts,
-                                      self.keep_full_grads, self._pool,
+                                      self.keep_full_grads and sp.plan.slots[0].name not in sparse_tables, self._pool,
                                       own_master=sp.plan.slots[0].name in sparse_tables) for sp in plans]
         self._where = {id(p): (b, s) for b, bk in enumerate(self.buckets) for s, p in enumerate(bk.params)}
         # embedding tables, each alone in its bucket and partitioned like any (zero/sparse.py, Note: one

@@ -46,6 +46,9 @@ class DataParallelStrategy(OrderedReduction, Strategy):
                 bucket = self.buckets[self._where[id(p)][0]]
                 if tables[id(p)]:
                     self._sparse_tables[id(bucket)] = SparseTable(n, tuple(p.shape))
+                    # its gradient never lands in the bucket: no table-sized buffer to hold, zero and scale
+                    bucket.buffer = bucket.buffer.new_zeros(0)
+                    bucket.views = [bucket.buffer.new_zeros(()).expand(p.shape)]
                 else:
                     self._dense_tables.add(id(bucket))
         self._sparse = SparseReducer(topo.dp_group, topo.dp_world_size, opts.reduce_dtype)

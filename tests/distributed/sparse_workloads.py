@@ -66,7 +66,9 @@ def micro_batches(step: int, rank: int, world: int, micro: int, gas: int, vocab:
 
 def sparse_engine_run(rank: int, config: dict, steps: int, model_kwargs: dict | None = None,
                       client_optimizer: Any = None, save_dir: str | None = None,
-                      load_dir: str | None = None) -> dict[str, Any]:
+                      load_dir: str | None = None, poison: int | None = None) -> dict[str, Any]:
+    """``poison``: at that step rank 1's embedding output gets an infinite gradient, so only the
+    table's gradient overflows there."""
     import shardspeed
 
     model = TextModel(**(model_kwargs or {}))
@@ -81,11 +83,17 @@ def sparse_engine_run(rank: int, config: dict, steps: int, model_kwargs: dict | 
     for step in range(start, steps):
         if engine.comm_stats is not None:
             engine.comm_stats.reset()
+        hook = None
+        if step == poison and rank == 1:
+            hook = model.emb.register_forward_hook(
+                lambda m, i, out: out.register_hook(lambda g: g * float("inf")) and None)
         for ids, y in micro_batches(step, engine.topo.dp_rank, engine.dp_world_size,
                                     engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps(),
                                     vocab):
             engine.backward(engine(ids, y))
             engine.step()
+        if hook is not None:
+            hook.remove()
         if engine.comm_stats is not None:
             per_step.append({**{op: s.bytes for op, s in engine.comm_stats.ops.items()},
                              "sparse_bytes": engine.comm_stats.sparse_bytes()})
@@ -97,12 +105,14 @@ def sparse_engine_run(rank: int, config: dict, steps: int, model_kwargs: dict | 
 
 
 def reference_run(steps: int, world: int, per_rank: int, make_opt: Any, model_kwargs: dict | None = None,
-                  clip: float = 0.0) -> dict[str, torch.Tensor]:
-    """Plain single-process PyTorch on the same global batches."""
+                  clip: float = 0.0, skip: int | None = None) -> dict[str, torch.Tensor]:
+    """Plain single-process PyTorch on the same global batches (no update at step ``skip``)."""
     model = TextModel(**(model_kwargs or {}))
     opts = make_opt(model)
     vocab = (model_kwargs or {}).get("vocab", VOCAB)
     for step in range(steps):
+        if step == skip:
+            continue
         ids, y = global_batch(step, world, per_rank, vocab)
         for o in opts:
             o.zero_grad()

@@ -126,6 +126,20 @@ def test_bf16_and_fp16_track_fp32(sparse):
         assert max_rel(low[0]["params"], low[1]["params"]) == 0.0
 
 
+@pytest.mark.parametrize(("stage", "sparse"), [(1, True), (2, False)])
+def test_fp16_overflow_in_a_table_gradient_skips_the_step_on_every_rank(stage, sparse):
+    steps, bad = 5, 2
+    opt = {"type": "Adam", "params": {"lr": 1e-2}}
+    cfg = _config(stage, optimizer=opt, fp16={"enabled": True, "initial_scale_power": 8})
+    ranks = run_ranks(sparse_engine_run, WORLD, cfg, steps, {"sparse": sparse}, None, None, None, bad)
+    make = _sparse_adam_and_adam if sparse else (lambda m: [torch.optim.Adam(m.parameters(), lr=1e-2)])
+    ref = reference_run(steps, WORLD, MICRO, make, {"sparse": sparse}, skip=bad)
+    for r in ranks:
+        assert r["skipped"] == 1
+        assert model_rel(r["params"], ref) < 1e-2
+    assert max_rel(ranks[0]["params"], ranks[1]["params"]) == 0.0
+
+
 def test_checkpoint_resume_and_zero_to_fp32(tmp_path):
     """A sparse=True table's lazy Adam state is saved by pieces like any parameter's: resuming at
     stage 2 or at stage 0 continues exactly, and zero_to_fp32 gives the parameters at the save."""
