@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from shardspeed.comm import Handle, Topology, all_gather, all_reduce, broadcast, get_global_rank
+from shardspeed.comm import Handle, Topology, all_gather, all_reduce, all_reduce_rows, broadcast, get_global_rank
 from shardspeed.zero.partition import ShardedBucketPlan, plan_sharded_buckets, shard_segments
 from shardspeed.zero.reducer import BufferPool, GradientReducer, zero_unwritten
 from shardspeed.zero.sparse import SparseReducer, SparseTable, embedding_tables, shard_of
@@ -138,6 +138,7 @@ class ShardedStrategy(OrderedReduction, Strategy):
                 else:
                     self._dense_tables.add(id(bucket))
         self._sparse = SparseReducer(topo.dp_group, topo.dp_world_size, opts.reduce_dtype)
+        self._lazy_rows = False  # set by attach_optimizer (Note: lazy updates publish their rows)
         self.grads_in_module = self.keep_full_grads and opts.compute_dtype == opts.grad_accum_dtype
         if self.grads_in_module:
             for bucket in self.buckets:
@@ -171,6 +172,7 @@ class ShardedStrategy(OrderedReduction, Strategy):
 
     def attach_optimizer(self, optimizer: Any) -> None:
         """Per-parameter optimizers (LAMB) need full-parameter norms of their shards (lamb.py's note)."""
+        self._lazy_rows = _moves_touched_rows_only(optimizer)
         if not hasattr(optimizer, "set_partition"):
             return
         index = {name: i for i, (name, _) in enumerate(self.named_params)}
@@ -238,6 +240,7 @@ class ShardedStrategy(OrderedReduction, Strategy):
                 reduced = self._sparse.reduce_sparse(table.local(), table.shape[0])
                 table.parts.clear()
                 table.grad = shard_of(reduced, bucket.lo, bucket.hi)
+                table.rows = reduced.rows
             return
         full = bucket.ensure_full()
         if id(bucket) in self._dense_tables:
@@ -327,6 +330,10 @@ class ShardedStrategy(OrderedReduction, Strategy):
             shard = b.param_buffer[b.lo:b.hi]
             if not b.master_is_view:
                 shard.copy_(b.master)
+            table = self._sparse_tables.get(id(b))
+            if table is not None and table.rows is not None and self._lazy_rows:
+                self._publish_rows(b, table.rows)
+                continue
             if in_flight + b.splan.padded > self.opts.allgather_numel and self._gathers:
                 self.wait_params()  # bound what is in flight (allgather_bucket_size)
                 in_flight = 0
@@ -339,6 +346,22 @@ class ShardedStrategy(OrderedReduction, Strategy):
             in_flight += b.splan.padded
         if not self.opts.overlap_param_gather:
             self.wait_params()
+
+    @torch.no_grad()
+    def _publish_rows(self, b: ShardedBucket, rows: torch.Tensor) -> None:
+        """[Note: lazy updates publish their rows] A sparse=True table stepped lazily changed only
+        the rows of its reduced gradient, which every rank knows: rather than all-gathering the
+        whole table, each rank contributes its shard's elements of those rows (zeros elsewhere) to
+        one all-reduce of rows x width, and every rank writes the sums back. x + 0 is exact, and the
+        other rows are equal on every rank already (all were gathered or published before)."""
+        slot = b.splan.plan.slots[0]
+        table = b.param_buffer[:slot.numel].view(slot.shape[0], -1)
+        width = table.shape[1]
+        elems = rows.view(-1, 1) * width + torch.arange(width, device=rows.device)
+        mine = (elems >= b.lo) & (elems < b.hi)
+        values = table.index_select(0, rows) * mine
+        all_reduce_rows(values, group=self.topo.dp_group)
+        table.index_copy_(0, rows, values)
 
     def wait_params(self, buckets: Iterable[int] | None = None) -> None:
         """Finish the parameter gathers of ``buckets`` (default: all)."""
@@ -381,6 +404,17 @@ class ShardedStrategy(OrderedReduction, Strategy):
         # stage 2's reusable gradient buckets: at most reduce_bucket_size elements (BufferPool), 0 at rest
         out["temporary_buffers"] = self._pool.pooled_bytes()
         return out
+
+
+def _moves_touched_rows_only(optimizer: Any) -> bool:
+    """Whether a step from a sparse gradient changes only the rows it holds (Note: lazy updates
+    publish their rows): Adam's sparse path (SparseAdam's update, optim/adam.py), SparseAdam,
+    Adagrad, and SGD without momentum or weight decay (momentum would move rows seen before)."""
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.SparseAdam, torch.optim.Adagrad)):
+        return True
+    if isinstance(optimizer, torch.optim.SGD):
+        return all(g.get("momentum", 0) == 0 and g.get("weight_decay", 0) == 0 for g in optimizer.param_groups)
+    return False
 
 
 class Stage2Strategy(ShardedStrategy):

@@ -93,6 +93,7 @@ class SparseTable:
     shape: tuple[int, ...]
     parts: list[torch.Tensor] = field(default_factory=list)
     grad: torch.Tensor | None = None
+    rows: torch.Tensor | None = None  # the rows of ``grad`` (the same on every rank), until clear()
 
     def take(self, grad: torch.Tensor) -> None:
         if not grad.is_sparse:
@@ -116,6 +117,7 @@ class SparseTable:
     def clear(self) -> None:
         self.parts.clear()
         self.grad = None
+        self.rows = None
 
 
 def as_sparse(s: RowSlices, shape: tuple[int, ...]) -> torch.Tensor:
