@@ -242,7 +242,7 @@ class ShardedStrategy(OrderedReduction, Strategy):
                 table.grad = shard_of(reduced, bucket.lo, bucket.hi)
                 table.rows = reduced.rows
             return
-        full = bucket.ensure_full()
+        full = bucket.ensure_full()  # even if no gradient reached it: every rank joins every collective
         if id(bucket) in self._dense_tables:
             bucket.zero_unwritten()
             slot = bucket.splan.plan.slots[0]
@@ -250,7 +250,7 @@ class ShardedStrategy(OrderedReduction, Strategy):
             if not bucket.shard_in_full:  # stage 1 in fp32: the shard is that part of the full buffer
                 bucket.grad_shard.add_(full[bucket.lo:bucket.hi].to(bucket.grad_shard.dtype))
             self._reduced(bucket)
-            return  # even if no gradient reached it: every rank joins every collective
+            return
         bucket.zero_unwritten()
         self._reducer.add_shard(full, bucket.grad_shard, bucket.lo, bucket.shard_fresh,
                                 on_done=lambda: self._reduced(bucket))
@@ -275,10 +275,14 @@ class ShardedStrategy(OrderedReduction, Strategy):
     def grad_norm_sq(self) -> torch.Tensor:
         if self.topo.mp_world_size > 1:
             by_name = dict(self.named_params)
-            return self._model_parallel_norm_sq([
-                (self._shard_grad(b)[s.shard_offset:s.shard_offset + s.length] if id(b) not in self._sparse_tables
-                 else self._shard_grad(b), by_name[s.slot.name])
-                for b in self.buckets for s in shard_segments(b.splan, self.topo.dp_rank)])
+            pieces = []
+            for b in self.buckets:
+                for s in shard_segments(b.splan, self.topo.dp_rank):
+                    grad = self._shard_grad(b)  # a sparse table's values: its bucket holds one segment
+                    if id(b) not in self._sparse_tables:
+                        grad = grad[s.shard_offset:s.shard_offset + s.length]
+                    pieces.append((grad, by_name[s.slot.name]))
+            return self._model_parallel_norm_sq(pieces)
         sq = [torch.linalg.vector_norm(self._shard_grad(b), dtype=torch.float32) ** 2 for b in self.buckets]
         total = torch.stack(sq).sum() if sq else self.zero_norm()
         all_reduce(total, group=self.topo.dp_group)  # one collective: the global norm, and any overflow

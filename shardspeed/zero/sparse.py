@@ -23,7 +23,10 @@ optimizer state, and checkpoints and ``zero_to_fp32`` see ordinary pieces.
   tensor whose indices are the rows some rank's batch looked up (even if their sum is zero), which
   is what ``torch.optim.SparseAdam`` on a single process sees. At stages 1/2 the optimizer holds a
   flat shard, so the gradient is the shard's part as a 1-D sparse tensor of element indices: Adam,
-  SparseAdam, Adagrad and SGD are element-wise, so the update is the same.
+  SparseAdam, Adagrad and SGD are element-wise, so the update is the same. The table stays
+  partitioned (not replicated): each rank keeps 1/N of its optimizer state, and after a lazy step
+  only the changed rows are published to the other ranks, not the whole table (zero/sharded.py,
+  Note: lazy updates publish their rows).
 
 [Note: touched rows] For a dense table the rows to send are found as the nonzero rows of the local
 gradient, not from indices recorded in forward. It is exact: a row left out is all zeros, adding it

@@ -147,7 +147,9 @@ class DataParallelStrategy(OrderedReduction, Strategy):
     # -- step -------------------------------------------------------------------------------------
     def grad_norm_sq(self) -> torch.Tensor:
         if self.topo.mp_world_size == 1:
-            sq = [torch.linalg.vector_norm(self._grad(p), dtype=torch.float32) ** 2 for p in self.params]
+            # a sparse=True table's bucket buffer is empty: its gradient is its table's values
+            grads = [b.buffer for b in self.buckets] + [t.values() for t in self._sparse_tables.values()]
+            sq = [torch.linalg.vector_norm(g, dtype=torch.float32) ** 2 for g in grads]
             return torch.stack(sq).sum() if sq else self.zero_norm()
         # gradients are already averaged: summing them over the data-parallel group too would count
         # each one N times, so fold the dp reduction out
