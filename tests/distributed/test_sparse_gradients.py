@@ -80,13 +80,12 @@ def test_integer_gradients_sparse_and_dense_reductions_are_bitwise_equal(stage):
     steps = 6
     sgd = {"type": "SGD", "params": {"lr": 1.0}}
     cfg = {**_config(stage, optimizer=sgd), "train_batch_size": 8, "train_micro_batch_size_per_gpu": 4}
-    dense = run_ranks(integer_run, WORLD, {**cfg, "sparse_gradients": False}, steps, False)
-    as_slices = run_ranks(integer_run, WORLD, cfg, steps, False)
-    sparse_table = run_ranks(integer_run, WORLD, cfg, steps, True)
-    for a, b, c in zip(dense, as_slices, sparse_table):
-        assert torch.equal(a["emb.weight"], b["emb.weight"])
-        assert torch.equal(a["emb.weight"], c["emb.weight"])
-    assert not torch.equal(dense[0]["emb.weight"], BagModel().emb.weight.detach())  # it trained
+    runs = [(integer_run, ({**cfg, "sparse_gradients": False}, steps, False)), (integer_run, (cfg, steps, False)),
+            (integer_run, (cfg, steps, True))]
+    for dense, as_slices, sparse_table in run_ranks(runs_in_one_job, WORLD, runs):
+        assert torch.equal(dense["emb.weight"], as_slices["emb.weight"])
+        assert torch.equal(dense["emb.weight"], sparse_table["emb.weight"])
+        assert not torch.equal(dense["emb.weight"], BagModel().emb.weight.detach())  # it trained
 
 
 def test_dense_fallback_when_slices_are_larger_than_the_table():
@@ -122,12 +121,13 @@ def test_accumulation_and_clipping(stage, sparse):
 def test_bf16_and_fp16_track_fp32(sparse):
     steps = 6
     opt = {"type": "Adam", "params": {"lr": 1e-2}}
-    fp32 = run_ranks(sparse_engine_run, WORLD, _config(1, optimizer=opt), steps, {"sparse": sparse})
-    for extra in ({"bf16": {"enabled": True}}, {"fp16": {"enabled": True, "initial_scale_power": 8}}):
-        low = run_ranks(sparse_engine_run, WORLD, _config(1, optimizer=opt, **extra), steps, {"sparse": sparse})
-        assert low[0]["skipped"] == 0
-        assert model_rel(low[0]["params"], fp32[0]["params"]) < 1e-2
-        assert max_rel(low[0]["params"], low[1]["params"]) == 0.0
+    extras = ({}, {"bf16": {"enabled": True}}, {"fp16": {"enabled": True, "initial_scale_power": 8}})
+    runs = [(sparse_engine_run, (_config(1, optimizer=opt, **extra), steps, {"sparse": sparse})) for extra in extras]
+    (fp32, *low0), (_, *low1) = run_ranks(runs_in_one_job, WORLD, runs)
+    for a, b in zip(low0, low1):
+        assert a["skipped"] == 0
+        assert model_rel(a["params"], fp32["params"]) < 1e-2
+        assert max_rel(a["params"], b["params"]) == 0.0
 
 
 @pytest.mark.parametrize(("stage", "sparse"), [(1, True), (2, False)])
