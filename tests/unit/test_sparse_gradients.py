@@ -137,3 +137,15 @@ def test_sparse_table_tied_to_a_dense_head_is_explained():
     with pytest.raises(RuntimeError, match="embedding 'emb.weight' was built with sparse=True but received a dense "
                                            "gradient .*tied output head"):
         engine.backward(engine(torch.tensor([[1, 2]])))
+
+
+@pytest.mark.parametrize(("kind", "make"), [("SGD", lambda ps: torch.optim.SGD(ps, lr=0.1)),
+                                            ("Adagrad", lambda ps: torch.optim.Adagrad(ps, lr=0.1))])
+def test_sgd_and_adagrad_take_sparse_table_gradients_natively(kind, make):
+    engine = _engine(TextModel(sparse=True), {"optimizer": {"type": kind, "params": {"lr": 0.1}}})
+    for step in range(4):
+        for ids, y in micro_batches(step, 0, 1, 3, 1):
+            engine.backward(engine(ids, y))
+            engine.step()
+    ref = reference_run(4, 1, 3, lambda m: [make(m.parameters())], {"sparse": True})
+    assert max_rel({n: p.detach() for n, p in engine.module.named_parameters()}, ref) < 1e-5
