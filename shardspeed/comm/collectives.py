@@ -189,6 +189,14 @@ def all_gather_rows(rows: torch.Tensor, counts: list[int], group: ProcessGroup |
     return [out[r * most:r * most + c] for r, c in enumerate(counts)]
 
 
+def all_reduce_rows(rows: torch.Tensor, group: ProcessGroup | None = None) -> Handle:
+    """Sum ``rows`` (some rows of a table, the same rows on every rank) across ranks, in place;
+    logged as ``sparse_param_rows``, with the other sparse traffic (zero/sharded.py publishes the
+    rows a lazy update changed this way)."""
+    nbytes = rows.numel() * rows.element_size()
+    return _run("sparse_param_rows", nbytes, group, False, lambda: dist.all_reduce(rows, group=group))
+
+
 def broadcast(tensor: torch.Tensor, src: int, group: ProcessGroup | None = None,
               async_op: bool = False) -> Handle:
     """``src`` is a global rank, as in torch.distributed."""

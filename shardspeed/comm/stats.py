@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 
 from shardspeed.comm import collectives
 
-#: the ops a sparse gradient reduction is logged under (collectives.all_gather_sizes / all_gather_rows)
-SPARSE_OPS = ("sparse_sizes", "sparse_all_gather")
+#: the ops sparse traffic is logged under: a sparse gradient reduction (collectives.all_gather_sizes /
+#: all_gather_rows) and, at ZeRO 1/2, the rows a lazy update changed (collectives.all_reduce_rows)
+SPARSE_OPS = ("sparse_sizes", "sparse_all_gather", "sparse_param_rows")
 
 
 @dataclass
@@ -44,8 +45,8 @@ class CommStats:
             return sum(self.ops[op].bytes for op in ops if op in self.ops)
 
     def sparse_bytes(self) -> int:
-        """Bytes of sparse (index-slice) gradient reductions: size exchanges and the padded
-        all-gathers of row indices and values (zero/sparse.py)."""
+        """Bytes of sparse (index-slice) traffic: size exchanges and padded all-gathers of row
+        indices and values (zero/sparse.py), and the changed parameter rows at ZeRO 1/2."""
         return self.bytes_of(*SPARSE_OPS)
 
     def summary(self) -> str:

@@ -88,7 +88,7 @@ class FusedAdam(torch.optim.Adam):
                 p.index_copy_(0, rows, p.index_select(0, rows).mul_(1 - lr * wd))
             else:
                 grad = torch.sparse_coo_tensor(grad.indices(), grad.values() + wd * p.index_select(0, rows),
-                                               grad.shape, is_coalesced=True)
+                                               grad.shape, is_coalesced=True, check_invariants=False)
         beta1, beta2 = group["betas"]
         torch_functional.sparse_adam([p], [grad], [st["exp_avg"]], [st["exp_avg_sq"]], [int(st["step"].item())],
                                      eps=group["eps"], beta1=beta1, beta2=beta2, lr=lr,

@@ -23,7 +23,10 @@ optimizer state, and checkpoints and ``zero_to_fp32`` see ordinary pieces.
   tensor whose indices are the rows some rank's batch looked up (even if their sum is zero), which
   is what ``torch.optim.SparseAdam`` on a single process sees. At stages 1/2 the optimizer holds a
   flat shard, so the gradient is the shard's part as a 1-D sparse tensor of element indices: Adam,
-  SparseAdam, Adagrad and SGD are element-wise, so the update is the same.
+  SparseAdam, Adagrad and SGD are element-wise, so the update is the same. The table stays
+  partitioned (not replicated): each rank keeps 1/N of its optimizer state, and after a lazy step
+  only the changed rows are published to the other ranks, not the whole table (zero/sharded.py,
+  Note: lazy updates publish their rows).
 
 [Note: touched rows] For a dense table the rows to send are found as the nonzero rows of the local
 gradient, not from indices recorded in forward. It is exact: a row left out is all zeros, adding it
@@ -62,7 +65,8 @@ def coalesce_rows(rows: torch.Tensor, values: torch.Tensor, num_rows: int) -> Ro
     values = values.to(torch.float32)
     if rows.numel() == 0:
         return RowSlices(rows.to(torch.int64), values)
-    sp = torch.sparse_coo_tensor(rows.view(1, -1), values, (num_rows, *values.shape[1:])).coalesce()
+    sp = torch.sparse_coo_tensor(rows.view(1, -1), values, (num_rows, *values.shape[1:]),
+                                 check_invariants=False).coalesce()
     return RowSlices(sp.indices()[0], sp.values())
 
 
@@ -92,6 +96,7 @@ class SparseTable:
     shape: tuple[int, ...]
     parts: list[torch.Tensor] = field(default_factory=list)
     grad: torch.Tensor | None = None
+    rows: torch.Tensor | None = None  # the rows of ``grad`` (the same on every rank), until clear()
 
     def take(self, grad: torch.Tensor) -> None:
         if not grad.is_sparse:
@@ -105,23 +110,22 @@ class SparseTable:
         """This rank's rows of the step, coalesced."""
         if not self.parts:
             return RowSlices(torch.zeros(0, dtype=torch.int64), torch.zeros(0, *self.shape[1:]))
-        sp = torch.cat([p.coalesce() for p in self.parts]) if len(self.parts) > 1 else self.parts[0]
-        sp = sp.coalesce()
-        return coalesce_rows(sp.indices()[0], sp.values(), self.shape[0])
+        rows = torch.cat([p._indices()[0] for p in self.parts])
+        return coalesce_rows(rows, torch.cat([p._values() for p in self.parts]), self.shape[0])
 
     def values(self) -> torch.Tensor:
-        """The reduced gradient's stored values (what norms and scaling act on)."""
-        assert self.grad is not None
-        return self.grad._values()
+        """The reduced gradient's stored values (what norms and scaling act on); none before it exists."""
+        return torch.zeros(0) if self.grad is None else self.grad._values()
 
     def clear(self) -> None:
         self.parts.clear()
         self.grad = None
+        self.rows = None
 
 
 def as_sparse(s: RowSlices, shape: tuple[int, ...]) -> torch.Tensor:
     """The slices as a coalesced sparse tensor of ``shape`` (stage 0's optimizer sees this)."""
-    return torch.sparse_coo_tensor(s.rows.view(1, -1), s.values, shape, is_coalesced=True)
+    return torch.sparse_coo_tensor(s.rows.view(1, -1), s.values, shape, is_coalesced=True, check_invariants=False)
 
 
 def shard_of(s: RowSlices, lo: int, hi: int) -> torch.Tensor:
@@ -131,7 +135,8 @@ def shard_of(s: RowSlices, lo: int, hi: int) -> torch.Tensor:
     elems = (s.rows.view(-1, 1) * row_numel + torch.arange(row_numel, device=s.rows.device)).view(-1)
     keep = (elems >= lo) & (elems < hi)
     vals = s.values.reshape(-1)[keep]
-    return torch.sparse_coo_tensor((elems[keep] - lo).view(1, -1), vals, (hi - lo,), is_coalesced=True)
+    return torch.sparse_coo_tensor((elems[keep] - lo).view(1, -1), vals, (hi - lo,), is_coalesced=True,
+                                   check_invariants=False)
 
 
 class SparseReducer:

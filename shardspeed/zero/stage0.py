@@ -46,6 +46,9 @@ class DataParallelStrategy(OrderedReduction, Strategy):
                 bucket = self.buckets[self._where[id(p)][0]]
                 if tables[id(p)]:
                     self._sparse_tables[id(bucket)] = SparseTable(n, tuple(p.shape))
+                    # its gradient never lands in the bucket: no table-sized buffer to hold, zero and scale
+                    bucket.buffer = bucket.buffer.new_zeros(0)
+                    bucket.views = [bucket.buffer.new_zeros(()).expand(p.shape)]
                 else:
                     self._dense_tables.add(id(bucket))
         self._sparse = SparseReducer(topo.dp_group, topo.dp_world_size, opts.reduce_dtype)
@@ -74,6 +77,9 @@ class DataParallelStrategy(OrderedReduction, Strategy):
     def _table(self, p: torch.Tensor) -> SparseTable | None:
         """The SparseTable of a ``sparse=True`` embedding weight under sparse_gradients, else None."""
         return self._sparse_tables.get(id(self.buckets[self._where[id(p)][0]]))
+
+    def sparse_grad_masters(self) -> list[tuple[str, torch.Tensor]]:
+        return [(n, self.masters[id(p)]) for n, p in self.named_params if self._table(p) is not None]
 
     def _grad(self, p: torch.Tensor) -> torch.Tensor:
         """The reduced gradient's elements the optimizer will see (a sparse table's stored values)."""
@@ -141,7 +147,9 @@ class DataParallelStrategy(OrderedReduction, Strategy):
     # -- step -------------------------------------------------------------------------------------
     def grad_norm_sq(self) -> torch.Tensor:
         if self.topo.mp_world_size == 1:
-            sq = [torch.linalg.vector_norm(self._grad(p), dtype=torch.float32) ** 2 for p in self.params]
+            # a sparse=True table's bucket buffer is empty: its gradient is its table's values
+            grads = [b.buffer for b in self.buckets] + [t.values() for t in self._sparse_tables.values()]
+            sq = [torch.linalg.vector_norm(g, dtype=torch.float32) ** 2 for g in grads]
             return torch.stack(sq).sum() if sq else self.zero_norm()
         # gradients are already averaged: summing them over the data-parallel group too would count
         # each one N times, so fold the dp reduction out

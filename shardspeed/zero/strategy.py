@@ -158,6 +158,11 @@ class Strategy(ABC):
         data-parallel group, together covering every parameter)."""
         raise NotImplementedError(f"{type(self).__name__} does not expose its reduced gradients")
 
+    def sparse_grad_masters(self) -> list[tuple[str, torch.Tensor]]:
+        """(name, master) of the parameters whose gradients reach the optimizer as sparse tensors:
+        ``sparse=True`` embeddings under sparse_gradients (zero/sparse.py)."""
+        return []
+
     @abstractmethod
     def after_step(self) -> None:
         """Publish the updated fp32 parameters to the module's (possibly lower precision) parameters."""
