@@ -44,7 +44,7 @@ def train(name: str, ranks: int, extra: list[str], args: argparse.Namespace) -> 
     cmd = [sys.executable, "-m", "shardspeed.launcher", "--num_procs", str(ranks), "--master_port",
            str(free_port()), TRAIN, "--deepspeed_config",
            CONFIG, "--eval_every", str(args.eval_every), "--eval_limit", str(args.eval_limit), "--out", out, *extra]
-    print(f"{name}: {' '.join(cmd[6:])}", flush=True)
+    print(f"{name}: {' '.join(cmd[7:])}", flush=True)
     p = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
     tail = [line for line in p.stdout.splitlines() if "final held-out AUC" in line or "suggested" in line]
     print("  " + "\n  ".join(tail), flush=True)
