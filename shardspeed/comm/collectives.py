@@ -143,6 +143,11 @@ def reduce_scatter(output: torch.Tensor, input: torch.Tensor, group: ProcessGrou
 def all_gather(output: torch.Tensor, input: torch.Tensor, group: ProcessGroup | None = None,
                async_op: bool = False) -> Handle:
     """Concatenate every rank's ``input`` into ``output`` in rank order."""
+    return _all_gather("all_gather", output, input, group, async_op)
+
+
+def _all_gather(op: str, output: torch.Tensor, input: torch.Tensor, group: ProcessGroup | None,
+                async_op: bool) -> Handle:
     size = get_world_size(group)
     if size == 1 and output.data_ptr() != input.data_ptr():
         output.copy_(input)
@@ -158,9 +163,38 @@ def all_gather(output: torch.Tensor, input: torch.Tensor, group: ProcessGroup | 
                                     async_op=async_op) for r in range(size)]
             return works if async_op else None
 
-        return _run("all_gather", nbytes, group, async_op, launch)
-    return _run("all_gather", nbytes, group, async_op,
+        return _run(op, nbytes, group, async_op, launch)
+    return _run(op, nbytes, group, async_op,
                 lambda: _all_gather_flat(output, input, group=group, async_op=async_op))
+
+
+def all_gather_sizes(n: int, group: ProcessGroup | None = None, device: torch.device | None = None) -> list[int]:
+    """Every rank's ``n``, in rank order (one small all-gather; logged as ``sparse_sizes``)."""
+    mine = torch.tensor([n], dtype=torch.int64, device=device)
+    out = mine.new_empty(get_world_size(group))
+    _all_gather("sparse_sizes", out, mine, group, async_op=False)
+    return out.tolist()
+
+
+def all_gather_rows(rows: torch.Tensor, counts: list[int], group: ProcessGroup | None = None) -> list[torch.Tensor]:
+    """Every rank's ``rows`` (``counts[r]`` leading slices on rank r, the rest of the shape equal
+    everywhere), in rank order. gloo has no variable-size all-gather, so each rank pads to
+    ``max(counts)`` and the padding is cut off again here. Logged as ``sparse_all_gather``: the comm
+    log counts the index-slice traffic of sparse gradients apart from dense reductions."""
+    size, most = get_world_size(group), max(counts)
+    padded = rows.new_zeros((most, *rows.shape[1:]))
+    padded[:rows.shape[0]] = rows
+    out = rows.new_empty((size * most, *rows.shape[1:]))
+    _all_gather("sparse_all_gather", out, padded, group, async_op=False)
+    return [out[r * most:r * most + c] for r, c in enumerate(counts)]
+
+
+def all_reduce_rows(rows: torch.Tensor, group: ProcessGroup | None = None) -> Handle:
+    """Sum ``rows`` (some rows of a table, the same rows on every rank) across ranks, in place;
+    logged as ``sparse_param_rows``, with the other sparse traffic (zero/sharded.py publishes the
+    rows a lazy update changed this way)."""
+    nbytes = rows.numel() * rows.element_size()
+    return _run("sparse_param_rows", nbytes, group, False, lambda: dist.all_reduce(rows, group=group))
 
 
 def broadcast(tensor: torch.Tensor, src: int, group: ProcessGroup | None = None,

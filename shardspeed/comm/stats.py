@@ -8,6 +8,10 @@ from dataclasses import dataclass, field
 
 from shardspeed.comm import collectives
 
+#: the ops sparse traffic is logged under: a sparse gradient reduction (collectives.all_gather_sizes /
+#: all_gather_rows) and, at ZeRO 1/2, the rows a lazy update changed (collectives.all_reduce_rows)
+SPARSE_OPS = ("sparse_sizes", "sparse_all_gather", "sparse_param_rows")
+
 
 @dataclass
 class OpStats:
@@ -34,6 +38,16 @@ class CommStats:
     def reset(self) -> None:
         with self._lock:
             self.ops.clear()
+
+    def bytes_of(self, *ops: str) -> int:
+        """Bytes counted so far for the named ops (the comm log's ``bytes`` column, summed)."""
+        with self._lock:
+            return sum(self.ops[op].bytes for op in ops if op in self.ops)
+
+    def sparse_bytes(self) -> int:
+        """Bytes of sparse (index-slice) traffic: size exchanges and padded all-gathers of row
+        indices and values (zero/sparse.py), and the changed parameter rows at ZeRO 1/2."""
+        return self.bytes_of(*SPARSE_OPS)
 
     def summary(self) -> str:
         rows = [f"{'op':<16}{'calls':>8}{'MiB':>12}{'seconds':>10}"]

@@ -270,7 +270,8 @@ class ShardspeedConfig(Section):
     prescale_gradients: bool = False
     gradient_predivide_factor: float = Field(1.0, gt=0)
     communication_data_type: DTypeName | None = None
-    sparse_gradients: bool = False
+    sparse_gradients: bool = Field(False, description="reduce nn.Embedding/EmbeddingBag gradients as index slices "
+                                   "(ZeRO stages 0-2; sparse=True tables are then updated lazily): zero/sparse.py")
     dataloader_drop_last: bool = False
     activation_checkpointing: ActivationCheckpointingConfig = Field(
         default_factory=ActivationCheckpointingConfig

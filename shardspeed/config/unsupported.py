@@ -83,8 +83,6 @@ UNSUPPORTED: tuple[Unsupported, ...] = (
     Unsupported("zero_optimization.ignore_unused_parameters", _is(True),
                 "parameters that get no gradient are reduced as zeros, never an error; "
                 "remove the key or set it to true"),
-    Unsupported("sparse_gradients", _is(False),
-                "embedding gradients are reduced dense; remove the key or set it to false"),
     Unsupported("dump_state", _is(False),
                 "print the config yourself (engine.config.model_dump()); remove the key or set it to false"),
     Unsupported("seed", _is(None),

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from shardspeed.config import ConfigError, ShardspeedConfig
-from shardspeed.optim import build_optimizer, build_scheduler
+from shardspeed.optim import FusedAdam, build_optimizer, build_scheduler
 from shardspeed.zero import Strategy
 
 
@@ -41,22 +41,58 @@ def make_optimizer(cfg: ShardspeedConfig, client: Any, groups: list[dict[str, An
         for group, new in zip(client.param_groups, mapped, strict=True):
             group["params"] = new["params"]
         client.state.clear()
+        check_sparse_optimizer(client, strategy)
         return client, 0.0
     master_groups = strategy.map_param_groups(groups)
     if callable(client):
         opt = client(master_groups)
         _check_tested(cfg, opt)
+        check_sparse_optimizer(opt, strategy)
         return opt, 0.0
     if client is not None:
         raise TypeError(f"optimizer must be a torch.optim.Optimizer or a callable(params), got {type(client)}")
     if cfg.optimizer is None:
         return None, 0.0
-    return build_optimizer(cfg.optimizer, master_groups)
+    built, clip = build_optimizer(cfg.optimizer, master_groups)
+    check_sparse_optimizer(built, strategy)
+    return built, clip
+
+
+# Optimizers that step a parameter from a sparse gradient: ours (SparseAdam's update on sparse
+# gradients, optim/adam.py) and torch's natively sparse ones.
+_SPARSE_READY = (FusedAdam, torch.optim.SparseAdam, torch.optim.SGD, torch.optim.Adagrad)
+
+
+def check_sparse_optimizer(optimizer: torch.optim.Optimizer, strategy: Strategy) -> None:
+    """Under sparse_gradients a ``sparse=True`` embedding's gradient reaches the optimizer sparse
+    (zero/sparse.py): refuse, by parameter name, an optimizer that would raise at its first step."""
+    sparse = strategy.sparse_grad_masters()
+    if not sparse:
+        return
+    name, _ = sparse[0]
+    if not isinstance(optimizer, _SPARSE_READY):
+        raise ConfigError(
+            f"embedding '{name}' is built with sparse=True, so under sparse_gradients its gradient reaches the "
+            f"optimizer as a sparse tensor, which {type(optimizer).__name__} cannot take: use the config's Adam or "
+            "AdamW (SparseAdam's lazy update on that table, Adam elsewhere), SGD or Adagrad, or build the embedding "
+            "with sparse=False (still reduced as index slices, then stepped densely)")
+    if isinstance(optimizer, torch.optim.SparseAdam):
+        held = {id(m) for _, m in sparse}
+        names = {id(m): n for n, m in strategy.named_params}
+        for group in optimizer.param_groups:
+            for m in group["params"]:
+                if id(m) not in held:
+                    what = names.get(id(m), "a dense parameter")
+                    raise ConfigError(
+                        f"torch.optim.SparseAdam holds '{what}', whose gradient is dense; give SparseAdam only the "
+                        "sparse=True embeddings, or use the config's Adam/AdamW, which steps sparse tables as "
+                        "SparseAdam and the rest as Adam")
 
 
 # Optimizers whose update is elementwise (so it is the same on a flat shard) or that know how to
 # finish per-parameter norms across shards (set_partition).
-_ZERO_SAFE = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad, torch.optim.RMSprop)
+_ZERO_SAFE = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad, torch.optim.RMSprop,
+              torch.optim.SparseAdam)
 
 
 def _check_tested(cfg: ShardspeedConfig, optimizer: torch.optim.Optimizer) -> None:

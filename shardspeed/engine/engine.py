@@ -99,7 +99,7 @@ class ShardspeedEngine(torch.nn.Module):
             predivide_factor=self.config.gradient_predivide_factor,
             overlap=z.overlap_comm if z.overlap_comm is not None else True,
             overlap_param_gather=z.overlap_comm is True, reduce_scatter=z.reduce_scatter,
-            allgather_partitions=z.allgather_partitions,
+            allgather_partitions=z.allgather_partitions, sparse_gradients=self.config.sparse_gradients,
             # unset, the parameter all-gathers after step() are bounded like the reductions: every
             # gather in flight holds its bucket twice on gloo (a flat copy), so 5e8 would put a
             # second copy of the whole model in memory at the end of each step

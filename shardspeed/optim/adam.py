@@ -5,6 +5,14 @@
 ``foreach``. Torch has no switch to drop bias correction, so ``bias_correction=False`` runs our
 multi-tensor (foreach) step. Both keep torch's state layout (step, exp_avg, exp_avg_sq), so state
 dicts move between them and plain ``torch.optim.Adam``.
+
+[Note: sparse gradients are lazy] A parameter whose gradient is a sparse tensor (an embedding built
+with ``sparse=True`` under ``sparse_gradients``, zero/sparse.py) is stepped as
+``torch.optim.SparseAdam`` steps it, with torch's own kernel: only the rows (elements) the gradient
+holds move, and their moments decay only when touched. Weight decay, which SparseAdam lacks, is
+applied to the touched rows only: decoupled (AdamW) as a shrink of those rows before the update,
+L2 (``adam_w_mode=False``) added to their gradient. The state keeps Adam's layout (a tensor step),
+so checkpoints slice it like any other.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+from torch.optim import _functional as torch_functional
 
 
 def _fused_supported(params: list[torch.Tensor]) -> bool:
@@ -40,15 +49,50 @@ class FusedAdam(torch.optim.Adam):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        if all(g["bias_correction"] for g in self.param_groups):
-            return super().step(closure)
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            self._foreach_step(group)
-        return loss
+        sparse = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None and p.grad.is_sparse]
+        for group, p in sparse:
+            self._sparse_step(group, p)
+        held = [(p, p.grad) for _, p in sparse]
+        for p, _ in held:  # the dense step below must not see them
+            p.grad = None
+        try:
+            if all(g["bias_correction"] for g in self.param_groups):
+                return super().step(closure)
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            for group in self.param_groups:
+                self._foreach_step(group)
+            return loss
+        finally:
+            for p, grad in held:
+                p.grad = grad
+
+    def _sparse_step(self, group: dict[str, Any], p: torch.Tensor) -> None:
+        """SparseAdam's update of ``p`` from its sparse gradient (Note: sparse gradients are lazy)."""
+        if group["amsgrad"] or not group["bias_correction"]:
+            raise ValueError("Adam on a sparse gradient (an embedding built with sparse=True) runs SparseAdam, which "
+                             "has no amsgrad and always corrects bias: set amsgrad false and bias_correction true")
+        grad = p.grad.coalesce()
+        st = self.state[p]
+        if not st:
+            st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        st["step"] += 1
+        lr, wd = float(group["lr"]), group["weight_decay"]
+        if wd != 0 and grad._nnz():
+            rows = grad.indices()[0]
+            if group["decoupled_weight_decay"]:
+                p.index_copy_(0, rows, p.index_select(0, rows).mul_(1 - lr * wd))
+            else:
+                grad = torch.sparse_coo_tensor(grad.indices(), grad.values() + wd * p.index_select(0, rows),
+                                               grad.shape, is_coalesced=True, check_invariants=False)
+        beta1, beta2 = group["betas"]
+        torch_functional.sparse_adam([p], [grad], [st["exp_avg"]], [st["exp_avg_sq"]], [int(st["step"].item())],
+                                     eps=group["eps"], beta1=beta1, beta2=beta2, lr=lr,
+                                     maximize=group.get("maximize", False))
 
     def _foreach_step(self, group: dict[str, Any]) -> None:
         if group["amsgrad"]:

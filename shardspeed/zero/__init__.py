@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from shardspeed.comm import Topology
+from shardspeed.config import ConfigError
 from shardspeed.zero.gathered import GatheredParameters
 from shardspeed.zero.init import Init
 from shardspeed.zero.local import LocalStrategy
@@ -24,7 +25,8 @@ def make_strategy(stage: int, module: torch.nn.Module, topo: Topology, opts: Str
     parameters of each optimizer param group (partitions never mix groups)."""
     if stage == 0:
         single = topo.dp_world_size == 1 and topo.mp_world_size == 1
-        if single and opts.compute_dtype == torch.float32 and opts.grad_accum_dtype == torch.float32:
+        plain = opts.compute_dtype == torch.float32 and opts.grad_accum_dtype == torch.float32
+        if single and plain and not opts.sparse_gradients:
             return LocalStrategy(module, topo, opts)
         return DataParallelStrategy(module, topo, opts)
     if stage == 1:
@@ -32,6 +34,10 @@ def make_strategy(stage: int, module: torch.nn.Module, topo: Topology, opts: Str
     if stage == 2:
         return Stage2Strategy(module, topo, opts, groups)
     if stage == 3:
+        if opts.sparse_gradients:
+            raise ConfigError("sparse_gradients is supported at ZeRO stages 0, 1 and 2: stage 3 partitions each "
+                              "embedding table and gathers it for every forward, so its gradient is reduce-scattered "
+                              "densely; use zero_optimization.stage 2 (or remove sparse_gradients)")
         return Stage3Strategy(module, topo, opts, groups, z3 or Stage3Options())
     raise ZeroStageNotSupported(f"zero_optimization.stage {stage}: expected 0, 1, 2 or 3")
 

@@ -7,7 +7,7 @@ so the first bucket fills (and its reduction starts) while backward is still run
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,9 +28,11 @@ class BucketPlan:
     numel: int
 
 
-def plan_buckets(names: Sequence[str], shapes: Sequence[tuple[int, ...]], cap_numel: int) -> list[BucketPlan]:
+def plan_buckets(names: Sequence[str], shapes: Sequence[tuple[int, ...]], cap_numel: int,
+                 alone: Collection[str] = ()) -> list[BucketPlan]:
     """Group parameters (walked in reverse) into buckets of at most ``cap_numel`` elements; a single
-    parameter larger than the cap gets a bucket of its own."""
+    parameter larger than the cap, or named in ``alone`` (embedding tables reduced as index slices,
+    zero/sparse.py), gets a bucket of its own."""
     buckets: list[BucketPlan] = []
     ids: list[int] = []
     slots: list[Slot] = []
@@ -46,11 +48,13 @@ def plan_buckets(names: Sequence[str], shapes: Sequence[tuple[int, ...]], cap_nu
         numel = 1
         for d in shapes[i]:
             numel *= d
-        if ids and offset + numel > cap_numel:
+        if ids and (offset + numel > cap_numel or names[i] in alone):
             close()
         ids.append(i)
         slots.append(Slot(names[i], tuple(shapes[i]), offset, numel))
         offset += numel
+        if names[i] in alone:
+            close()
     close()
     return buckets
 

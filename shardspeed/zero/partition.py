@@ -11,7 +11,7 @@ which is what per-parameter optimizers (LAMB) and world-size-agnostic checkpoint
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from shardspeed.zero.buckets import BucketPlan, Slot, plan_buckets
@@ -46,10 +46,10 @@ class Segment:
 
 
 def plan_sharded_buckets(names_by_group: Sequence[Sequence[str]], shapes_by_group: Sequence[Sequence[tuple]],
-                         bucket_numel: int, world_size: int) -> list[ShardedBucketPlan]:
+                         bucket_numel: int, world_size: int, alone: Collection[str] = ()) -> list[ShardedBucketPlan]:
     out = []
     for g, (names, shapes) in enumerate(zip(names_by_group, shapes_by_group, strict=True)):
-        for plan in plan_buckets(names, shapes, bucket_numel):
+        for plan in plan_buckets(names, shapes, bucket_numel, alone):
             padded = padded_size(plan.numel, world_size)
             out.append(ShardedBucketPlan(plan, g, padded, padded // world_size))
     return out

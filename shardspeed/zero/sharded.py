@@ -19,15 +19,16 @@ from typing import Any
 
 import torch
 
-from shardspeed.comm import Handle, Topology, all_gather, all_reduce, broadcast, get_global_rank
+from shardspeed.comm import Handle, Topology, all_gather, all_reduce, all_reduce_rows, broadcast, get_global_rank
 from shardspeed.zero.partition import ShardedBucketPlan, plan_sharded_buckets, shard_segments
 from shardspeed.zero.reducer import BufferPool, GradientReducer, zero_unwritten
+from shardspeed.zero.sparse import SparseReducer, SparseTable, embedding_tables, shard_of
 from shardspeed.zero.strategy import OrderedReduction, Piece, Strategy, StrategyOptions
 
 
 class ShardedBucket:
     def __init__(self, splan: ShardedBucketPlan, params: list[torch.nn.Parameter], rank: int,
-                 opts: StrategyOptions, keep_full_grads: bool, pool: BufferPool):
+                 opts: StrategyOptions, keep_full_grads: bool, pool: BufferPool, own_master: bool = False):
         self.splan = splan
         self.params = params  # in slot order
         self.lo, self.hi = splan.shard_range(rank)
@@ -35,12 +36,14 @@ class ShardedBucket:
         flat = torch.zeros(splan.padded, dtype=torch.float32, device=device)
         for slot, p in zip(splan.plan.slots, params, strict=True):
             flat[slot.offset:slot.offset + slot.numel].copy_(p.detach().reshape(-1))
-        if opts.compute_dtype == torch.float32:
+        # own_master: a sparse=True table's master takes sparse updates (Note: sparse updates need own storage)
+        self.master_is_view = opts.compute_dtype == torch.float32 and not own_master
+        if self.master_is_view:
             self.param_buffer = flat
             self.master = flat[self.lo:self.hi]  # fp32 training: the shard IS the parameters
         else:
             self.master = flat[self.lo:self.hi].clone()
-            self.param_buffer = flat.to(opts.compute_dtype)
+            self.param_buffer = flat if opts.compute_dtype == torch.float32 else flat.to(opts.compute_dtype)
         self.param_views = [self.param_buffer[s.offset:s.offset + s.numel].view(s.shape) for s in splan.plan.slots]
         with torch.no_grad():
             for p, view in zip(params, self.param_views, strict=True):
@@ -56,7 +59,6 @@ class ShardedBucket:
             self.grad_full = torch.zeros(splan.padded, dtype=self.accum_dtype, device=device)
         # stage 1 in fp32: the reduce-scatter writes the averaged shard in place, into [lo, hi)
         self.shard_in_full = keep_full_grads and self.accum_dtype == torch.float32
-        self.master_is_view = opts.compute_dtype == torch.float32
         self.grad_shard = (self.grad_full[self.lo:self.hi] if self.shard_in_full
                            else torch.zeros(splan.shard, dtype=torch.float32, device=device))
         self.master.grad = self.grad_shard
@@ -106,20 +108,43 @@ class ShardedStrategy(OrderedReduction, Strategy):
             for p in g:
                 if id(p) not in name_of:
                     raise ValueError("the optimizer holds a parameter that is not a trainable parameter of the model")
+        tables = embedding_tables(module) if opts.sparse_gradients else {}
         plans = plan_sharded_buckets([[name_of[id(p)] for p in g] for g in self.groups],
                                      [[tuple(p.shape) for p in g] for g in self.groups],
-                                     opts.bucket_numel, topo.dp_world_size)
+                                     opts.bucket_numel, topo.dp_world_size,
+                                     alone={n for n, p in self.named_params if id(p) in tables})
         by_name = {n: p for n, p in self.named_params}
         self._reducer = GradientReducer(opts, topo.dp_group, topo.dp_world_size, bound=opts.bucket_numel)
         self._pool = BufferPool(cap_numel=opts.bucket_numel, before_take=self._reducer.make_room)
+        sparse_tables = {n for n, p in self.named_params if tables.get(id(p))}
+        # a sparse=True table's gradient never lands in a full bucket (stage 1 would hold a table-sized one)
         self.buckets = [ShardedBucket(sp, [by_name[s.name] for s in sp.plan.slots], topo.dp_rank, opts,
-                                      self.keep_full_grads, self._pool) for sp in plans]
+                                      self.keep_full_grads and sp.plan.slots[0].name not in sparse_tables, self._pool,
+                                      own_master=sp.plan.slots[0].name in sparse_tables) for sp in plans]
         self._where = {id(p): (b, s) for b, bk in enumerate(self.buckets) for s, p in enumerate(bk.params)}
+        # embedding tables, each alone in its bucket and partitioned like any (zero/sparse.py, Note: one
+        # bucket per table): id(bucket) of dense-gradient tables, and SparseTables of sparse=True ones.
+        # [Note: sparse updates need own storage] torch 2.13 adds a sparse tensor into a dense *view*
+        # with a storage offset at the wrong place (rank r > 0's shard: silently wrong values, or heap
+        # corruption), so a sparse=True table's fp32 master shard is its own tensor, copied into the
+        # parameter buffer before the all-gather, as in bf16 training.
+        self._dense_tables: set[int] = set()
+        self._sparse_tables: dict[int, SparseTable] = {}
+        for n, p in self.named_params:
+            if id(p) in tables:
+                bucket = self.buckets[self._where[id(p)][0]]
+                if tables[id(p)]:
+                    self._sparse_tables[id(bucket)] = SparseTable(n, tuple(p.shape))
+                else:
+                    self._dense_tables.add(id(bucket))
+        self._sparse = SparseReducer(topo.dp_group, topo.dp_world_size, opts.reduce_dtype)
+        self._lazy_rows = False  # set by attach_optimizer (Note: lazy updates publish their rows)
         self.grads_in_module = self.keep_full_grads and opts.compute_dtype == opts.grad_accum_dtype
         if self.grads_in_module:
             for bucket in self.buckets:
                 for s, p in enumerate(bucket.params):
-                    p.grad = bucket.full_grad_view(s)
+                    if id(bucket) not in self._sparse_tables:
+                        p.grad = bucket.full_grad_view(s)
         self._boundary = True
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for _, p in self.named_params]
         self._gathers: dict[int, list[Handle]] = {}  # bucket -> parameter gathers still in flight
@@ -147,6 +172,7 @@ class ShardedStrategy(OrderedReduction, Strategy):
 
     def attach_optimizer(self, optimizer: Any) -> None:
         """Per-parameter optimizers (LAMB) need full-parameter norms of their shards (lamb.py's note)."""
+        self._lazy_rows = _moves_touched_rows_only(optimizer)
         if not hasattr(optimizer, "set_partition"):
             return
         index = {name: i for i, (name, _) in enumerate(self.named_params)}
@@ -175,8 +201,14 @@ class ShardedStrategy(OrderedReduction, Strategy):
     def _on_grad(self, p: torch.Tensor) -> None:
         b, s = self._where[id(p)]
         bucket = self.buckets[b]
-        view = bucket.full_grad_view(s)
-        if p.grad is not view:
+        table = self._sparse_tables.get(id(bucket))
+        if table is not None:  # kept sparse, one part per micro-batch, reduced at the boundary
+            table.take(p.grad)
+            p.grad = None
+            view = None
+        else:
+            view = bucket.full_grad_view(s)
+        if view is not None and p.grad is not view:
             if p.grad is not None and p.grad.data_ptr() != view.data_ptr():
                 if bucket.written is not None and not bucket.written[s]:
                     view.copy_(p.grad)
@@ -200,7 +232,25 @@ class ShardedStrategy(OrderedReduction, Strategy):
 
     def _launch(self, bucket: ShardedBucket) -> None:
         bucket.launched = True
+        table = self._sparse_tables.get(id(bucket))
+        if table is not None:
+            # stage 2 reduces each micro-batch; a sparse table's parts are small, so they wait for the
+            # boundary and travel once per step, as at stages 0 and 1
+            if self._boundary:
+                reduced = self._sparse.reduce_sparse(table.local(), table.shape[0])
+                table.parts.clear()
+                table.grad = shard_of(reduced, bucket.lo, bucket.hi)
+                table.rows = reduced.rows
+            return
         full = bucket.ensure_full()  # even if no gradient reached it: every rank joins every collective
+        if id(bucket) in self._dense_tables:
+            bucket.zero_unwritten()
+            slot = bucket.splan.plan.slots[0]
+            self._sparse.reduce_dense(full[:slot.numel].view(slot.shape))  # in place; the padding stays 0
+            if not bucket.shard_in_full:  # stage 1 in fp32: the shard is that part of the full buffer
+                bucket.grad_shard.add_(full[bucket.lo:bucket.hi].to(bucket.grad_shard.dtype))
+            self._reduced(bucket)
+            return
         bucket.zero_unwritten()
         self._reducer.add_shard(full, bucket.grad_shard, bucket.lo, bucket.shard_fresh,
                                 on_done=lambda: self._reduced(bucket))
@@ -225,15 +275,31 @@ class ShardedStrategy(OrderedReduction, Strategy):
     def grad_norm_sq(self) -> torch.Tensor:
         if self.topo.mp_world_size > 1:
             by_name = dict(self.named_params)
-            return self._model_parallel_norm_sq([
-                (b.grad_shard[s.shard_offset:s.shard_offset + s.length], by_name[s.slot.name])
-                for b in self.buckets for s in shard_segments(b.splan, self.topo.dp_rank)])
-        sq = [torch.linalg.vector_norm(b.grad_shard, dtype=torch.float32) ** 2 for b in self.buckets]
+            pieces = []
+            for b in self.buckets:
+                for s in shard_segments(b.splan, self.topo.dp_rank):
+                    grad = self._shard_grad(b)  # a sparse table's values: its bucket holds one segment
+                    if id(b) not in self._sparse_tables:
+                        grad = grad[s.shard_offset:s.shard_offset + s.length]
+                    pieces.append((grad, by_name[s.slot.name]))
+            return self._model_parallel_norm_sq(pieces)
+        sq = [torch.linalg.vector_norm(self._shard_grad(b), dtype=torch.float32) ** 2 for b in self.buckets]
         total = torch.stack(sq).sum() if sq else self.zero_norm()
         all_reduce(total, group=self.topo.dp_group)  # one collective: the global norm, and any overflow
         return total
 
+    def sparse_grad_masters(self) -> list[tuple[str, torch.Tensor]]:
+        return [(t.name, b.master) for b in self.buckets if (t := self._sparse_tables.get(id(b))) is not None]
+
+    def _shard_grad(self, b: ShardedBucket) -> torch.Tensor:
+        """This rank's reduced gradient elements of bucket ``b`` (a sparse table's stored values)."""
+        table = self._sparse_tables.get(id(b))
+        return b.grad_shard if table is None else table.values()
+
     def grad_pieces(self) -> list[tuple[str, int, torch.Tensor]]:
+        for t in self._sparse_tables.values():
+            raise NotImplementedError(f"embedding '{t.name}' (sparse=True) has a sparse gradient; the pipeline "
+                                      "engine needs dense ones: build it with sparse=False")
         return [(s.slot.name, s.param_offset, b.grad_shard[s.shard_offset:s.shard_offset + s.length])
                 for b in self.buckets for s in shard_segments(b.splan, self.topo.dp_rank)]
 
@@ -241,10 +307,13 @@ class ShardedStrategy(OrderedReduction, Strategy):
     def scale_grads(self, factor: float) -> None:
         for b in self.buckets:
             b.grad_shard.mul_(factor)
+        for t in self._sparse_tables.values():
+            t.values().mul_(factor)
 
     def link_grads(self) -> None:
         for b in self.buckets:
-            b.master.grad = b.grad_shard
+            table = self._sparse_tables.get(id(b))
+            b.master.grad = b.grad_shard if table is None else table.grad
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -265,6 +334,10 @@ class ShardedStrategy(OrderedReduction, Strategy):
             shard = b.param_buffer[b.lo:b.hi]
             if not b.master_is_view:
                 shard.copy_(b.master)
+            table = self._sparse_tables.get(id(b))
+            if table is not None and table.rows is not None and self._lazy_rows:
+                self._publish_rows(b, table.rows)
+                continue
             if in_flight + b.splan.padded > self.opts.allgather_numel and self._gathers:
                 self.wait_params()  # bound what is in flight (allgather_bucket_size)
                 in_flight = 0
@@ -277,6 +350,22 @@ class ShardedStrategy(OrderedReduction, Strategy):
             in_flight += b.splan.padded
         if not self.opts.overlap_param_gather:
             self.wait_params()
+
+    @torch.no_grad()
+    def _publish_rows(self, b: ShardedBucket, rows: torch.Tensor) -> None:
+        """[Note: lazy updates publish their rows] A sparse=True table stepped lazily changed only
+        the rows of its reduced gradient, which every rank knows: rather than all-gathering the
+        whole table, each rank contributes its shard's elements of those rows (zeros elsewhere) to
+        one all-reduce of rows x width, and every rank writes the sums back. x + 0 is exact, and the
+        other rows are equal on every rank already (all were gathered or published before)."""
+        slot = b.splan.plan.slots[0]
+        table = b.param_buffer[:slot.numel].view(slot.shape[0], -1)
+        width = table.shape[1]
+        elems = rows.view(-1, 1) * width + torch.arange(width, device=rows.device)
+        mine = (elems >= b.lo) & (elems < b.hi)
+        values = table.index_select(0, rows) * mine
+        all_reduce_rows(values, group=self.topo.dp_group)
+        table.index_copy_(0, rows, values)
 
     def wait_params(self, buckets: Iterable[int] | None = None) -> None:
         """Finish the parameter gathers of ``buckets`` (default: all)."""
@@ -292,7 +381,12 @@ class ShardedStrategy(OrderedReduction, Strategy):
         self.wait_params()
 
     def zero_grad(self) -> None:
+        for t in self._sparse_tables.values():
+            t.clear()
         for b in self.buckets:
+            if id(b) in self._sparse_tables:
+                b.master.grad = None
+                continue
             if b.keep_full_grads:
                 b.ensure_full().zero_()
             if not b.shard_in_full:
@@ -314,6 +408,17 @@ class ShardedStrategy(OrderedReduction, Strategy):
         # stage 2's reusable gradient buckets: at most reduce_bucket_size elements (BufferPool), 0 at rest
         out["temporary_buffers"] = self._pool.pooled_bytes()
         return out
+
+
+def _moves_touched_rows_only(optimizer: Any) -> bool:
+    """Whether a step from a sparse gradient changes only the rows it holds (Note: lazy updates
+    publish their rows): Adam's sparse path (SparseAdam's update, optim/adam.py), SparseAdam,
+    Adagrad, and SGD without momentum or weight decay (momentum would move rows seen before)."""
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.SparseAdam, torch.optim.Adagrad)):
+        return True
+    if isinstance(optimizer, torch.optim.SGD):
+        return all(g.get("momentum", 0) == 0 and g.get("weight_decay", 0) == 0 for g in optimizer.param_groups)
+    return False
 
 
 class Stage2Strategy(ShardedStrategy):

@@ -19,6 +19,7 @@ import torch
 from shardspeed.comm import Topology
 from shardspeed.zero.buckets import GradBucket, plan_buckets
 from shardspeed.zero.reducer import GradientReducer
+from shardspeed.zero.sparse import SparseReducer, SparseTable, as_sparse, embedding_tables
 from shardspeed.zero.strategy import OrderedReduction, Strategy, StrategyOptions
 
 
@@ -28,13 +29,29 @@ class DataParallelStrategy(OrderedReduction, Strategy):
         params = [p for _, p in self.named_params]
         self.params = params
         device = params[0].device if params else torch.device("cpu")
+        tables = embedding_tables(module) if opts.sparse_gradients else {}
         plans = plan_buckets([n for n, _ in self.named_params], [tuple(p.shape) for p in params],
-                             opts.bucket_numel)
+                             opts.bucket_numel, alone={n for n, p in self.named_params if id(p) in tables})
         self.buckets = [GradBucket(plan, opts.grad_accum_dtype, device) for plan in plans]
         self._where: dict[int, tuple[int, int]] = {}  # id(param) -> (bucket, slot)
         for b, bucket in enumerate(self.buckets):
             for s, pid in enumerate(bucket.plan.param_ids):
                 self._where[id(params[pid])] = (b, s)
+        # embedding tables, each alone in its bucket (zero/sparse.py, Note: one bucket per table):
+        # id(bucket) -> the table's slot for dense-gradient tables, or its SparseTable for sparse=True ones
+        self._dense_tables: set[int] = set()
+        self._sparse_tables: dict[int, SparseTable] = {}
+        for n, p in self.named_params:
+            if id(p) in tables:
+                bucket = self.buckets[self._where[id(p)][0]]
+                if tables[id(p)]:
+                    self._sparse_tables[id(bucket)] = SparseTable(n, tuple(p.shape))
+                    # its gradient never lands in the bucket: no table-sized buffer to hold, zero and scale
+                    bucket.buffer = bucket.buffer.new_zeros(0)
+                    bucket.views = [bucket.buffer.new_zeros(()).expand(p.shape)]
+                else:
+                    self._dense_tables.add(id(bucket))
+        self._sparse = SparseReducer(topo.dp_group, topo.dp_world_size, opts.reduce_dtype)
         self.grads_in_module = opts.compute_dtype == opts.grad_accum_dtype
         self.masters: dict[int, torch.Tensor] = {}
         for p in params:
@@ -43,9 +60,11 @@ class DataParallelStrategy(OrderedReduction, Strategy):
                 master = p  # fp32 training: the parameter is its own master (no copy)
             else:
                 master = p.detach().to(torch.float32).clone()
-            if view.dtype == master.dtype:
+            if self._table(p) is not None:  # its gradient stays sparse, linked at each step (link_grads)
+                pass
+            elif view.dtype == master.dtype:
                 master.grad = view  # else an fp32 copy at each step (link_grads)
-            if self.grads_in_module and p.dtype == view.dtype:
+            if self.grads_in_module and p.dtype == view.dtype and self._table(p) is None:
                 p.grad = view  # else (weights not yet cast to bf16/fp16) the first backward's hook links it
             self.masters[id(p)] = master
         self._reducer = GradientReducer(opts, topo.dp_group, topo.dp_world_size, bound=None)
@@ -54,6 +73,18 @@ class DataParallelStrategy(OrderedReduction, Strategy):
     def _view(self, p: torch.Tensor) -> torch.Tensor:
         b, s = self._where[id(p)]
         return self.buckets[b].views[s]
+
+    def _table(self, p: torch.Tensor) -> SparseTable | None:
+        """The SparseTable of a ``sparse=True`` embedding weight under sparse_gradients, else None."""
+        return self._sparse_tables.get(id(self.buckets[self._where[id(p)][0]]))
+
+    def sparse_grad_masters(self) -> list[tuple[str, torch.Tensor]]:
+        return [(n, self.masters[id(p)]) for n, p in self.named_params if self._table(p) is not None]
+
+    def _grad(self, p: torch.Tensor) -> torch.Tensor:
+        """The reduced gradient's elements the optimizer will see (a sparse table's stored values)."""
+        table = self._table(p)
+        return self._view(p) if table is None else table.values()
 
     def master_for(self, param: torch.nn.Parameter) -> torch.Tensor:
         try:
@@ -67,7 +98,11 @@ class DataParallelStrategy(OrderedReduction, Strategy):
         b, s = self._where[id(p)]
         bucket = self.buckets[b]
         view = bucket.views[s]
-        if p.grad is not view:
+        table = self._sparse_tables.get(id(bucket))
+        if table is not None:  # kept sparse, one part per micro-batch, reduced at the boundary
+            table.take(p.grad)
+            p.grad = None
+        elif p.grad is not view:
             if p.grad is not None and p.grad.data_ptr() != view.data_ptr():
                 view.add_(p.grad)
             p.grad = view if self.grads_in_module else None
@@ -87,7 +122,14 @@ class DataParallelStrategy(OrderedReduction, Strategy):
 
     def _launch(self, bucket: GradBucket) -> None:
         bucket.launched = True
-        self._reducer.average(bucket.buffer)
+        table = self._sparse_tables.get(id(bucket))
+        if table is not None:
+            table.grad = as_sparse(self._sparse.reduce_sparse(table.local(), table.shape[0]), table.shape)
+            table.parts.clear()
+        elif id(bucket) in self._dense_tables:
+            self._sparse.reduce_dense(bucket.views[0])
+        else:
+            self._reducer.average(bucket.buffer)
 
     def finish_backward(self) -> None:
         if self.reduce_enabled:
@@ -105,26 +147,36 @@ class DataParallelStrategy(OrderedReduction, Strategy):
     # -- step -------------------------------------------------------------------------------------
     def grad_norm_sq(self) -> torch.Tensor:
         if self.topo.mp_world_size == 1:
-            sq = [torch.linalg.vector_norm(b.buffer, dtype=torch.float32) ** 2 for b in self.buckets]
+            # a sparse=True table's bucket buffer is empty: its gradient is its table's values
+            grads = [b.buffer for b in self.buckets] + [t.values() for t in self._sparse_tables.values()]
+            sq = [torch.linalg.vector_norm(g, dtype=torch.float32) ** 2 for g in grads]
             return torch.stack(sq).sum() if sq else self.zero_norm()
         # gradients are already averaged: summing them over the data-parallel group too would count
         # each one N times, so fold the dp reduction out
-        total = self._model_parallel_norm_sq([(self._view(p), p) for p in self.params])
+        total = self._model_parallel_norm_sq([(self._grad(p), p) for p in self.params])
         return total / self.topo.dp_world_size
 
     def grad_pieces(self) -> list[tuple[str, int, torch.Tensor]]:
+        for t in self._sparse_tables.values():
+            raise NotImplementedError(f"embedding '{t.name}' (sparse=True) has a sparse gradient; the pipeline "
+                                      "engine needs dense ones: build it with sparse=False")
         return [(n, 0, self._view(p).view(-1)) for n, p in self.named_params]
 
     @torch.no_grad()
     def scale_grads(self, factor: float) -> None:
         for b in self.buckets:
             b.buffer.mul_(factor)
+        for t in self._sparse_tables.values():
+            t.values().mul_(factor)
 
     def link_grads(self) -> None:
         # a bf16/fp16 grad_accum_dtype: torch optimizers want gradients in the master's dtype, so the
         # reduced low-precision buffer is widened for the step and the copy dropped by zero_grad()
         for p in self.params:
-            master, view = self.masters[id(p)], self._view(p)
+            master, view, table = self.masters[id(p)], self._view(p), self._table(p)
+            if table is not None:
+                master.grad = table.grad
+                continue
             master.grad = view if view.dtype == master.dtype else view.to(master.dtype)
 
     @torch.no_grad()
@@ -136,11 +188,15 @@ class DataParallelStrategy(OrderedReduction, Strategy):
     def zero_grad(self) -> None:
         for b in self.buckets:
             b.buffer.zero_()
+        for t in self._sparse_tables.values():
+            t.clear()
         if self.opts.grad_accum_dtype != torch.float32:
             for m in self.masters.values():
                 m.grad = None
-        if self.grads_in_module:
-            for p in self.params:
+        for p in self.params:
+            if self._table(p) is not None:
+                self.masters[id(p)].grad = None
+            elif self.grads_in_module:
                 p.grad = self._view(p)
 
     def state_bytes(self) -> dict[str, int]:

@@ -49,6 +49,7 @@ class StrategyOptions:
     reduce_scatter: bool = True  # False: all-reduce whole buckets and keep this rank's shard
     allgather_partitions: bool = True  # False: each rank broadcasts its shard instead
     allgather_numel: int = 500_000_000  # cap on parameter elements being gathered at once
+    sparse_gradients: bool = False  # embedding tables reduced as index slices (zero/sparse.py)
 
 
 def is_sliced(param: torch.Tensor) -> bool:
@@ -156,6 +157,11 @@ class Strategy(ABC):
         gives whole parameters; a partitioned one its shard's segments (disjoint across the
         data-parallel group, together covering every parameter)."""
         raise NotImplementedError(f"{type(self).__name__} does not expose its reduced gradients")
+
+    def sparse_grad_masters(self) -> list[tuple[str, torch.Tensor]]:
+        """(name, master) of the parameters whose gradients reach the optimizer as sparse tensors:
+        ``sparse=True`` embeddings under sparse_gradients (zero/sparse.py)."""
+        return []
 
     @abstractmethod
     def after_step(self) -> None:

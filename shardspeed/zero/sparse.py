@@ -1,0 +1,199 @@
+"""Sparse (index-slice) reduction of embedding gradients: ``"sparse_gradients": true``.
+
+An embedding's gradient touches the rows of the tokens in the batch, a few of a large table; the
+dense reduction sends the whole table. Here each rank sends only its touched rows: local rows are
+coalesced (duplicates summed), the row counts are exchanged, indices and values are all-gathered
+from every data-parallel rank (padded to the largest count: gloo has no variable-size gather),
+coalesced again and divided by the data-parallel size. One ``SparseReducer`` serves every stage;
+the strategies differ only in where the average lands (zero/stage0.py, zero/sharded.py).
+
+[Note: one bucket per table] With the flag on, every trainable ``nn.Embedding`` /
+``nn.EmbeddingBag`` weight gets a bucket of its own (``plan_buckets(alone=...)``), so a table's
+reduction never shares a collective with dense parameters and, at stages 1/2, the table is still
+partitioned like any bucket: each rank keeps its flat shard of the parameters, gradients and
+optimizer state, and checkpoints and ``zero_to_fp32`` see ordinary pieces.
+
+[Note: two meanings, both exact]
+- A table built with dense gradients (``sparse=False``): its local gradient is the dense bucket view.
+  The touched rows are its nonzero rows (Note: touched rows). The reduced slices are written back
+  densely (zeros elsewhere), so any optimizer sees exactly what a dense all-reduce gives: the flag
+  changes communication only.
+- A table built with ``sparse=True``: autograd's sparse gradients are kept aside per micro-batch
+  (never densified), reduced once per step at the boundary, and handed to the optimizer as a sparse
+  tensor whose indices are the rows some rank's batch looked up (even if their sum is zero), which
+  is what ``torch.optim.SparseAdam`` on a single process sees. At stages 1/2 the optimizer holds a
+  flat shard, so the gradient is the shard's part as a 1-D sparse tensor of element indices: Adam,
+  SparseAdam, Adagrad and SGD are element-wise, so the update is the same. The table stays
+  partitioned (not replicated): each rank keeps 1/N of its optimizer state, and after a lazy step
+  only the changed rows are published to the other ranks, not the whole table (zero/sharded.py,
+  Note: lazy updates publish their rows).
+
+[Note: touched rows] For a dense table the rows to send are found as the nonzero rows of the local
+gradient, not from indices recorded in forward. It is exact: a row left out is all zeros, adding it
+changes no sum (a -0.0 row may come back +0.0, which no optimizer tells apart); NaN and inf are
+nonzero, so an fp16 overflow still reaches the norm. Forward hooks would miss what they cannot see:
+weights tied to a head (every row gets a gradient), ``padding_idx`` rows (looked up, no gradient),
+lookups under activation recompute, F.embedding on the weight directly. The cost, one read of the
+table per step, is far below sending it.
+
+[Note: fallback] Every rank learns every count, so all take the same per-step decision: when the
+padded gathers (world x max count x (row bytes + 8 index bytes)) would be larger than the dense
+table, the step reduces densely instead (a tied head makes every row dense, say). A ``sparse=True``
+table's fallback all-reduces its rows and a touched flag per row in one buffer, so the lazy update
+still knows which rows were looked up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from shardspeed.comm import all_gather_rows, all_gather_sizes, all_reduce
+
+
+@dataclass
+class RowSlices:
+    """Rows of a table: ``rows`` int64 [k], sorted and unique once coalesced; ``values`` [k, ...]."""
+
+    rows: torch.Tensor
+    values: torch.Tensor
+
+
+def coalesce_rows(rows: torch.Tensor, values: torch.Tensor, num_rows: int) -> RowSlices:
+    """Sum the values of equal rows (in fp32), rows sorted."""
+    values = values.to(torch.float32)
+    if rows.numel() == 0:
+        return RowSlices(rows.to(torch.int64), values)
+    sp = torch.sparse_coo_tensor(rows.view(1, -1), values, (num_rows, *values.shape[1:]),
+                                 check_invariants=False).coalesce()
+    return RowSlices(sp.indices()[0], sp.values())
+
+
+def nonzero_rows(dense: torch.Tensor) -> RowSlices:
+    """The rows of a dense gradient with any nonzero (or NaN) element (Note: touched rows)."""
+    flat = dense.reshape(dense.shape[0], -1)
+    rows = (flat != 0).any(dim=1).nonzero().view(-1)
+    return RowSlices(rows, dense[rows])
+
+
+def embedding_tables(module: torch.nn.Module) -> dict[int, bool]:
+    """id(weight) -> built with ``sparse=True``, for the trainable embedding tables of ``module``."""
+    out: dict[int, bool] = {}
+    for m in module.modules():
+        if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and m.weight.requires_grad:
+            out[id(m.weight)] = bool(out.get(id(m.weight), False) or m.sparse)
+    return out
+
+
+@dataclass
+class SparseTable:
+    """A ``sparse=True`` table's gradients for one step: autograd's sparse gradients of each
+    micro-batch (kept aside, so the module's ``.grad`` stays None) and, after the reduction, the
+    sparse gradient the optimizer sees."""
+
+    name: str
+    shape: tuple[int, ...]
+    parts: list[torch.Tensor] = field(default_factory=list)
+    grad: torch.Tensor | None = None
+    rows: torch.Tensor | None = None  # the rows of ``grad`` (the same on every rank), until clear()
+
+    def take(self, grad: torch.Tensor) -> None:
+        if not grad.is_sparse:
+            raise RuntimeError(
+                f"embedding '{self.name}' was built with sparse=True but received a dense gradient (is its weight "
+                "shared with another layer, such as a tied output head?); build it with sparse=False, which "
+                "sparse_gradients reduces as index slices too")
+        self.parts.append(grad)
+
+    def local(self) -> RowSlices:
+        """This rank's rows of the step, coalesced."""
+        if not self.parts:
+            return RowSlices(torch.zeros(0, dtype=torch.int64), torch.zeros(0, *self.shape[1:]))
+        rows = torch.cat([p._indices()[0] for p in self.parts])
+        return coalesce_rows(rows, torch.cat([p._values() for p in self.parts]), self.shape[0])
+
+    def values(self) -> torch.Tensor:
+        """The reduced gradient's stored values (what norms and scaling act on); none before it exists."""
+        return torch.zeros(0) if self.grad is None else self.grad._values()
+
+    def clear(self) -> None:
+        self.parts.clear()
+        self.grad = None
+        self.rows = None
+
+
+def as_sparse(s: RowSlices, shape: tuple[int, ...]) -> torch.Tensor:
+    """The slices as a coalesced sparse tensor of ``shape`` (stage 0's optimizer sees this)."""
+    return torch.sparse_coo_tensor(s.rows.view(1, -1), s.values, shape, is_coalesced=True, check_invariants=False)
+
+
+def shard_of(s: RowSlices, lo: int, hi: int) -> torch.Tensor:
+    """The part of the slices that falls into the flat range [lo, hi) of the table (at offset 0 of
+    its bucket), as a coalesced 1-D sparse tensor of ``hi - lo`` elements (stages 1/2)."""
+    row_numel = s.values[0].numel() if s.values.shape[0] else 1
+    elems = (s.rows.view(-1, 1) * row_numel + torch.arange(row_numel, device=s.rows.device)).view(-1)
+    keep = (elems >= lo) & (elems < hi)
+    vals = s.values.reshape(-1)[keep]
+    return torch.sparse_coo_tensor((elems[keep] - lo).view(1, -1), vals, (hi - lo,), is_coalesced=True,
+                                   check_invariants=False)
+
+
+class SparseReducer:
+    """Averages embedding gradients over the data-parallel group as index slices (module note)."""
+
+    def __init__(self, group: object, world: int, reduce_dtype: torch.dtype):
+        self.group, self.world, self.reduce_dtype = group, world, reduce_dtype
+        self.dense_steps = 0  # reductions that fell back to dense (Note: fallback), for tests and logs
+
+    def _gather(self, local: RowSlices, num_rows: int) -> RowSlices | None:
+        """The summed slices of every rank, or None when dense is cheaper (Note: fallback)."""
+        counts = all_gather_sizes(local.rows.numel(), self.group, local.rows.device)
+        most = max(counts)
+        row_numel = _numel(local.values.shape[1:])
+        esize = torch.tensor([], dtype=self.reduce_dtype).element_size()
+        if self.world * most * (row_numel * esize + 8) > num_rows * row_numel * esize:
+            self.dense_steps += 1
+            return None
+        if most == 0:  # no rank touched a row
+            return RowSlices(local.rows, local.values.to(torch.float32))
+        rows = all_gather_rows(local.rows, counts, self.group)
+        values = all_gather_rows(local.values.to(self.reduce_dtype), counts, self.group)
+        return coalesce_rows(torch.cat(rows), torch.cat(values), num_rows)
+
+    @torch.no_grad()
+    def reduce_dense(self, grad: torch.Tensor) -> None:
+        """Replace a dense table gradient ``grad`` [rows, ...] by its average over the group."""
+        summed = self._gather(nonzero_rows(grad), grad.shape[0])
+        if summed is None:
+            wire = grad if grad.dtype == self.reduce_dtype else grad.to(self.reduce_dtype)
+            all_reduce(wire, group=self.group)
+            if wire is not grad:
+                grad.copy_(wire)
+            grad.div_(self.world)
+            return
+        grad.zero_()
+        grad.index_copy_(0, summed.rows, summed.values.div_(self.world).to(grad.dtype))
+
+    @torch.no_grad()
+    def reduce_sparse(self, local: RowSlices, num_rows: int) -> RowSlices:
+        """The average over the group of a ``sparse=True`` table's coalesced local slices; its rows
+        are those looked up on some rank."""
+        summed = self._gather(local, num_rows)
+        if summed is None:  # rows and a touched flag per row, in one dense all-reduce
+            row_shape = local.values.shape[1:]
+            packed = torch.zeros(num_rows, _numel(row_shape) + 1, dtype=self.reduce_dtype, device=local.rows.device)
+            packed[local.rows, :-1] = local.values.reshape(len(local.rows), -1).to(self.reduce_dtype)
+            packed[local.rows, -1] = 1
+            all_reduce(packed, group=self.group)
+            rows = packed[:, -1].nonzero().view(-1)
+            summed = RowSlices(rows, packed[rows, :-1].to(torch.float32).view(len(rows), *row_shape))
+        summed.values.div_(self.world)
+        return summed
+
+
+def _numel(shape: torch.Size) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

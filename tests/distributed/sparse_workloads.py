@@ -1,0 +1,206 @@
+"""A tiny embedding + GRU model for sparse_gradients, its data, an engine run and the single-process
+reference (tests/distributed/test_sparse_gradients.py).
+
+The embedding is used only for samples that have text (ids >= 0); a sample without text takes a
+learned vector instead. At ``EMPTY_STEP`` rank 1's samples have none, so its batch touches no row
+of the table while rank 0's does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+VOCAB, DIM, SEQ, HIDDEN = 1000, 8, 5, 12
+EMPTY_STEP = 3
+
+
+class TextModel(torch.nn.Module):
+    def __init__(self, sparse: bool = False, vocab: int = VOCAB, bag: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.bag = bag
+        if bag:
+            self.emb = torch.nn.EmbeddingBag(vocab, DIM, mode="sum", sparse=sparse)
+        else:
+            self.emb = torch.nn.Embedding(vocab, DIM, sparse=sparse)
+        self.gru = torch.nn.GRU(DIM, HIDDEN, batch_first=True)
+        self.blank = torch.nn.Parameter(torch.randn(HIDDEN) * 0.1)
+        self.head = torch.nn.Linear(HIDDEN, 1)
+
+    def forward(self, ids: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        has_text = (ids >= 0).all(dim=1)
+        feats = self.blank.expand(ids.shape[0], HIDDEN).clone()
+        text = ids[has_text]
+        if self.bag:  # one bag per sample: the GRU reads a sequence of length 1
+            seq = self.emb(text).unsqueeze(1)
+        else:
+            seq = self.emb(text)
+        if text.shape[0]:
+            _, h = self.gru(seq)
+            feats[has_text] = h[-1]
+        logits = self.head(torch.tanh(feats)).squeeze(-1)
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
+
+
+def global_batch(step: int, world: int, per_rank: int, vocab: int = VOCAB) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step ``step``'s samples, rank r's are [r * per_rank, (r + 1) * per_rank). Token ids come from a
+    narrow window of the vocabulary (a few rows per step, some repeated within a batch)."""
+    g = torch.Generator().manual_seed(1000 + step)
+    lo = int(torch.randint(0, max(1, vocab - 40), (1,), generator=g))
+    ids = torch.randint(lo, min(vocab, lo + 40), (world * per_rank, SEQ), generator=g)
+    ids[torch.rand(world * per_rank, generator=g) < 0.25] = -1  # some samples without text
+    if step == EMPTY_STEP and world > 1:
+        ids[per_rank:2 * per_rank] = -1  # rank 1 touches no row of the table
+    y = (torch.rand(world * per_rank, generator=g) < 0.5).float()
+    return ids, y
+
+
+def micro_batches(step: int, rank: int, world: int, micro: int, gas: int, vocab: int = VOCAB):
+    ids, y = global_batch(step, world, micro * gas, vocab)
+    mine = slice(rank * micro * gas, (rank + 1) * micro * gas)
+    ids, y = ids[mine], y[mine]
+    return [(ids[m * micro:(m + 1) * micro], y[m * micro:(m + 1) * micro]) for m in range(gas)]
+
+
+def sparse_engine_run(rank: int, config: dict, steps: int, model_kwargs: dict | None = None,
+                      client_optimizer: Any = None, save_dir: str | None = None,
+                      load_dir: str | None = None, poison: int | None = None) -> dict[str, Any]:
+    """``poison``: at that step rank 1's embedding output gets an infinite gradient, so only the
+    table's gradient overflows there."""
+    import shardspeed
+
+    model = TextModel(**(model_kwargs or {}))
+    optimizer = client_optimizer(model) if client_optimizer is not None else None
+    engine, _, _, _ = shardspeed.initialize(model=model, config=config, optimizer=optimizer)
+    vocab = (model_kwargs or {}).get("vocab", VOCAB)
+    start = 0
+    if load_dir is not None:
+        engine.load_checkpoint(load_dir)
+        start = engine.global_steps
+    per_step = []
+    for step in range(start, steps):
+        if engine.comm_stats is not None:
+            engine.comm_stats.reset()
+        hook = None
+        if step == poison and rank == 1:
+            hook = model.emb.register_forward_hook(
+                lambda m, i, out: out.register_hook(lambda g: g * float("inf")) and None)
+        for ids, y in micro_batches(step, engine.topo.dp_rank, engine.dp_world_size,
+                                    engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps(),
+                                    vocab):
+            engine.backward(engine(ids, y))
+            engine.step()
+        if hook is not None:
+            hook.remove()
+        if engine.comm_stats is not None:
+            per_step.append({**{op: s.bytes for op, s in engine.comm_stats.ops.items()},
+                             "sparse_bytes": engine.comm_stats.sparse_bytes()})
+        if save_dir is not None and step == steps // 2 - 1:
+            engine.save_checkpoint(save_dir)
+    params = {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
+    return {"params": params, "comm": per_step, "skipped": engine.skipped_steps,
+            "dense_fallbacks": engine.strategy._sparse.dense_steps, "grad_norm": engine.get_global_grad_norm()}
+
+
+def reference_run(steps: int, world: int, per_rank: int, make_opt: Any, model_kwargs: dict | None = None,
+                  clip: float = 0.0, skip: int | None = None) -> dict[str, torch.Tensor]:
+    """Plain single-process PyTorch on the same global batches (no update at step ``skip``)."""
+    model = TextModel(**(model_kwargs or {}))
+    opts = make_opt(model)
+    vocab = (model_kwargs or {}).get("vocab", VOCAB)
+    for step in range(steps):
+        if step == skip:
+            continue
+        ids, y = global_batch(step, world, per_rank, vocab)
+        for o in opts:
+            o.zero_grad()
+        model(ids, y).backward()
+        if clip:
+            dense = [p for p in model.parameters() if p.grad is not None and not p.grad.is_sparse]
+            sq = sum(float(p.grad.pow(2).sum()) for p in dense)
+            sq += sum(float(p.grad.coalesce().values().pow(2).sum()) for p in model.parameters()
+                      if p.grad is not None and p.grad.is_sparse)
+            coef = min(1.0, clip / (sq**0.5 + 1e-6))
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+        for o in opts:
+            o.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def max_rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max() / (b[k].abs().max() + 1e-12)) for k in a)
+
+
+class BagModel(torch.nn.Module):
+    """EmbeddingBag (sum) times integer coefficients: integer weights and data give integer-valued
+    gradients, so every reduction order sums them exactly."""
+
+    def __init__(self, sparse: bool = False):
+        super().__init__()
+        self.emb = torch.nn.EmbeddingBag(VOCAB, 4, mode="sum", sparse=sparse)
+        with torch.no_grad():
+            self.emb.weight.copy_(torch.randint(-5, 6, (VOCAB, 4), generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, ids: torch.Tensor, offsets: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+        return (self.emb(ids, offsets) * coef).sum()
+
+
+def bag_batch(step: int, rank: int, bags: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank ``rank``'s bags at ``step``: some empty, and all of rank 1's empty at EMPTY_STEP."""
+    g = torch.Generator().manual_seed(100 * step + rank)
+    sizes = torch.randint(0, 4, (bags,), generator=g)
+    if step == EMPTY_STEP and rank == 1:
+        sizes.zero_()
+    ids = torch.randint(0, VOCAB, (int(sizes.sum()),), generator=g)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)[:-1]])
+    coef = torch.randint(-3, 4, (bags, 4), generator=g).float()
+    return ids, offsets, coef
+
+
+def integer_run(rank: int, config: dict, steps: int, sparse: bool) -> dict[str, torch.Tensor]:
+    import shardspeed
+
+    engine, _, _, _ = shardspeed.initialize(model=BagModel(sparse), config=config)
+    for step in range(steps):
+        engine.backward(engine(*bag_batch(step, engine.topo.dp_rank)))
+        engine.step()
+    return {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+
+
+def model_rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Distance of a whole model from another, relative to its norm (low-precision runs)."""
+    num = sum(float((a[k].float() - b[k].float()).pow(2).sum()) for k in b)
+    return (num / sum(float(b[k].float().pow(2).sum()) for k in b)) ** 0.5
+
+
+def hf_bert_run(rank: int, config: dict, steps: int) -> dict[str, Any]:
+    """A transformers BERT classifier from a config (3000-word vocabulary, not tied to an output)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    import shardspeed
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=3000, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=16, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    engine, _, _, _ = shardspeed.initialize(model=model, config=config)
+    sparse_bytes = []
+    for step in range(steps):
+        g = torch.Generator().manual_seed(10 * step + rank)
+        ids = torch.randint(0, 3000, (2, 12), generator=g)
+        engine.comm_stats.reset()
+        engine.backward(engine(input_ids=ids, labels=torch.randint(0, 2, (2,), generator=g)).loss)
+        engine.step()
+        sparse_bytes.append(engine.comm_stats.sparse_bytes())
+    return {"params": {n: p.detach().clone() for n, p in engine.module.named_parameters()},
+            "sparse_bytes": sparse_bytes}
+
+
+def runs_in_one_job(rank: int, runs: list[tuple[Any, tuple]]) -> list[Any]:
+    """Several runs on the same ranks, one after another (one process start instead of several)."""
+    return [fn(rank, *args) for fn, args in runs]

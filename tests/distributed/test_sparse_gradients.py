@@ -1,0 +1,183 @@
+"""sparse_gradients: embedding gradients reduced as index slices (zero/sparse.py) on 2 real ranks,
+against single-process PyTorch on the same global batches."""
+
+import pytest
+import torch
+
+from tests.distributed.harness import run_ranks
+from tests.distributed.sparse_workloads import (
+    EMPTY_STEP,
+    BagModel,
+    hf_bert_run,
+    integer_run,
+    max_rel,
+    model_rel,
+    reference_run,
+    runs_in_one_job,
+    sparse_engine_run,
+)
+
+WORLD, MICRO = 2, 3
+ADAMW = {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.01}}
+
+
+def _config(stage, gas=1, optimizer=ADAMW, **extra):
+    return {"train_batch_size": WORLD * MICRO * gas, "train_micro_batch_size_per_gpu": MICRO,
+            "optimizer": optimizer, "steps_per_print": None, "sparse_gradients": True,
+            "comms_logger": {"enabled": True},
+            "zero_optimization": {"stage": stage, "reduce_bucket_size": 500}, **extra}
+
+
+def _adamw(model):
+    return [torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)]
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_dense_table_equals_single_process_adamw(stage):
+    """(a) 20 steps, rank 1 touches no row at one step: the flag changes communication only."""
+    steps = 20
+    ranks = run_ranks(sparse_engine_run, WORLD, _config(stage), steps)
+    ref = reference_run(steps, WORLD, MICRO, _adamw)
+    for r in ranks:
+        assert max_rel(r["params"], ref) < 1e-5
+        assert r["dense_fallbacks"] == 0
+    # the table travelled as slices, the rest densely: per step far fewer bytes than the table's 32 KB
+    comm = ranks[0]["comm"]
+    assert all(c["sparse_all_gather"] < 1000 * 8 * 4 / 4 for c in comm)
+    dense_op = "all_reduce" if stage == 0 else "reduce_scatter"
+    assert all(c[dense_op] < 1000 * 8 * 4 / 4 for c in comm)
+    assert comm[EMPTY_STEP]["sparse_all_gather"] > 0  # rank 0 still sent rows rank 1 had none of
+    assert all(c["sparse_bytes"] == c["sparse_all_gather"] + c["sparse_sizes"] for c in comm)
+
+
+def _sparse_adam_and_adam(model):
+    rest = [p for n, p in model.named_parameters() if n != "emb.weight"]
+    return [torch.optim.SparseAdam([model.emb.weight], lr=1e-2), torch.optim.Adam(rest, lr=1e-2)]
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_sparse_table_config_adam_equals_sparse_adam_plus_adam(stage):
+    """(b) a sparse=True table is updated lazily: rows no rank looked up keep their values and moments."""
+    steps = 20
+    adam = {"type": "Adam", "params": {"lr": 1e-2}}
+    ranks = run_ranks(sparse_engine_run, WORLD, _config(stage, optimizer=adam), steps, {"sparse": True})
+    ref = reference_run(steps, WORLD, MICRO, _sparse_adam_and_adam, {"sparse": True})
+    dense_adam = reference_run(steps, WORLD, MICRO, lambda m: [torch.optim.Adam(m.parameters(), lr=1e-2)])
+    for r in ranks:
+        assert max_rel(r["params"], ref) < 1e-5
+    # lazy, not dense Adam: rows touched early keep moving under dense Adam only
+    assert float((ranks[0]["params"]["emb.weight"] - dense_adam["emb.weight"]).abs().max()) > 1e-3
+    comm = ranks[0]["comm"]
+    assert comm[0]["sparse_all_gather"] > 0
+    if stage > 0:  # the lazy update's rows are published, not the whole 32 KB table gathered
+        assert all(c["all_gather"] < 1000 * 8 * 4 / 4 and 0 < c["sparse_param_rows"] < 1000 * 8 * 4 / 4
+                   for c in comm)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_integer_gradients_sparse_and_dense_reductions_are_bitwise_equal(stage):
+    """(c) EmbeddingBag with empty bags; SGD with lr 1 applies the averaged gradient itself."""
+    steps = 6
+    sgd = {"type": "SGD", "params": {"lr": 1.0}}
+    cfg = {**_config(stage, optimizer=sgd), "train_batch_size": 8, "train_micro_batch_size_per_gpu": 4}
+    runs = [(integer_run, ({**cfg, "sparse_gradients": False}, steps, False)), (integer_run, (cfg, steps, False)),
+            (integer_run, (cfg, steps, True))]
+    for dense, as_slices, sparse_table in run_ranks(runs_in_one_job, WORLD, runs):
+        assert torch.equal(dense["emb.weight"], as_slices["emb.weight"])
+        assert torch.equal(dense["emb.weight"], sparse_table["emb.weight"])
+        assert not torch.equal(dense["emb.weight"], BagModel().emb.weight.detach())  # it trained
+
+
+def test_dense_fallback_when_slices_are_larger_than_the_table():
+    """A 30-row table: a step touching more than 12 rows on some rank would gather more than the table
+    (2 ranks x rows x (32 + 8 index) bytes > 30 x 32), so that step reduces densely; the others not."""
+    steps = 6
+    ranks = run_ranks(sparse_engine_run, WORLD, _config(1), steps, {"vocab": 30})
+    ref = reference_run(steps, WORLD, MICRO, _adamw, {"vocab": 30})
+    for r in ranks:
+        assert max_rel(r["params"], ref) < 1e-5
+    comm = ranks[0]["comm"]
+    dense_steps = [c for c in comm if "sparse_all_gather" not in c]
+    assert 0 < ranks[0]["dense_fallbacks"] == len(dense_steps) < steps
+    # a dense step all-reduces the table's 960 bytes on top of the other parameters' reduce-scatter
+    assert all(c["sparse_sizes"] > 0 and c["all_reduce"] >= 30 * 8 * 4 for c in dense_steps)
+
+
+@pytest.mark.parametrize(("stage", "sparse"), [(0, True), (1, False), (2, True), (2, False)])
+def test_accumulation_and_clipping(stage, sparse):
+    steps, gas, clip = 8, 2, 0.05
+    opt = {"type": "Adam", "params": {"lr": 1e-2}}
+    ranks = run_ranks(sparse_engine_run, WORLD, _config(stage, gas=gas, optimizer=opt, gradient_clipping=clip),
+                      steps, {"sparse": sparse})
+    make = _sparse_adam_and_adam if sparse else (lambda m: [torch.optim.Adam(m.parameters(), lr=1e-2)])
+    ref = reference_run(steps, WORLD, MICRO * gas, make, {"sparse": sparse}, clip=clip)
+    unclipped = reference_run(steps, WORLD, MICRO * gas, make, {"sparse": sparse})
+    assert max_rel(ranks[0]["params"], ref) < 1e-5
+    assert max_rel(ranks[0]["params"], unclipped) > 1e-4  # clipping was active
+    assert ranks[0]["grad_norm"] > clip
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_bf16_and_fp16_track_fp32(sparse):
+    steps = 6
+    opt = {"type": "Adam", "params": {"lr": 1e-2}}
+    extras = ({}, {"bf16": {"enabled": True}}, {"fp16": {"enabled": True, "initial_scale_power": 8}})
+    runs = [(sparse_engine_run, (_config(1, optimizer=opt, **extra), steps, {"sparse": sparse})) for extra in extras]
+    (fp32, *low0), (_, *low1) = run_ranks(runs_in_one_job, WORLD, runs)
+    for a, b in zip(low0, low1):
+        assert a["skipped"] == 0
+        assert model_rel(a["params"], fp32["params"]) < 1e-2
+        assert max_rel(a["params"], b["params"]) == 0.0
+
+
+@pytest.mark.parametrize(("stage", "sparse"), [(1, True), (2, False)])
+def test_fp16_overflow_in_a_table_gradient_skips_the_step_on_every_rank(stage, sparse):
+    steps, bad = 5, 2
+    opt = {"type": "Adam", "params": {"lr": 1e-2}}
+    cfg = _config(stage, optimizer=opt, fp16={"enabled": True, "initial_scale_power": 8})
+    ranks = run_ranks(sparse_engine_run, WORLD, cfg, steps, {"sparse": sparse}, None, None, None, bad)
+    make = _sparse_adam_and_adam if sparse else (lambda m: [torch.optim.Adam(m.parameters(), lr=1e-2)])
+    ref = reference_run(steps, WORLD, MICRO, make, {"sparse": sparse}, skip=bad)
+    for r in ranks:
+        assert r["skipped"] == 1
+        assert model_rel(r["params"], ref) < 1e-2
+    assert max_rel(ranks[0]["params"], ranks[1]["params"]) == 0.0
+
+
+def test_checkpoint_resume_and_zero_to_fp32(tmp_path):
+    """A sparse=True table's lazy Adam state is saved by pieces like any parameter's: resuming at
+    stage 2 or at stage 0 continues exactly, and zero_to_fp32 gives the parameters at the save."""
+    from shardspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    steps, adam = 6, {"type": "Adam", "params": {"lr": 1e-2}}
+    kw = {"sparse": True}
+    ckpt = str(tmp_path)
+    runs = [(sparse_engine_run, (_config(2, optimizer=adam), steps, kw, None, ckpt))]
+    runs += [(sparse_engine_run, (_config(stage, optimizer=adam), steps, kw, None, None, ckpt)) for stage in (2, 0)]
+    full, *resumed = run_ranks(runs_in_one_job, WORLD, runs)[0]
+    for r in resumed:
+        assert max_rel(r["params"], full["params"]) < 1e-6
+    at_save = reference_run(steps // 2, WORLD, MICRO, _sparse_adam_and_adam, kw)
+    assert max_rel(get_fp32_state_dict_from_zero_checkpoint(str(tmp_path)), at_save) < 1e-5
+
+
+def test_hugging_face_bert_stage1_flag_changes_communication_only():
+    steps = 4
+    cfg = {**_config(1, optimizer={"type": "Adam", "params": {"lr": 1e-3}}), "train_batch_size": 4,
+           "train_micro_batch_size_per_gpu": 2}
+    runs = [(hf_bert_run, ({**cfg, "sparse_gradients": False}, steps)), (hf_bert_run, (cfg, steps))]
+    dense, sparse = run_ranks(runs_in_one_job, WORLD, runs)[0]
+    assert max_rel(sparse["params"], dense["params"]) < 1e-5
+    assert all(b > 0 for b in sparse["sparse_bytes"]) and all(b == 0 for b in dense["sparse_bytes"])
+
+
+def test_sgd_momentum_on_a_sparse_table_at_stage2_gathers_the_whole_table():
+    """Momentum moves rows looked up before, not only this step's: the rows-only publication would
+    miss them, so the table is all-gathered whole (zero/sharded.py, _moves_touched_rows_only)."""
+    steps, sgd = 6, {"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9}}
+    ranks = run_ranks(sparse_engine_run, WORLD, _config(2, optimizer=sgd), steps, {"sparse": True})
+    ref = reference_run(steps, WORLD, MICRO, lambda m: [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)],
+                        {"sparse": True})
+    for r in ranks:
+        assert max_rel(r["params"], ref) < 1e-5
+    assert all("sparse_param_rows" not in c and c["all_gather"] >= 1000 * 8 * 4 for c in ranks[0]["comm"])
