@@ -154,8 +154,19 @@ def _full_shapes(engine: Any, sliced: dict[str, SliceSpec]) -> dict[str, tuple[i
 
 
 def full_module_state(engine: Any) -> dict[str, torch.Tensor]:
-    """The module's ``state_dict()`` with every tensor-parallel slice joined into its full parameter:
-    one all-gather over the tensor-parallel group per sliced parameter, so every rank calls it."""
+    """The whole model's ``state_dict()``: every tensor-parallel slice joined into its full parameter
+    (one all-gather over the tensor-parallel group per sliced parameter) and, for a pipeline, every
+    stage's layers under their layer-indexed names, a tie once (one gather over the pipeline group),
+    which is the ``state_dict`` of the plain ``nn.Sequential`` of the same layers. Every rank calls it."""
+    state = _joined_slices(engine)
+    if engine.topo.pp_world_size == 1:
+        return state
+    gname = layers.global_names(engine)
+    # pickled through the gather: host copies, so no rank unpickles another device's tensors
+    return layers.over_stages(engine, {gname(k): v.detach().cpu() for k, v in state.items()})
+
+
+def _joined_slices(engine: Any) -> dict[str, torch.Tensor]:
     state = engine.module.state_dict()
     topo = engine.topo
     if topo.tp_world_size == 1:

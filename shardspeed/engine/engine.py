@@ -180,8 +180,9 @@ class ShardspeedEngine(torch.nn.Module):
                                load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only)
 
     def save_16bit_model(self, save_dir: str, save_filename: str = "pytorch_model.bin") -> bool:
-        """Write the module's full state dict in its compute dtype, tensor-parallel slices joined (rank 0
-        writes; every rank must call it: gathering ZeRO stage 3 partitions and slices are collectives)."""
+        """Write the whole model's state dict in its compute dtype, tensor-parallel slices joined and, for
+        a pipeline, every stage's layers under the plain ``nn.Sequential``'s names (rank 0 writes; every
+        rank must call it: gathering ZeRO stage 3 partitions, slices and stages are collectives)."""
         state = {k: v.detach().to(self.policy.compute) if v.is_floating_point() else v.detach()
                  for k, v in full_module_state(self).items()}
         if get_rank() == 0:

@@ -2,7 +2,9 @@
 after 2 steps of the tied-embedding model, they resume at (P=1, D=4, ZeRO 2), (P=4, D=1, ZeRO 0) and in
 one process as the plain ``nn.Sequential`` under the ordinary engine, and the next 3 steps equal the run
 that never stopped (AdamW moments and clipping make that fail if optimizer state or a layer's values
-were lost); ``zero_to_fp32`` of it loads into the ``nn.Sequential``."""
+were lost); ``zero_to_fp32`` of it, and ``save_16bit_model`` at (P=2, D=2), load into the ``nn.Sequential``."""
+
+import os
 
 import torch
 
@@ -49,6 +51,7 @@ def _four_ranks(rank, ckpt):
     engine = _pipe_engine(2, 1, 2, 4)
     _train(engine, 0, SAVE_AT)
     engine.save_checkpoint(ckpt)
+    engine.save_16bit_model(os.path.join(ckpt, "16bit"))  # every stage's layers, in one file
     out = {"saved": _state(engine)}
     _train(engine, SAVE_AT, LAST)
     out["straight"] = _state(engine)
@@ -103,3 +106,6 @@ def test_pipeline_checkpoint_resumes_at_other_layouts_and_as_nn_sequential(tmp_p
     consolidated, single = run_ranks(_sequential, 1, ckpt, timeout=120)[0]
     _close(consolidated, saved, "zero_to_fp32")
     _close(single, straight, "nn.Sequential")
+    whole = torch.load(os.path.join(ckpt, "16bit", "pytorch_model.bin"))
+    pw.reference_model(seed=2).load_state_dict(whole)  # strict: the nn.Sequential's names, the tie once
+    _close(whole, saved, "save_16bit_model")

@@ -169,3 +169,15 @@ def test_hugging_face_bert_stage1_flag_changes_communication_only():
     dense, sparse = run_ranks(runs_in_one_job, WORLD, runs)[0]
     assert max_rel(sparse["params"], dense["params"]) < 1e-5
     assert all(b > 0 for b in sparse["sparse_bytes"]) and all(b == 0 for b in dense["sparse_bytes"])
+
+
+def test_sgd_momentum_on_a_sparse_table_at_stage2_gathers_the_whole_table():
+    """Momentum moves rows looked up before, not only this step's: the rows-only publication would
+    miss them, so the table is all-gathered whole (zero/sharded.py, _moves_touched_rows_only)."""
+    steps, sgd = 6, {"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9}}
+    ranks = run_ranks(sparse_engine_run, WORLD, _config(2, optimizer=sgd), steps, {"sparse": True})
+    ref = reference_run(steps, WORLD, MICRO, lambda m: [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)],
+                        {"sparse": True})
+    for r in ranks:
+        assert max_rel(r["params"], ref) < 1e-5
+    assert all("sparse_param_rows" not in c and c["all_gather"] >= 1000 * 8 * 4 for c in ranks[0]["comm"])
