@@ -42,6 +42,18 @@ def test_rscan_trains_and_reports_auc(tmp_path, cache, grads):
     assert monitor[0] == "step,value" and [line.split(",")[0] for line in monitor[1:]] == ["0", "384", "768"]
 
 
+def test_rscan_sparse_at_zero_stage_2_scores_as_at_stage_0(tmp_path, cache):
+    """The example at ZeRO 2 (sparse=True table kept partitioned, lazy Adam) gives the held-out AUC of
+    stage 0 at every evaluation: the stage changes where state lives, not the model."""
+    curves = []
+    for stage in ("0", "2"):
+        out, stdout = _run(tmp_path / stage, cache, "--steps", "6", "--eval_every", "3", "--zero_stage", stage)
+        assert f"ZeRO stage {stage}" in stdout
+        curves.append([json.loads(line)["auc"] for line in (out / "auc.jsonl").read_text().splitlines()])
+    assert len(curves[0]) == 3 and curves[0] == pytest.approx(curves[1], abs=1e-6)
+    assert curves[0][0] != curves[0][-1]  # the model moved
+
+
 def test_rscan_range_test_says_when_there_is_nothing_to_read(tmp_path, cache):
     """12 steps do not leave the initial plateau (loss ~0.693): the run says so and what to change,
     instead of suggesting a range read from noise. The suggestion itself: tests/unit/test_rscan.py."""
