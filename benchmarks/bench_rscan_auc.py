@@ -112,13 +112,14 @@ def main() -> None:
         suggestion = json.load(f)
     shutil.copy(os.path.join(rng, "lr_range_test.png"), os.path.join(FIGURES, "rscan_lr_range_test.png"))
     one_cycle = f"{suggestion['cycle_min_lr']:.3g},{suggestion['cycle_max_lr']:.3g}"
+    kind = "sparse" if args.grads == "sparse" else "sparse (dense table + flag)"
     runs = [("1 rank dense, constant lr (baseline)", 1,
              ["--grads", "dense", "--train_batch_size", "64", "--lr", str(args.lr), "--steps", str(args.max_steps)]),
             ("2 ranks dense, constant lr", 2,
              ["--grads", "dense", "--lr", str(args.lr), "--steps", str(args.max_steps)]),
-            (f"2 ranks sparse ({args.grads}), constant lr", 2,
+            (f"2 ranks {kind}, constant lr", 2,
              ["--grads", args.grads, "--lr", str(args.lr), "--steps", str(args.max_steps)]),
-            (f"2 ranks sparse ({args.grads}) + OneCycle {one_cycle}", 2,
+            (f"2 ranks {kind} + OneCycle {one_cycle}", 2,
              ["--grads", args.grads, "--onecycle", one_cycle, "--steps", str(args.onecycle_steps)])]
     curves, rows = {}, []
     for name, ranks, extra in runs:
