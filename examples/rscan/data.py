@@ -47,6 +47,7 @@ import torch
 SKIP_DIRS = {"test", "tests", "idle_test", "lib2to3", "site-packages", "__pycache__"}
 QUERY_LEN, PASSAGE_LEN = 8, 48
 HELD_OUT_PERCENT = 10
+MINING_VERSION = 1
 EVAL_NEGATIVES = 4
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 _WORD = re.compile(r"[a-z0-9]+")
@@ -136,7 +137,9 @@ def load_pairs(corpus: str = "stdlib+torch", cache_dir: str | None = None) -> li
     import sys
 
     cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "shardspeed")
-    key = f"rscan_{corpus}_py{sys.version_info[0]}.{sys.version_info[1]}.{sys.version_info[2]}_torch{torch.__version__}"
+    py = ".".join(str(v) for v in sys.version_info[:3])
+    # MINING_VERSION and PASSAGE_LEN: a change to how pairs are mined must not read an old cache
+    key = f"rscan_v{MINING_VERSION}_{corpus}_p{PASSAGE_LEN}_py{py}_torch{torch.__version__}"
     path = os.path.join(cache_dir, key.replace("+", "_") + ".json")
     if os.path.exists(path):
         with open(path) as f:
