@@ -71,7 +71,8 @@ class ShardspeedEngine(torch.nn.Module):
         self.clip_norm = config.gradient_clipping or opt_clip
         check_optimizer_in_backward(config, self.optimizer, self.clip_norm, self.batch.gradient_accumulation_steps)
         # offload_optimizer: the optimizer's per-element state lives on disk and steps in sub-groups
-        self.optimizer_swapper = make_optimizer_swapper(config, self.optimizer, get_rank(), self.device)
+        self.optimizer_swapper = make_optimizer_swapper(config, self.optimizer, self.strategy, get_rank(),
+                                                         self.device)
         self.lr_scheduler = make_scheduler(config, lr_scheduler, self.optimizer)
         self.loss_scaler = LossScaler.from_config(config.fp16) if config.fp16.enabled else None
         self.training_dataloader = None

@@ -38,6 +38,7 @@ backward comes later) would see the stepped value: such models need the ordinary
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -440,6 +441,44 @@ class Stage3Strategy(OrderedReduction, Strategy):
         ui, pos = self.unit_of[id(param)]
         return self.units[ui].master_chunks[pos]
 
+    def master_copies(self) -> bool:
+        return any(not u.master_is_view for u in self.units)
+
+    def step_subgroups(self, masters: list[torch.Tensor], size: int) -> list[list[torch.Tensor]]:
+        """Whole units (in unit order), merged while they fit in ``size`` elements: a unit's
+        masters are published together, into its one shard."""
+        mine = {id(m) for m in masters}
+        groups: list[list[torch.Tensor]] = []
+        n = 0
+        for u in self.units:
+            chunks = [m for m in u.master_chunks if id(m) in mine]
+            if not chunks:
+                continue
+            k = sum(m.numel() for m in chunks)
+            if not groups or (n + k > size and groups[-1]):
+                groups.append([])
+                n = 0
+            groups[-1].extend(chunks)
+            n += k
+        return groups
+
+    @torch.no_grad()
+    def publish_masters_of(self, masters: list[torch.Tensor]) -> None:
+        where = self._chunk_places()
+        for m in masters:
+            u, at, length = where[id(m)]
+            if length and not u.master_is_view:
+                u.local[at:at + length].copy_(m)
+
+    def _chunk_places(self) -> dict[int, tuple[Unit, int, int]]:
+        return {id(m): (u, at, length) for u in self.units
+                for m, (_, at, length) in zip(u.master_chunks, u.layout.pieces, strict=True)}
+
+    def drop_master_storage(self) -> None:
+        for u in self.units:
+            if not u.master_is_view:
+                u.master = u.master.new_empty(0)  # the chunks the tier holds were its only other users
+
     def attach_optimizer(self, optimizer: Any) -> None:
         self._optimizer = optimizer
         if not hasattr(optimizer, "set_partition"):
@@ -480,7 +519,7 @@ class Stage3Strategy(OrderedReduction, Strategy):
         self._pool.clear()
         self._held["gradient_buffers"] = self._pool.allocated
         for u in self.units:
-            if not u.master_is_view:
+            if not u.master_is_view and not self.masters_published_elsewhere:
                 u.local.copy_(u.master)
             # a gathered unit, or one a backward prefetch left in flight, would hold pre-step values
             if (u.gathered or u.pending is not None) and u.refs == 0 and not u.persistent:
@@ -511,7 +550,7 @@ class Stage3Strategy(OrderedReduction, Strategy):
         for u in self.units:
             out["parameters"] += u.local.numel() * u.local.element_size()
             out["gradients"] += 0 if u.grad_shard is None else u.grad_shard.numel() * 4
-            out["master_parameters"] += 0 if u.master_is_view else u.master.numel() * 4
+            out["master_parameters"] += 0 if u.master_is_view else u.master.numel() * 4  # 0 once on a tier
         out["peak_transient"] = self._peak_transient  # not model state at rest: the high-water mark
         out["peak_gathered"] = self._peak_gathered  # its gathered-parameter part
         out["transient"] = self._transient_bytes()  # now; 0 at rest between steps
@@ -534,7 +573,8 @@ class Stage3Strategy(OrderedReduction, Strategy):
 
     def release(self, units: list[Unit], modified: bool) -> None:
         """Drop a hold on ``units``; ``modified``: their full values changed and are re-partitioned."""
-        with torch.no_grad():
+        resident = self.master_tier.all_resident() if modified and self.master_tier is not None else nullcontext()
+        with torch.no_grad(), resident:
             for u in units:
                 if modified:
                     for p, m, (start, at, length) in zip(u.params, u.master_chunks, u.layout.pieces, strict=True):

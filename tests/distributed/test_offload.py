@@ -104,3 +104,14 @@ def test_resume_from_a_checkpoint_written_with_offload(stage, tmp_path):
         for name, t in params.items():
             assert torch.equal(resumed[name], t), name
     assert os.listdir(swap) == []
+
+
+@pytest.mark.parametrize("stage", [1, 3])  # stage 2 publishes as stage 1 does (sharded.py)
+def test_bf16_masters_and_state_on_disk_equal_the_run_without(stage, tmp_path):
+    # bf16 training keeps fp32 masters apart from the parameters: they go to disk with the state and
+    # are published into the bf16 parameters right after their sub-group steps
+    bf16 = {"bf16": {"enabled": True}}
+    configs = [{**_config(stage), **bf16}, {**_config(stage, _nvme(tmp_path), sub_group_size=300), **bf16}]
+    for base, nvme in run_ranks(_runs, 2, configs, 4):
+        _assert_equal(nvme, base)
+        assert base["memory"]["master_parameters"] > 0 and nvme["memory"]["master_parameters"] == 0
