@@ -296,6 +296,8 @@ class ShardspeedEngine(torch.nn.Module):
     def _optimizer_step(self) -> None:
         with self.timers("reduce_wait"):
             self.strategy.wait_reductions()  # with the optimizer in backward, this steps the last units
+            if self.strategy.steps_in_backward and self.optimizer_swapper is not None:
+                self.optimizer_swapper.drain()  # their state written back before anything reads it again
         if not self.strategy.steps_in_backward and not self._update():
             return
         self.strategy.after_step()

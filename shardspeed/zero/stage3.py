@@ -428,7 +428,10 @@ class Stage3Strategy(OrderedReduction, Strategy):
                                "pass optimizer=... or add an 'optimizer' section to the config")
         shard = u.grad_shard
         u.attach_grads(shard)
-        self._optimizer.step()
+        if self.unit_stepper is not None:  # optimizer state on disk: read, step, write back (swap_optimizer.py)
+            self.unit_stepper(u.master_chunks)
+        else:
+            self._optimizer.step()
         u.detach_grads()
         u.shard_fresh = True
         self._held["gradient_shards"] -= shard.numel() * 4

@@ -234,6 +234,10 @@ class Strategy(ABC):
     #: that writes masters between steps does so inside ``master_tier.all_resident()``
     master_tier: Any = None
 
+    #: set by a tier that must step masters itself: stage 3's optimizer in backward calls it with a
+    #: unit's masters (gradients attached) instead of ``optimizer.step()``
+    unit_stepper: Any = None
+
     @property
     def masters_published_elsewhere(self) -> bool:
         return self.master_tier is not None

@@ -74,6 +74,7 @@ class SubGroup:
     slots: list[_Slot] = field(default_factory=list)
     nbytes: int = 0  # region size; 0 until something of it was written
     file_offset: int = -1
+    capacity: int = 0  # bytes reserved at file_offset: a later layout that fits stays there
 
     @property
     def laid_out(self) -> bool:
@@ -112,8 +113,13 @@ class OptimizerSwapper:
         self._ring: list[torch.Tensor | None] = [None] * self.ring_size
         self._placeholders: dict[torch.dtype, torch.Tensor] = {}
         self.masters_on_tier = strategy.master_copies()
+        self._index = {id(p): i for i, g in enumerate(self.subgroups) for p in g.params}
+        # optimizer in backward: sub-groups step one at a time as their units' gradients are reduced
+        self._turn = 0  # the ring buffer the next one reads into
+        self._ahead: tuple[int, int, IOHandle | None] | None = None  # (sub-group, buffer, read) read ahead
+        self._writes: dict[int, IOHandle | None] = {}  # buffer -> its write-back in flight
 
-    def take_masters(self) -> None:
+    def take_masters(self, states_per_element: int) -> None:
         """Masters that are copies of the compute parameters go to disk now (after the disk check);
         from here on the strategy leaves publishing them to the step (Note: optimizer state on disk)."""
         if not self.masters_on_tier:
@@ -121,7 +127,8 @@ class OptimizerSwapper:
         self.strategy.master_tier = self
         for g in self.subgroups:
             if g.on_tier:
-                handle = self._swap_out(g, -1)
+                per = 1 + states_per_element  # the master and the state to come, fp32 each
+                handle = self._swap_out(g, -1, reserve=4 * g.numel * per + ALIGN_SLACK * len(g.params) * per)
                 if handle is not None:
                     handle.wait()
         self.strategy.drop_master_storage()
@@ -259,21 +266,26 @@ class OptimizerSwapper:
                     out.append((p, key, v.dtype))
         return out
 
-    def _lay_out(self, g: SubGroup, wanted: list[tuple[torch.Tensor, str, torch.dtype]]) -> None:
-        """A new region for ``wanted`` (the first write, or the optimizer created state since; the
-        old region, if any, is left unused: at most the masters' bytes, once)."""
+    def _lay_out(self, g: SubGroup, wanted: list[tuple[torch.Tensor, str, torch.dtype]], reserve: int = 0) -> None:
+        """Place ``wanted`` in ``g``'s region: the first write, or the optimizer created state since.
+        The masters' first region reserves room for the state the optimizer is expected to create
+        (``reserve``), so the layout with state usually stays in place; one that does not fit
+        moves to a new region and leaves the old one unused."""
         g.slots, offset = [], 0
         for p, key, dtype in wanted:
             g.slots.append(_Slot(p, key, offset, dtype))
             offset = align_up(offset + p.numel() * dtype.itemsize, ALIGN_SLACK)
         g.nbytes = align_up(offset)
-        g.file_offset = self.file.allocate(g.nbytes) if g.nbytes else -1
+        if not g.nbytes or (g.laid_out and g.nbytes <= g.capacity):
+            return
+        g.capacity = max(g.nbytes, align_up(reserve))
+        g.file_offset = self.file.allocate(g.capacity)
 
-    def _swap_out(self, g: SubGroup, k: int, buf: torch.Tensor | None = None) -> IOHandle | None:
+    def _swap_out(self, g: SubGroup, k: int, buf: torch.Tensor | None = None, reserve: int = 0) -> IOHandle | None:
         """Start writing ``g``'s region back; placeholders stay in the optimizer."""
         wanted = self._wanted_slots(g)
         if [(s.param, s.key) for s in g.slots] != [(p, key) for p, key, _ in wanted]:
-            self._lay_out(g, wanted)
+            self._lay_out(g, wanted, reserve)
             buf = aligned_empty(g.nbytes) if g.nbytes else None  # fresh: the old views may still be read
             if buf is not None and k >= 0:
                 self._ring[k] = buf
@@ -319,6 +331,67 @@ class OptimizerSwapper:
                     if handle is not None:
                         handle.wait()
 
+    # -- one sub-group at a time (optimizer in backward) ------------------------------------------
+    @torch.no_grad()
+    def step_masters(self, masters: list[torch.Tensor]) -> None:
+        """Step the sub-group holding ``masters`` (one stage-3 unit: the swapper was built with one
+        unit per sub-group), whose gradients are attached and no others' are: its read was started
+        ahead if it followed the previous one, the write-back goes on during the rest of backward,
+        and the next sub-group's read starts now."""
+        i = next(self._index[id(m)] for m in masters if id(m) in self._index)
+        g = self.subgroups[i]
+        if not g.on_tier:
+            self.optimizer.step()
+            if self.masters_on_tier:
+                self.strategy.publish_masters_of(g.params)
+            return
+        k, handle = self._read_for(i)
+        if handle is not None:
+            handle.wait()
+        self.optimizer.step()
+        if self.masters_on_tier:
+            self.strategy.publish_masters_of(g.params)
+        self._writes[k] = self._swap_out(g, k)
+        nxt = i + 1
+        if nxt < len(self.subgroups) and self.subgroups[nxt].on_tier:
+            k2 = self._next_buffer()
+            self._ahead = (nxt, k2, self._swap_in(self.subgroups[nxt], k2))
+
+    def _next_buffer(self) -> int:
+        k = self._turn
+        self._turn = (self._turn + 1) % self.ring_size
+        write = self._writes.pop(k, None)
+        if write is not None:  # the buffer's last sub-group must be on disk before it is read over
+            write.wait()
+        return k
+
+    def _read_for(self, i: int) -> tuple[int, IOHandle | None]:
+        if self._ahead is not None:
+            j, k, handle = self._ahead
+            self._ahead = None
+            if j == i:
+                return k, handle
+            if handle is not None:  # read ahead for nothing: its views must not stay in the optimizer
+                handle.wait()
+            for s in self.subgroups[j].slots:
+                self._place(s, self._placeholder(s))
+        k = self._next_buffer()
+        return k, self._swap_in(self.subgroups[i], k)
+
+    def drain(self) -> None:
+        """Finish what ``step_masters`` left in flight (at the end of backward's steps)."""
+        if self._ahead is not None:
+            j, _, handle = self._ahead
+            self._ahead = None
+            if handle is not None:
+                handle.wait()
+            for s in self.subgroups[j].slots:
+                self._place(s, self._placeholder(s))
+        for k in list(self._writes):
+            write = self._writes.pop(k)
+            if write is not None:
+                write.wait()
+
     def close(self) -> None:
         self._finalizer()
 
@@ -347,11 +420,12 @@ def make_optimizer_swapper(cfg: ShardspeedConfig, optimizer: Any, strategy: Any,
         raise ConfigError(f"{KEY}.device 'nvme' steps the optimizer one sub-group at a time; "
                           f"{type(optimizer).__name__} reduces norms over all parameters at once in its step: use an "
                           "element-wise optimizer (Adam, AdamW, SGD, ...) or \"device\": \"none\"")
-    if z.optimizer_in_backward:
-        raise ConfigError(f"{KEY}.device 'nvme' is not supported yet with zero_optimization.optimizer_in_backward "
-                          "(the step would read each unit's state from disk during backward); turn one of them off")
     path = str(check_directory(off.nvme_path or "", f"{KEY}.nvme_path"))
-    swapper = OptimizerSwapper(optimizer, strategy, path, rank, z.sub_group_size, off.buffer_count, off.ratio, cfg.aio)
+    # with the optimizer in backward each unit steps when its gradients are reduced: one unit per sub-group
+    size = 0 if z.optimizer_in_backward else z.sub_group_size
+    swapper = OptimizerSwapper(optimizer, strategy, path, rank, size, off.buffer_count, off.ratio, cfg.aio)
+    if z.optimizer_in_backward:
+        strategy.unit_stepper = swapper.step_masters
     # every rank's files go to the same kind of path; ranks on one machine share its disk, so the
     # check is against the sum (an overestimate across machines, never an under-one)
     states = per_element_states(optimizer)
@@ -360,5 +434,5 @@ def make_optimizer_swapper(cfg: ShardspeedConfig, optimizer: Any, strategy: Any,
     all_reduce(total)
     check_free_space(path, int(total.item()), f"{KEY}.nvme_path",
                      f"the optimizer state ({states} fp32 values per element, all ranks; this rank {mine} bytes)")
-    swapper.take_masters()
+    swapper.take_masters(states)
     return swapper

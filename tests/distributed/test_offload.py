@@ -145,8 +145,6 @@ def _refusals(rank, path):
         _config(2, _nvme(path / "missing")),
         _config(3, offload_param={**_nvme(path), "buffer_size": 100}, stage3_param_persistence_threshold=0),
         {**_config(2, _nvme(path)), "optimizer": lamb},
-        {**_config(3, _nvme(path), optimizer_in_backward=True), "gradient_clipping": 0.0,
-         "gradient_accumulation_steps": 1, "train_batch_size": 2},
     ]
     out = []
     for cfg in cases:
@@ -159,13 +157,24 @@ def _refusals(rank, path):
 
 
 def test_engine_refusals_name_the_key_and_the_number(tmp_path):
-    missing, small, lamb, in_backward = run_ranks(_refusals, 1, tmp_path)[0]
+    missing, small, lamb = run_ranks(_refusals, 1, tmp_path)[0]
     key = "zero_optimization.offload_optimizer"
     assert missing.startswith(f"{key}.nvme_path '{tmp_path / 'missing'}' does not exist")
     assert small.startswith("zero_optimization.offload_param.buffer_size 100 is smaller than the largest shard this "
                             "rank reads at once: ")
     assert "elements (the unit holding '" in small and "set it to" in small
     assert lamb.startswith(f"{key}.device 'nvme' steps the optimizer one sub-group at a time; FusedLamb reduces norms")
-    assert in_backward.startswith(f"{key}.device 'nvme' is not supported yet with "
-                                  "zero_optimization.optimizer_in_backward")
+    assert os.listdir(tmp_path) == []
+
+
+def test_optimizer_in_backward_with_state_and_shards_on_disk_equals_the_run_without(tmp_path):
+    # each unit's state is read, stepped and written back as its gradients are reduced, in backward
+    z = {"optimizer_in_backward": True, "stage3_param_persistence_threshold": 0}
+    plain = {"gradient_clipping": 0.0, "train_batch_size": 4}  # what a step in backward allows
+    configs = [{**_config(3, **z), **plain}, {**_config(3, _nvme(tmp_path, buffer_count=2), **z), **plain},
+               {**_config(3, _nvme(tmp_path), offload_param=_nvme(tmp_path), **z), **plain}]
+    for base, state, both in run_ranks(_runs, 2, configs, STEPS):
+        _assert_equal(state, base)
+        _assert_equal(both, base)
+        assert state["memory"]["optimizer_states_on_disk"] > 0 and both["memory"]["parameters_on_disk"] > 0
     assert os.listdir(tmp_path) == []
