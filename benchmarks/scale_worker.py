@@ -37,6 +37,8 @@ def main() -> None:
               "zero_optimization": {"stage": 3, **json.loads(args.zero)}}
     torch.manual_seed(1234)
     offload = "offload_param" in config["zero_optimization"]
+    if offload:
+        config["aio"] = {"thread_count": 2}  # 2 threads read this disk fastest (bench_offload.py bandwidth)
     with shardspeed.zero.Init(config_dict_or_path=config, remote_device="nvme" if offload else None):
         model = GPT(cfg)
     engine, *_ = shardspeed.initialize(model=model, config=config)
