@@ -88,6 +88,7 @@ def _resume(rank, stage, path, ckpt):
     first, *_ = shardspeed.initialize(model=tiny_gpt(**ODD), config=cfg)
     train(first, range(4))
     first.save_checkpoint(str(ckpt))
+    at_save = {n: p.detach().clone() for n, p in first.module.state_dict().items()}
     tail = train(first, range(4, 7))
     params = {n: p.detach().clone() for n, p in first.module.state_dict().items()}
     first.optimizer_swapper.close()
@@ -95,17 +96,34 @@ def _resume(rank, stage, path, ckpt):
     second.load_checkpoint(str(ckpt))
     again = train(second, range(4, 7))
     resumed = {n: p.detach().clone() for n, p in second.module.state_dict().items()}
-    return tail, again, params, resumed
+    return tail, again, params, resumed, at_save
+
+
+def _reshard(rank, path, ckpt):
+    """The 2-rank checkpoint loaded at 1 rank, stage 1, optimizer state on disk."""
+    import shardspeed
+    from tests.distributed.workloads import tiny_gpt
+
+    engine, *_ = shardspeed.initialize(model=tiny_gpt(seed=2, **ODD), config=_config(1, _nvme(path)))
+    engine.load_checkpoint(str(ckpt))
+    with engine.optimizer_swapper.all_resident():
+        state = [v.clone() for st in engine.optimizer.state.values() for v in st.values() if v.numel() > 1]
+    return {n: p.detach().clone() for n, p in engine.module.state_dict().items()}, state
 
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_resume_from_a_checkpoint_written_with_offload(stage, tmp_path):
     swap, ckpt = tmp_path / "swap", tmp_path / "ckpt"
     swap.mkdir()
-    for tail, again, params, resumed in run_ranks(_resume, 2, stage, swap, ckpt):
+    for tail, again, params, resumed, _ in (ranks := run_ranks(_resume, 2, stage, swap, ckpt)):
         assert again == tail
         for name, t in params.items():
             assert torch.equal(resumed[name], t), name
+    if stage == 3:  # and at another world size and stage, as any checkpoint
+        values, state = run_ranks(_reshard, 1, swap, ckpt)[0]
+        for name, t in ranks[0][4].items():
+            assert torch.equal(values[name], t), name
+        assert state and all(s.abs().sum() > 0 for s in state)  # AdamW's moments came along
     assert os.listdir(swap) == []
 
 
