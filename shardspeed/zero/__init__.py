@@ -8,6 +8,14 @@ from shardspeed.comm import Topology
 from shardspeed.zero.gathered import GatheredParameters
 from shardspeed.zero.init import Init
 from shardspeed.zero.local import LocalStrategy
+from shardspeed.zero.planner.estimators import (
+    estimate_zero2_model_states_mem_needs,
+    estimate_zero2_model_states_mem_needs_all_cold,
+    estimate_zero2_model_states_mem_needs_all_live,
+    estimate_zero3_model_states_mem_needs,
+    estimate_zero3_model_states_mem_needs_all_cold,
+    estimate_zero3_model_states_mem_needs_all_live,
+)
 from shardspeed.zero.sharded import ShardedStrategy, Stage2Strategy
 from shardspeed.zero.stage0 import DataParallelStrategy
 from shardspeed.zero.stage3 import Stage3Options, Stage3Strategy, register_external_parameter
@@ -38,4 +46,7 @@ def make_strategy(stage: int, module: torch.nn.Module, topo: Topology, opts: Str
 
 __all__ = ["DataParallelStrategy", "GatheredParameters", "Init", "LocalStrategy", "Piece", "ShardedStrategy",
            "Stage2Strategy", "Stage3Options", "Stage3Strategy", "Strategy", "StrategyOptions", "ZeroStageNotSupported",
+           "estimate_zero2_model_states_mem_needs", "estimate_zero2_model_states_mem_needs_all_cold",
+           "estimate_zero2_model_states_mem_needs_all_live", "estimate_zero3_model_states_mem_needs",
+           "estimate_zero3_model_states_mem_needs_all_cold", "estimate_zero3_model_states_mem_needs_all_live",
            "make_strategy", "register_external_parameter"]
