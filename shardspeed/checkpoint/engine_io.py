@@ -20,6 +20,7 @@ import logging
 import os
 import random
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +111,9 @@ def save_checkpoint(engine: Any, save_dir: str | os.PathLike, tag: str | None = 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     barrier()
-    files.atomic_save({"pieces": _payload(engine, sliced), "rng": _rng_state(), "tp_rank": engine.topo.tp_rank},
+    with _state_resident(engine):
+        pieces = _payload(engine, sliced)
+    files.atomic_save({"pieces": pieces, "rng": _rng_state(), "tp_rank": engine.topo.tp_rank},
                       tmp / files.rank_file(rank))
     barrier()
     if rank == 0:
@@ -123,6 +126,13 @@ def save_checkpoint(engine: Any, save_dir: str | os.PathLike, tag: str | None = 
         files.publish(tmp, final, root, tag, save_latest)
     barrier()
     return True
+
+
+def _state_resident(engine: Any) -> Any:
+    """Optimizer state on disk (offload_optimizer) is read into memory around what saves or loads
+    it as tensors, and written back after (zero/swap_optimizer.py)."""
+    swapper = getattr(engine, "optimizer_swapper", None)
+    return swapper.all_resident() if swapper is not None else nullcontext()
 
 
 def _whole_model(engine: Any, sliced: dict[str, SliceSpec]) -> dict[str, dict[str, Any]]:
@@ -212,7 +222,9 @@ def load_checkpoint(engine: Any, load_dir: str | os.PathLike, tag: str | None = 
     with_optimizer = load_optimizer_states and not load_module_only and engine.optimizer is not None
     model = layers.over_stages(engine, _model_names(engine))  # the whole model's names, every stage's
     _check_names(engine, manifest, {n for n, kind in model.items() if kind == "param"}, load_module_strict)
-    _load_pieces(engine, ckpt, manifest, with_optimizer, common.get("frozen", {}))
+    with _state_resident(engine):
+        _load_pieces(engine, ckpt, manifest, with_optimizer, common.get("frozen", {}))
+    engine.strategy.publish_masters()
     _load_module_extras(engine, common, {n for n, kind in model.items() if kind == "buffer"}, load_module_strict)
     if not load_module_only:
         _load_training_state(engine, common, ckpt, manifest, with_optimizer, load_lr_scheduler_states)
@@ -286,7 +298,6 @@ def _load_pieces(engine: Any, ckpt: Path, manifest: dict[str, Any], with_optimiz
                 raise CheckpointError(f"checkpoint {ckpt.resolve()} is incomplete or inconsistent: parameter "
                                       f"'{glob[name]}' elements [{start}, {start + length}) of this rank got {got} "
                                       f"values, not {length}")
-    engine.strategy.publish_masters()
 
 
 def _load_module_extras(engine: Any, common: dict[str, Any], model_buffers: set[str], strict: bool) -> None:

@@ -60,16 +60,55 @@ class BF16Config(Section):
 
 
 class OffloadConfig(Section):
+    """``zero_optimization.offload_optimizer`` / ``offload_param``: where a tier of model state lives
+    (zero/swap_optimizer.py, Note: optimizer state on disk).
+
+    ``device``: "none" keeps it with the training device; "cpu" is host memory, which on a CPU run
+    is where it already is (accepted, changes nothing, logged once); "nvme" is files under
+    ``nvme_path`` (one directory per rank, removed at exit)."""
+
     device: Literal["none", "cpu", "nvme"] = "none"
+    # pinned host buffers only exist next to an accelerator; on a CPU run any value means the same
     pin_memory: bool = False
     nvme_path: str | None = None
-    buffer_count: int = 5
-    buffer_size: int = 100_000_000
-    max_in_cpu: int = 1_000_000_000
+    # offload_optimizer: sub-group buffers in the read/step/write ring (at least 2; 3 lets the
+    # write-back of one sub-group overlap the step of the next); offload_param: gathered-shard buffers
+    buffer_count: int = Field(5, ge=1)
+    buffer_size: int = Field(100_000_000, ge=1)  # offload_param: elements per parameter buffer
+    max_in_cpu: int = Field(1_000_000_000, ge=0)  # offload_param: elements kept in memory when on nvme
+    # DeepSpeed's faster start-up of NVMe state; our swap files start empty (state is written at the
+    # first step), so both values behave alike
     fast_init: bool = False
+    # DeepSpeed's switches for overlapping reads/writes with the step: ours always overlap them
     pipeline_read: bool = False
     pipeline_write: bool = False
-    ratio: float = 1.0
+    # offload_optimizer: the fraction of the optimizer state (by sub-group, in step order) put on the
+    # tier; the rest stays in memory
+    ratio: float = Field(1.0, gt=0, le=1)
+
+
+class AioConfig(Section):
+    """DeepSpeed's ``aio`` block, read by the disk tier (zero/swap_io.py). The tier is a thread pool
+    of positional reads and writes, not libaio: ``block_size`` is the bytes of one request,
+    ``intra_op_parallelism`` (alias ``thread_count``) the threads that serve them, ``queue_depth``
+    the requests a thread keeps queued. ``single_submit`` and ``overlap_events`` choose how libaio
+    submits and reaps requests; a thread pool submits each request as its own call and reaps it
+    when it returns, so both values of each behave alike."""
+
+    block_size: int = Field(1_048_576, ge=4096)
+    queue_depth: int = Field(8, ge=1)
+    intra_op_parallelism: int = Field(1, ge=1, alias="thread_count")
+    single_submit: bool = False
+    overlap_events: bool = True
+    use_gds: bool = False
+
+    @field_validator("block_size")
+    @classmethod
+    def _aligned(cls, value: int) -> int:
+        if value % 4096:
+            raise ValueError(f"aio.block_size {value} must be a multiple of 4096 bytes (direct I/O moves whole "
+                             f"disk blocks); e.g. {max(4096, value // 4096 * 4096)}")
+        return value
 
 
 class ZeroConfig(Section):
@@ -105,6 +144,33 @@ class ZeroConfig(Section):
     round_robin_gradients: bool = False
     ignore_unused_parameters: bool = True
     memory_efficient_linear: bool = True
+
+    @model_validator(mode="after")
+    def _offload_where_it_applies(self) -> ZeroConfig:
+        opt, par = self.offload_optimizer, self.offload_param
+        for key, off, stages in (("offload_optimizer", opt, (1, 2, 3)), ("offload_param", par, (3,))):
+            if off is None or off.device == "none":
+                continue
+            if self.stage not in stages:
+                what = "the partitioned optimizer state" if key == "offload_optimizer" else "stage 3's parameter shards"
+                need = "1, 2 or 3" if key == "offload_optimizer" else "3"
+                raise ValueError(f"zero_optimization.{key}.device '{off.device}' needs ZeRO stage {need} (it moves "
+                                 f"{what}), but zero_optimization.stage is {self.stage}: set the stage to {need} "
+                                 f"or \"device\": \"none\"")
+            if off.device == "nvme" and not off.nvme_path:
+                raise ValueError(f"zero_optimization.{key}.device 'nvme' needs zero_optimization.{key}.nvme_path: "
+                                 "a directory on a local disk with room for the offloaded state")
+        # [Note: sub-groups] sub_group_size splits the optimizer step only where state moves between a
+        # tier and memory (zero/swap_optimizer.py); in memory every partition steps whole
+        nvme_opt = opt is not None and opt.device == "nvme"
+        if self.sub_group_size < 1_000_000_000 and not nvme_opt:
+            raise ValueError(f"config key 'zero_optimization.sub_group_size' = {self.sub_group_size} applies only "
+                             "with zero_optimization.offload_optimizer.device 'nvme' (the step then runs sub-group by "
+                             "sub-group, streamed from disk); in memory the optimizer steps each rank's partition "
+                             "whole: remove the key or set it to 1e9 or more")
+        if self.sub_group_size < 1:
+            raise ValueError(f"zero_optimization.sub_group_size must be at least 1, got {self.sub_group_size}")
+        return self
 
 
 class ActivationCheckpointingConfig(Section):
@@ -285,6 +351,7 @@ class ShardspeedConfig(Section):
     data_types: DataTypesConfig = Field(default_factory=DataTypesConfig)
     tensor_parallel: TensorParallelConfig = Field(default_factory=TensorParallelConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    aio: AioConfig = Field(default_factory=AioConfig)
     seed: int | None = None
 
     @field_validator("zero_optimization", mode="before")

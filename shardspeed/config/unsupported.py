@@ -15,7 +15,9 @@ Accepted with any value (and why):
 - ``zero_optimization.memory_efficient_linear``: stage 3 swaps a released parameter's ``.data`` for a
   placeholder and re-gathers it before the module's backward, so no op's saved inputs keep a gathered
   weight alive, whichever linear is used; both values behave as DeepSpeed's ``true``.
-- ``zero_force_ds_cpu_optimizer``: DeepSpeed reads it only with ``offload_optimizer``, rejected here.
+- ``zero_force_ds_cpu_optimizer``: DeepSpeed reads it only with ``offload_optimizer``, to insist on
+  its compiled CPU Adam; our offload steps whichever optimizer the run has, in the same arithmetic
+  with or without offload (zero/swap_optimizer.py), so there is nothing to force.
 - ``fp16.auto_cast``: ``engine(...)`` casts floating inputs to the compute dtype anyway (DeepSpeed's
   ``true``); with ``false`` a DeepSpeed script must cast itself, which still works here.
 - ``bf16.immediate_grad_update``: gradient hooks add each bf16 gradient into the fp32 accumulation
@@ -45,8 +47,8 @@ def _at_least(bound: float) -> Callable[[Any], bool]:
     return lambda value: value >= bound
 
 
-def _no_offload(value: Any) -> bool:
-    return value is None or value.device == "none"
+def _params_not_on_disk(value: Any) -> bool:
+    return value is None or value.device != "nvme"
 
 
 def _no_tp_subsection(value: Any) -> bool:
@@ -55,25 +57,19 @@ def _no_tp_subsection(value: Any) -> bool:
 
 
 UNSUPPORTED: tuple[Unsupported, ...] = (
-    Unsupported("zero_optimization.offload_optimizer", _no_offload,
-                "optimizer state stays on the training device; remove the key or set \"device\": \"none\" "
-                "(to cut memory per rank use a higher ZeRO stage or more ranks)"),
-    Unsupported("zero_optimization.offload_param", _no_offload,
-                "parameters stay on the training device; remove the key or set \"device\": \"none\" "
-                "(ZeRO stage 3 partitions parameters across ranks)"),
+    Unsupported("zero_optimization.offload_param", _params_not_on_disk,
+                "stage 3's parameter shards stay in memory; offload the optimizer state instead "
+                "(\"offload_optimizer\": {\"device\": \"nvme\", ...}: 8 of the 12 bytes a parameter holds with "
+                "fp32 Adam), or set \"device\": \"none\""),
     # Every strategy copies gradients end to end into flat, contiguous buckets (zero/sharded.py,
     # zero/stage3.py): that is what true asks for, and there is no non-contiguous path.
     Unsupported("zero_optimization.contiguous_gradients", _is(True),
                 "gradients always go through contiguous flat buckets; remove the key or set it to true"),
-    # DeepSpeed's sub-groups split the optimizer step into chunks to bound temporary memory (mostly
-    # for offload); we step each rank's partition (stage 3: each unit) whole, as 1e9 does for any
-    # partition up to a billion elements; a larger sub-group means the same.
-    Unsupported("zero_optimization.sub_group_size", _at_least(1_000_000_000),
-                "the optimizer steps each rank's partition whole (stage 3: unit by unit); "
-                "remove the key or set it to 1e9 or more"),
-    # Round-robin only orders gradient copies for offloaded optimizer state (DeepSpeed); false is ours.
+    # Round-robin orders DeepSpeed's gradient copies into its CPU optimizer's buffers; our offload
+    # steps the reduced gradient shards where they are (zero/swap_optimizer.py), so false is ours.
     Unsupported("zero_optimization.round_robin_gradients", _is(False),
-                "it only applies to optimizer offload, which is not supported; remove the key or set it to false"),
+                "reduced gradient shards are stepped where they are, never copied round-robin; remove the key "
+                "or set it to false"),
     # Checkpoints restore the fp32 masters from the saved fp32 values (checkpoint/engine_io.py).
     Unsupported("zero_optimization.load_from_fp32_weights", _is(True),
                 "checkpoints always restore the fp32 master weights from their saved fp32 values; "
@@ -83,6 +79,8 @@ UNSUPPORTED: tuple[Unsupported, ...] = (
     Unsupported("zero_optimization.ignore_unused_parameters", _is(True),
                 "parameters that get no gradient are reduced as zeros, never an error; "
                 "remove the key or set it to true"),
+    Unsupported("aio.use_gds", _is(False),
+                "the disk tier reads and writes through the host (zero/swap_io.py); remove the key or set it to false"),
     Unsupported("sparse_gradients", _is(False),
                 "embedding gradients are reduced dense; remove the key or set it to false"),
     Unsupported("dump_state", _is(False),

@@ -25,6 +25,7 @@ from shardspeed.engine.reporting import StepReporter
 from shardspeed.engine.timers import Timers
 from shardspeed.precision import LossScaler, PrecisionPolicy
 from shardspeed.zero import Stage3Options, StrategyOptions, make_strategy
+from shardspeed.zero.swap_optimizer import make_optimizer_swapper
 
 log = logging.getLogger("shardspeed")
 
@@ -69,6 +70,8 @@ class ShardspeedEngine(torch.nn.Module):
             self.strategy.attach_optimizer(self.optimizer)
         self.clip_norm = config.gradient_clipping or opt_clip
         check_optimizer_in_backward(config, self.optimizer, self.clip_norm, self.batch.gradient_accumulation_steps)
+        # offload_optimizer: the optimizer's per-element state lives on disk and steps in sub-groups
+        self.optimizer_swapper = make_optimizer_swapper(config, self.optimizer, get_rank(), self.device)
         self.lr_scheduler = make_scheduler(config, lr_scheduler, self.optimizer)
         self.loss_scaler = LossScaler.from_config(config.fp16) if config.fp16.enabled else None
         self.training_dataloader = None
@@ -155,7 +158,10 @@ class ShardspeedEngine(torch.nn.Module):
                     if torch.is_tensor(v) and v.data_ptr() not in seen:
                         seen.add(v.data_ptr())
                         opt_bytes += v.numel() * v.element_size()
-        out["optimizer_states"] = opt_bytes
+        out["optimizer_states"] = opt_bytes  # in memory: an offloaded sub-group's state counts below
+        if self.optimizer_swapper is not None:
+            out["offload_buffers"] = self.optimizer_swapper.buffer_bytes()
+            out["optimizer_states_on_disk"] = self.optimizer_swapper.disk_bytes()
         out["buffers"] = sum(b.numel() * b.element_size() for b in self.module.buffers())
         return out
 
@@ -298,7 +304,10 @@ class ShardspeedEngine(torch.nn.Module):
         if factor != 1.0:
             self.strategy.scale_grads(factor)
         self.strategy.link_grads()
-        self.optimizer.step()
+        if self.optimizer_swapper is not None:
+            self.optimizer_swapper.step()
+        else:
+            self.optimizer.step()
         return True
 
     def _skip_step(self, scale: float) -> None:
