@@ -35,14 +35,16 @@ DS_PYTHON = "/work/.venv-deepspeed/bin/python"
 MiB = 2**20
 
 
-def zero_extra(offload: str, nvme_path: str, stage: int) -> dict:
+def zero_extra(offload: str, nvme_path: str) -> dict:
+    """The zero_optimization keys of an offload mode. NVMe: sub-groups of 4M elements (one bucket or
+    unit of the 50M model each) through a ring of 3 buffers (read-ahead, step, write-back), so the
+    state in memory is the ring, not the whole partition."""
     if offload == "none":
         return {}
-    section = {"device": offload, **({"nvme_path": nvme_path} if offload == "nvme" else {})}
-    extra: dict = {"offload_optimizer": section}
-    if offload == "nvme":
-        extra["sub_group_size"] = 100_000_000
-    return extra
+    if offload == "cpu":
+        return {"offload_optimizer": {"device": "cpu"}}
+    return {"offload_optimizer": {"device": "nvme", "nvme_path": nvme_path, "buffer_count": 3},
+            "sub_group_size": 4_000_000}
 
 
 def predict(width: int, mode: str, zero: dict) -> dict:
@@ -101,7 +103,7 @@ def main() -> None:
     if not args.report_only:
         os.makedirs(args.nvme_path, exist_ok=True)
         for width, mode, off in runs:
-            zero = zero_extra(off, args.nvme_path, int(mode[-1]))
+            zero = zero_extra(off, args.nvme_path)
             print(f"== {mode} width {width} offload {off}", flush=True)
             launch(2, os.path.join(HERE, "mlp_mem_worker.py"), "--mode", mode, "--tag", args.tag, "--width",
                    str(width), "--zero", json.dumps(zero), env=ENV, results="mlp_memory")
@@ -113,7 +115,7 @@ def report(runs: list[tuple[int, str, str]], tag: str, nvme_path: str) -> None:
             for r in read_results("mlp_memory") if r["tag"] == tag}
     found, queries = [], []
     for width, mode, off in runs:
-        zero = zero_extra(off, nvme_path, int(mode[-1]))
+        zero = zero_extra(off, nvme_path)
         r = rows.get((width, mode, json.dumps(zero, sort_keys=True)))
         if r is None:
             print(f"(no measurement for {mode} width {width} offload {off} under tag {tag})")

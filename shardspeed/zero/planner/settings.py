@@ -10,7 +10,6 @@ the model (zero/stage3.py, Note: default windows). A planner that read the schem
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,7 +86,8 @@ class PlanSettings:
 
 @dataclass(frozen=True)
 class OffloadSections:
-    """The config's offload sections and ``sub_group_size`` (Note: offload before the engine has it)."""
+    """The config's offload sections and ``sub_group_size`` (a separate argument so the estimators can
+    ask about settings without writing a config)."""
 
     optimizer: OffloadConfig | None = None
     param: OffloadConfig | None = None
@@ -124,44 +124,9 @@ def _active(o: OffloadConfig | None) -> OffloadConfig | None:
     return o if o is not None and o.device != "none" else None
 
 
-_OFFLOAD_KEYS = ("offload_optimizer", "offload_param")
-
-
 def load_plan_config(source: str | Path | dict[str, Any]) -> tuple[ShardspeedConfig, OffloadSections]:
-    """The config and its offload sections. [Note: offload before the engine has it] While this
-    branch's schema still rejects offload (config/unsupported.py), the planner validates the two
-    offload sections on their own (same schema) and the rest as usual, so a plan can be made for a
-    config the engine will run once offload lands. With offload in the engine the first load succeeds."""
-    if isinstance(source, dict):
-        data = copy.deepcopy(source)
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path.resolve()}")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"malformed JSON in {path.resolve()} at line {e.lineno} column {e.colno}: "
-                              f"{e.msg}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path.resolve()} must hold a JSON object at the top level, got {type(data).__name__}")
-    try:
-        cfg = load_config(data)
-        z = cfg.zero_optimization
-        return cfg, OffloadSections(z.offload_optimizer, z.offload_param, z.sub_group_size)
-    except ConfigError:
-        zero = data.get("zero_optimization")
-        if not isinstance(zero, dict) or not any(k in zero for k in _OFFLOAD_KEYS):
-            raise
-    sections: dict[str, OffloadConfig | None] = {}
-    for key in _OFFLOAD_KEYS:
-        raw = zero.pop(key, None)
-        try:
-            sections[key] = None if raw is None else OffloadConfig.model_validate(raw)
-        except Exception as e:  # pydantic's message names the field; add where it is
-            raise ConfigError(f"zero_optimization.{key}: {e}") from None
-    sub_group = zero.pop("sub_group_size", 1_000_000_000)  # the schema's check refuses it without offload
-    if not isinstance(sub_group, int) or sub_group < 1:
-        raise ConfigError(f"zero_optimization.sub_group_size must be a positive integer, got {sub_group!r}")
-    data.pop("aio", None)
-    return load_config(data), OffloadSections(sections["offload_optimizer"], sections["offload_param"], sub_group)
+    """The config (validated as the engine validates it: offload where it applies, nvme_path set,
+    sub_group_size only with optimizer offload to nvme) and its offload sections."""
+    cfg = load_config(copy.deepcopy(source) if isinstance(source, dict) else source)
+    z = cfg.zero_optimization
+    return cfg, OffloadSections(z.offload_optimizer, z.offload_param, z.sub_group_size)
