@@ -192,6 +192,10 @@ def test_command_checks_the_disk_at_nvme_path(tmp_path, capsys):
     cfg = _config(tmp_path, stage=2, offload_optimizer={"device": "nvme", "nvme_path": missing})
     assert main(["--config", cfg, "--params", "10M"]) == 1
     assert f"nvme_path '{missing}': it does not exist" in capsys.readouterr().out
+    cfg = _config(tmp_path, stage=2, offload_optimizer={"device": "nvme", "nvme_path": str(tmp_path)})
+    assert main(["--config", cfg, "--params", "10M", "--ranks", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "optimizer swap ring" in out and f"disk at nvme_path '{tmp_path}': 2 rank(s) x 38.15 MiB" in out
 
 
 @pytest.mark.parametrize("argv, message", [
