@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 import torch
 
 from shardspeed.comm import Topology
 from shardspeed.zero.gathered import GatheredParameters
 from shardspeed.zero.init import Init
 from shardspeed.zero.local import LocalStrategy
-from shardspeed.zero.planner.estimators import (
-    estimate_zero2_model_states_mem_needs,
-    estimate_zero2_model_states_mem_needs_all_cold,
-    estimate_zero2_model_states_mem_needs_all_live,
-    estimate_zero3_model_states_mem_needs,
-    estimate_zero3_model_states_mem_needs_all_cold,
-    estimate_zero3_model_states_mem_needs_all_live,
-)
 from shardspeed.zero.sharded import ShardedStrategy, Stage2Strategy
 from shardspeed.zero.stage0 import DataParallelStrategy
 from shardspeed.zero.stage3 import Stage3Options, Stage3Strategy, register_external_parameter
@@ -50,3 +45,17 @@ __all__ = ["DataParallelStrategy", "GatheredParameters", "Init", "LocalStrategy"
            "estimate_zero2_model_states_mem_needs_all_live", "estimate_zero3_model_states_mem_needs",
            "estimate_zero3_model_states_mem_needs_all_cold", "estimate_zero3_model_states_mem_needs_all_live",
            "make_strategy", "register_external_parameter"]
+
+
+# DeepSpeed's estimator names, answered by the planner (zero/planner/estimators.py). Imported on first
+# use: the planner reads the strategies' layout code, the strategies never need the planner, and the
+# engine's import of this package stays free of it.
+_ESTIMATORS = ("estimate_zero2_model_states_mem_needs", "estimate_zero2_model_states_mem_needs_all_cold",
+               "estimate_zero2_model_states_mem_needs_all_live", "estimate_zero3_model_states_mem_needs",
+               "estimate_zero3_model_states_mem_needs_all_cold", "estimate_zero3_model_states_mem_needs_all_live")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ESTIMATORS:
+        return getattr(importlib.import_module("shardspeed.zero.planner.estimators"), name)
+    raise AttributeError(f"module 'shardspeed.zero' has no attribute {name!r}")

@@ -12,7 +12,7 @@ import shardspeed.zero as zero
 from shardspeed.config import ConfigError
 from shardspeed.zero.planner import load_plan_config, make_plan, settings_from_config, spec_from_count, spec_from_module
 from shardspeed.zero.planner.cli import main, parse_count
-from shardspeed.zero.planner.offload import on_tier, region_bytes, ring_bytes, sub_groups
+from shardspeed.zero.planner.offload import file_bytes, on_tier, region_bytes, ring_bytes, sub_groups
 from shardspeed.zero.planner.windows import gathered_peak, prefetch_budget, reduction_peak
 
 ADAMW = {"type": "AdamW", "params": {"lr": 1e-3}}
@@ -128,10 +128,12 @@ def test_parameter_count_alone_assumes_eight_layers():
 
 # -- offload ------------------------------------------------------------------------------------
 def test_sub_groups_ratio_and_ring_follow_the_swapper():
-    assert sub_groups([5, 5, 20, 3], 10) == [[5, 5], [20], [3]]
+    assert sub_groups([[5], [5], [20], [3]], 10) == [[5, 5], [20], [3]]
+    assert sub_groups([[2, 3], [4, 1], [6]], 0) == [[2, 3], [4, 1], [6]]  # optimizer in backward: a unit each
     assert on_tier([[5, 5], [20], [3]], 0.5) == [True, False, False]
     assert on_tier([[5, 5], [20], [3]], 1.0) == [True, True, True]
-    assert region_bytes([1000], 8) == 8192  # 2 states x 4000 B, aligned to 4096
+    assert region_bytes([1000], 2) == 8192  # 2 states x 4000 B, aligned to 4096
+    assert file_bytes([1000], 2, masters=True) == 12288  # masters written first reserve room for the state
     assert ring_bytes([8192, 4096, 4096], 1) == 8192 + 4096  # at least 2 buffers; buffer 0 saw 8192 then 4096
 
 
@@ -140,9 +142,9 @@ def test_optimizer_on_disk_moves_state_and_adds_the_ring(tmp_path):
               offload_optimizer={"device": "nvme", "nvme_path": str(tmp_path), "buffer_count": 2},
               sub_group_size=10_150)
     # masters 10,150 and 10,050 elements: two sub-groups, each region 2 x 4 B x n aligned
-    regions = [region_bytes([10_150], 8), region_bytes([10_050], 8)]
+    regions = [region_bytes([10_150], 2), region_bytes([10_050], 2)]
     assert p.peak("disk") == sum(regions)
-    assert _by(p, "buffers") == {"optimizer swap ring": sum(regions)}
+    assert _by(p, "buffers") == {"optimizer ring": sum(regions)}
     assert p.steady("device") == 4 * 40_400 + 4 * 20_200 + sum(regions)  # no optimizer state in memory
 
 
@@ -195,7 +197,7 @@ def test_command_checks_the_disk_at_nvme_path(tmp_path, capsys):
     cfg = _config(tmp_path, stage=2, offload_optimizer={"device": "nvme", "nvme_path": str(tmp_path)})
     assert main(["--config", cfg, "--params", "10M", "--ranks", "2"]) == 0
     out = capsys.readouterr().out
-    assert "optimizer swap ring" in out and f"disk at nvme_path '{tmp_path}': 2 rank(s) x 38.15 MiB" in out
+    assert "optimizer ring" in out and f"disk at nvme_path '{tmp_path}': 2 rank(s) x 38.15 MiB" in out
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -1,53 +1,65 @@
 """Where offload puts each piece of a plan, and the buffers it adds: every offload term of the
-planner is in this file, so it follows the offload tier in one place.
+planner is in this file, so it follows the offload tier (zero/swap_optimizer.py, swap_params.py,
+swap_io.py) in one place.
 
 [Note: offload placement] The strategy decides what a shard is; the tier decides where it lives
 (ARCHITECTURE.md). So a plan is first made as if nothing were offloaded, then:
-- ``offload_optimizer: cpu`` moves fp32 masters, optimizer state and fp32 gradient shards to host
-  memory. Where the device is the CPU that is where they already are: nothing changes.
-- ``offload_optimizer: nvme`` (zero/swap_optimizer.py) moves the optimizer's per-element state to a
-  file under ``nvme_path``; masters and gradients stay in memory. The optimizer's tensors (a
-  stage's masters, in step order) are cut into sub-groups of at most ``sub_group_size`` elements (a
-  larger tensor alone); the first ones up to ``ratio`` of the elements go to disk, the rest stay.
-  A step streams the on-disk sub-groups through a ring of ``max(2, buffer_count)`` host buffers,
-  each as large as the largest region that passed through it, kept between steps.
-- ``offload_param`` (stage 3) moves the parameter shards; with ``nvme`` they come back through
-  ``buffer_count`` buffers of ``buffer_size`` elements in the compute dtype (DeepSpeed's meaning of
-  the two keys; provisional until the parameter tier lands). Gathered units stay where they are. A
-  master that was a view of the shard (fp32) stays in memory as a copy of its own.
+- ``device: cpu`` (either section) moves the pieces to host memory; where the device is the CPU
+  that is where they already are, and nothing changes (the engine says so once).
+- ``offload_param: nvme`` (stage 3): each non-persistent unit's shard lives in the rank's params
+  file (one ``ALIGN``-rounded region per unit) and is read into a pool of ``buffer_count`` buffers
+  of the largest such shard (allocated once, kept); persistent units keep theirs. Its fp32 master
+  becomes a copy of its own even in fp32 training (the optimizer must not step a tensor on disk).
+- ``offload_optimizer: nvme``: the strategy cuts its masters into sub-groups of at most
+  ``sub_group_size`` elements (stage 3: whole units; with ``optimizer_in_backward`` one unit each),
+  the first ones up to ``ratio`` of the elements go to the optimizer file: their per-element state
+  and, where masters are copies (bf16/fp16, or parameters on disk), the masters too. A region is
+  each tensor's slots (64-byte aligned) rounded up to ``ALIGN``; masters written before the state
+  exists reserve room for it. A step streams regions through a ring of ``max(2, buffer_count)``
+  buffers, each grown to the largest region that passed through it and kept between steps; the
+  first step also holds one sub-group's state as the optimizer creates it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
-from shardspeed.config.schema import OffloadConfig
 from shardspeed.zero.planner.items import Item
 from shardspeed.zero.planner.settings import PlanSettings
 
-OPTIMIZER_ROLES = ("master", "optim", "grad_shard")
-DISK_ALIGN = 4096  # swap regions start and end on O_DIRECT blocks (zero/swap_io.py)
-SLOT_ALIGN = 64  # each state tensor inside a region starts on a cache line
+DISK_ALIGN = 4096  # swap regions start and end on O_DIRECT blocks (swap_io.ALIGN)
+SLOT_ALIGN = 64  # each tensor inside a region starts on a cache line (swap_optimizer.ALIGN_SLACK)
+
+
+@dataclass(frozen=True)
+class OffloadLayout:
+    """What a stage tells the tier about itself."""
+
+    # the optimizer's tensors (elements), grouped by what the strategy steps together (stages 1-2:
+    # one bucket shard each; stage 3: a unit's pieces), in the order they step
+    master_groups: list[list[int]]
+    tiered_shards: list[int] = field(default_factory=list)  # stage 3: non-persistent units' shard elements
+    persistent_shard: int = 0  # stage 3: shard elements of persistent units (never on disk)
 
 
 def _align(n: int, a: int) -> int:
     return -(-n // a) * a
 
 
-def sub_groups(sizes: Sequence[int], sub_group_size: int) -> list[list[int]]:
-    """The optimizer's tensors (element counts, step order) cut into runs of at most ``sub_group_size``
-    elements; a tensor larger than that is a run of its own."""
-    groups: list[list[int]] = []
-    cur: list[int] = []
-    for n in sizes:
-        if cur and sum(cur) + n > sub_group_size:
-            groups.append(cur)
-            cur = []
-        cur.append(n)
-    if cur:
-        groups.append(cur)
-    return groups
+def sub_groups(groups: Sequence[Sequence[int]], size: int) -> list[list[int]]:
+    """Merge the strategy's step groups, in order, while they fit in ``size`` elements (a larger
+    one stands alone; ``size`` 0: each alone)."""
+    out: list[list[int]] = []
+    n = 0
+    for g in groups:
+        k = sum(g)
+        if not out or (n + k > size and out[-1]):
+            out.append([])
+            n = 0
+        out[-1].extend(g)
+        n += k
+    return out
 
 
 def on_tier(groups: list[list[int]], ratio: float) -> list[bool]:
@@ -61,10 +73,20 @@ def on_tier(groups: list[list[int]], ratio: float) -> list[bool]:
     return out
 
 
-def region_bytes(group: list[int], state_bytes: int) -> int:
-    """A sub-group's bytes in the swap file (and in a ring buffer): each tensor's state, aligned."""
-    states = state_bytes // 4  # fp32 tensors per element (Adam: exp_avg, exp_avg_sq)
-    return _align(sum(_align(n * 4, SLOT_ALIGN) * states for n in group if n), DISK_ALIGN)
+def region_bytes(group: list[int], slots_per_tensor: int) -> int:
+    """A sub-group's bytes in a ring buffer: ``slots_per_tensor`` fp32 slots per non-empty tensor."""
+    return _align(sum(_align(n * 4, SLOT_ALIGN) * slots_per_tensor for n in group if n), DISK_ALIGN)
+
+
+def file_bytes(group: list[int], states: int, masters: bool) -> int:
+    """A sub-group's bytes in the optimizer file: its region, or where masters were written first,
+    the room reserved then for masters and state together."""
+    per = states + int(masters)
+    region = region_bytes(group, per)
+    if not masters:
+        return region
+    reserve = 4 * sum(group) * per + SLOT_ALIGN * len(group) * per
+    return _align(max(region_bytes(group, 1), _align(reserve, DISK_ALIGN)), DISK_ALIGN)
 
 
 def ring_bytes(regions: list[int], buffer_count: int) -> int:
@@ -73,73 +95,92 @@ def ring_bytes(regions: list[int], buffer_count: int) -> int:
     return sum(max(regions[k::ring]) for k in range(min(ring, len(regions))))
 
 
-def apply_offload(items: list[Item], master_sizes: Sequence[int], s: PlanSettings) -> tuple[list[Item], list[str]]:
+def apply_offload(items: list[Item], layout: OffloadLayout, s: PlanSettings) -> tuple[list[Item], list[str]]:
     """``items`` with offloaded pieces moved to their tier, plus the offload buffers; and notes."""
     notes: list[str] = []
     host = "device" if s.device_type == "cpu" else "host"  # on a CPU machine device memory is host memory
     out = list(items)
-    if s.offload_optimizer is not None:
-        out = _offload_optimizer(out, master_sizes, s, s.offload_optimizer, host, notes)
-    if s.offload_param is not None:
-        out = _offload_params(out, s, s.offload_param, host, notes)
+    par, opt = s.offload_param, s.offload_optimizer
+    if par is not None:  # first: it decides whether masters are copies the optimizer tier may take
+        out = _offload_params(out, layout, s, host, notes)
+    if opt is not None:
+        out = _offload_optimizer(out, layout, s, host, notes)
     return out, notes
 
 
-def _offload_optimizer(items: list[Item], master_sizes: Sequence[int], s: PlanSettings, opt: OffloadConfig,
-                       host: str, notes: list[str]) -> list[Item]:
+def _is(i: Item, role: str) -> bool:
+    return i.role == role and i.group == "model states"
+
+
+def _offload_params(items: list[Item], layout: OffloadLayout, s: PlanSettings, host: str,
+                    notes: list[str]) -> list[Item]:
+    par = s.offload_param
+    assert par is not None
+    if par.device == "cpu":
+        if host == "device":
+            notes.append("offload_param cpu: the device is the CPU, so parameter shards stay where they are")
+        return [replace(i, tier=host) if _is(i, "param_shard") else i for i in items]
+    largest = max(layout.tiered_shards, default=0)
+    if largest > par.buffer_size:
+        raise ValueError(f"zero_optimization.offload_param.buffer_size {par.buffer_size} is smaller than the largest "
+                         f"shard a rank reads at once ({largest} elements); set it to {largest} or more")
+    cb = s.compute_bytes
+    on_disk = sum(_align(n * cb, DISK_ALIGN) for n in layout.tiered_shards)
+    shard = sum(layout.tiered_shards) + layout.persistent_shard
+    out = []
+    for i in items:
+        if _is(i, "param_shard"):
+            out.append(replace(i, what=i.what + ": on disk", nbytes=on_disk, tier="disk"))
+            if layout.persistent_shard:
+                out.append(replace(i, what="parameter shards of persistent units", nbytes=layout.persistent_shard * cb))
+        elif _is(i, "master") and i.nbytes == 0:  # it was the shard itself: now a copy of its own
+            out.append(replace(i, what="fp32 masters (a copy: the shard is on disk)", nbytes=shard * 4))
+        else:
+            out.append(i)
+    count = min(max(1, par.buffer_count), len(layout.tiered_shards))
+    out.append(Item("buffers", "swap", f"parameter read buffers ({count} x the largest shard, {largest:,} elements)",
+                    count * _align(largest * cb, DISK_ALIGN), tier=host))
+    return out
+
+
+def _offload_optimizer(items: list[Item], layout: OffloadLayout, s: PlanSettings, host: str,
+                       notes: list[str]) -> list[Item]:
+    opt = s.offload_optimizer
+    assert opt is not None
     if opt.device == "cpu":
         if host == "device":
             notes.append("offload_optimizer cpu: the device is the CPU, so masters and optimizer state stay where "
                          "they are")
-        out = [replace(i, tier=host) if i.role in OPTIMIZER_ROLES else i for i in items]
+        out = [replace(i, tier=host) if i.role in ("master", "optim", "grad_shard") else i for i in items]
         if host != "device":  # a master that was a view of the device's parameters becomes a host copy
-            out = [replace(i, what="fp32 masters (this rank's shard, on the host)", nbytes=sum(master_sizes) * 4)
-                   if i.role == "master" and i.group == "model states" and i.nbytes == 0 else i for i in out]
+            elems = sum(map(sum, layout.master_groups))
+            out = [replace(i, what="fp32 masters (this rank's shard, on the host)", nbytes=elems * 4)
+                   if _is(i, "master") and i.nbytes == 0 else i for i in out]
         return out
-    groups = sub_groups(master_sizes, s.sub_group_size)
+    states = s.optimizer.state_bytes // 4
+    masters = any(_is(i, "master") and i.nbytes > 0 for i in items)  # copies, not views: they go too
+    groups = sub_groups(layout.master_groups, 0 if s.z3.optimizer_in_backward else s.sub_group_size)
     tier = on_tier(groups, opt.ratio)
-    regions = [region_bytes(g, s.optimizer.state_bytes) for g, t in zip(groups, tier, strict=True) if t]
-    disk_elems = sum(sum(g) for g, t in zip(groups, tier, strict=True) if t)
+    streamed = [g for g, t in zip(groups, tier, strict=True) if t]
+    kept_elems = sum(sum(g) for g, t in zip(groups, tier, strict=True) if not t)
+    total_elems = sum(map(sum, groups))
+    regions = [region_bytes(g, states + int(masters)) for g in streamed]
     out = []
     for i in items:
-        if i.role == "optim" and i.group == "model states":
-            kept = sum(sum(g) for g, t in zip(groups, tier, strict=True) if not t) * s.optimizer.state_bytes
-            out.append(replace(i, what=i.what + ": in its swap file", nbytes=sum(regions), tier="disk"))
-            if kept:
-                out.append(replace(i, what=f"optimizer state beyond ratio {opt.ratio} (kept in memory)", nbytes=kept))
-        else:
+        if not (_is(i, "optim") or (masters and _is(i, "master"))):
             out.append(i)
-    if regions:
-        # the first step finds no state on disk: the optimizer creates a sub-group's state in memory,
-        # which is copied into the ring and dropped before the next sub-group steps
-        out.append(Item("transient", "optim", "a sub-group's optimizer state as the first step creates it",
-                        max(regions), tier=host, phase="step"))
-        out.append(Item("buffers", "swap", f"optimizer swap ring ({min(max(2, opt.buffer_count), len(regions))} "
-                        f"buffers of sub-groups <= {s.sub_group_size:,} elements)",
-                        ring_bytes(regions, opt.buffer_count), tier=host))
-    notes.append(f"offload_optimizer nvme: {len(groups)} sub-groups, {sum(tier)} on disk "
-                 f"({disk_elems:,} of {sum(master_sizes):,} master elements)")
-    return out
-
-
-def _offload_params(items: list[Item], s: PlanSettings, par: OffloadConfig, host: str, notes: list[str]) -> list[Item]:
-    if par.device == "cpu":
-        if host == "device":
-            notes.append("offload_param cpu: the device is the CPU, so parameter shards stay where they are")
-        return [replace(i, tier=host) if i.role == "param_shard" and i.group == "model states" else i for i in items]
-    shard_bytes = sum(i.nbytes for i in items if i.role == "param_shard" and i.group == "model states")
-    out = []
-    for i in items:
-        if i.role == "param_shard" and i.group == "model states":
-            out.append(replace(i, tier="disk"))
-        elif i.role == "master" and i.group == "model states" and s.compute == "fp32":
-            # the master was the shard itself; the shard is now a file, the master stays in memory
-            out.append(replace(i, what="fp32 masters (this rank's shard, kept in memory)", nbytes=shard_bytes))
-        else:
-            out.append(i)
-    swap = min(par.buffer_count * par.buffer_size * s.compute_bytes, shard_bytes)
-    out.append(Item("buffers", "swap", f"parameter swap buffers ({par.buffer_count} x {par.buffer_size:,} elements)",
-                    swap, tier=host))
-    notes.append("offload_param nvme: buffers as DeepSpeed sizes them (buffer_count x buffer_size); provisional "
-                 "until shardspeed's parameter tier lands")
+        elif kept_elems:  # the sub-groups beyond ``ratio`` keep theirs in memory
+            out.append(replace(i, what=i.what + f" (beyond ratio {opt.ratio}: in memory)",
+                               nbytes=i.nbytes * kept_elems // max(total_elems, 1)))
+    if streamed:
+        out.append(Item("model states", "optim", "optimizer file (state" + (" and masters" if masters else "") +
+                        f", {len(streamed)} sub-groups)", sum(file_bytes(g, states, masters) for g in streamed),
+                        tier="disk"))
+        out.append(Item("buffers", "swap", f"optimizer ring ({min(max(2, opt.buffer_count), len(streamed))} buffers "
+                        "of the largest sub-group through each)", ring_bytes(regions, opt.buffer_count), tier=host))
+        # the first step finds no state on disk: the optimizer creates a sub-group's state in memory
+        out.append(Item("transient", "optim", "a sub-group's state as the first step creates it",
+                        max(region_bytes(g, states) for g in streamed), tier=host, phase="step"))
+    notes.append(f"offload_optimizer nvme: {len(groups)} sub-groups, {len(streamed)} on disk "
+                 f"({total_elems - kept_elems:,} of {total_elems:,} master elements)")
     return out

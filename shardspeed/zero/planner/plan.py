@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from shardspeed.zero.partition import plan_sharded_buckets
 from shardspeed.zero.planner.items import TIERS, Item
-from shardspeed.zero.planner.offload import apply_offload
+from shardspeed.zero.planner.offload import OffloadLayout, apply_offload
 from shardspeed.zero.planner.settings import PlanSettings
 from shardspeed.zero.planner.spec import ModelSpec
 from shardspeed.zero.planner.windows import gathered_peak, prefetch_budget, reduction_peak
@@ -86,8 +86,8 @@ def make_plan(spec: ModelSpec, s: PlanSettings) -> Plan:
     if s.offload_optimizer is not None and s.stage == 0:
         raise ValueError("zero_optimization.offload_optimizer applies to stages 1-3; the config has stage 0")
     build = {0: _stage0, 1: _stages12, 2: _stages12, 3: _stage3}[s.stage]
-    items, master_sizes = build(spec, s)
-    items, notes = apply_offload(items, master_sizes, s)
+    items, layout = build(spec, s)
+    items, notes = apply_offload(items, layout, s)
     plan = Plan(s, spec, items, notes)
     if spec.assumed:
         plan.notes.insert(0, f"layout {spec.assumed}")
@@ -108,7 +108,7 @@ def _autograd_grad(spec: ModelSpec, s: PlanSettings, phase: str = "backward") ->
                  largest * s.compute_bytes)
 
 
-def _stage0(spec: ModelSpec, s: PlanSettings) -> tuple[list[Item], list[int]]:
+def _stage0(spec: ModelSpec, s: PlanSettings) -> tuple[list[Item], OffloadLayout]:
     n, t = spec.total, spec.trainable
     local = s.world == 1 and s.compute == "fp32" and s.accum == "fp32"
     items = [_state("param", f"parameters ({s.compute}, whole model)", n * s.compute_bytes)]
@@ -126,10 +126,10 @@ def _stage0(spec: ModelSpec, s: PlanSettings) -> tuple[list[Item], list[int]]:
     items.append(_state("optim", f"optimizer state ({s.optimizer.name}, whole model)", t * s.optimizer.state_bytes))
     if s.optimizer.step_temp_bytes:
         items.append(_temp("step", "optim_temp", "optimizer step temporaries", t * s.optimizer.step_temp_bytes))
-    return items, [p.numel for p in spec.params if p.trainable]
+    return items, OffloadLayout([[p.numel] for p in spec.params if p.trainable])
 
 
-def _stages12(spec: ModelSpec, s: PlanSettings) -> tuple[list[Item], list[int]]:
+def _stages12(spec: ModelSpec, s: PlanSettings) -> tuple[list[Item], OffloadLayout]:
     trainable = [p for p in spec.params if p.trainable]
     plans = plan_sharded_buckets([[p.name for p in trainable]], [[p.shape for p in trainable]], s.bucket_numel,
                                  s.world)
@@ -165,16 +165,19 @@ def _stages12(spec: ModelSpec, s: PlanSettings) -> tuple[list[Item], list[int]]:
     if s.optimizer.step_temp_bytes:
         items.append(_temp("step", "optim_temp", "optimizer step temporaries (this rank's shard)",
                            shard * s.optimizer.step_temp_bytes))
-    return items, [b.shard for b in plans]  # one master per bucket, in bucket order (sharded.py)
+    return items, OffloadLayout([[b.shard] for b in plans])  # a master per bucket, in bucket order (sharded.py)
 
 
-def _stage3(spec: ModelSpec, s: PlanSettings) -> tuple[list[Item], list[int]]:
+def _stage3(spec: ModelSpec, s: PlanSettings) -> tuple[list[Item], OffloadLayout]:
     units = [[spec.params[i] for i in u] for u in spec.units]
     numels = [sum(p.numel for p in u) for u in units]
     shards = [flat_layout([p.numel for p in u], s.world, 0).shard for u in units]
     full = [sh * s.world for sh in shards]
     persistent = [m <= s.z3.persistence_threshold for m in numels]
-    trainable_shard = sum(sh for sh, u in zip(shards, units, strict=True) if any(p.trainable for p in u))
+    # the optimizer steps each trainable parameter's piece of this rank's shard (Unit.master_chunks)
+    pieces = [[length if p.trainable else 0 for p, (_, _, length) in
+               zip(u, flat_layout([p.numel for p in u], s.world, 0).pieces, strict=True)] for u in units]
+    trainable_shard = sum(map(sum, pieces))
     shard = sum(shards)
     fp32 = s.compute == "fp32"
     items = [_state("param_shard", f"parameter shards ({s.compute}, {len(units)} units)", shard * s.compute_bytes),
@@ -223,9 +226,7 @@ def _stage3(spec: ModelSpec, s: PlanSettings) -> tuple[list[Item], list[int]]:
         built = ("model built whole before initialize() (fp32)", spec.total * 4)
     items += [Item("init", "model", built[0], built[1]),
               Item("init", "param_shard", "shards cut at initialize() (parameters, masters, gradients)", states)]
-    # the optimizer steps each parameter's piece (Unit.master_chunks), in registration order
-    pieces: dict[int, int] = {}
-    for u, unit in zip(spec.units, units, strict=True):
-        layout = flat_layout([p.numel for p in unit], s.world, 0)
-        pieces.update({i: length for i, (_, _, length) in zip(u, layout.pieces, strict=True)})
-    return items, [pieces[i] for i in sorted(pieces) if spec.params[i].trainable]
+    # Stage3Strategy.units run in reverse registration order: the order sub-groups step in
+    chunks = [[n for n, p in zip(pc, u, strict=True) if p.trainable] for pc, u in zip(pieces, units, strict=True)]
+    tiered = [sh for sh, keep in zip(shards, persistent, strict=True) if not keep]
+    return items, OffloadLayout(chunks[::-1], tiered_shards=tiered, persistent_shard=shard - sum(tiered))
