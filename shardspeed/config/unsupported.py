@@ -47,20 +47,12 @@ def _at_least(bound: float) -> Callable[[Any], bool]:
     return lambda value: value >= bound
 
 
-def _params_not_on_disk(value: Any) -> bool:
-    return value is None or value.device != "nvme"
-
-
 def _no_tp_subsection(value: Any) -> bool:
     return value is None or (value.tp_size == 1 and value.tp_grain_size == 1 and value.mpu is None
                              and value.tp_group is None)
 
 
 UNSUPPORTED: tuple[Unsupported, ...] = (
-    Unsupported("zero_optimization.offload_param", _params_not_on_disk,
-                "stage 3's parameter shards stay in memory; offload the optimizer state instead "
-                "(\"offload_optimizer\": {\"device\": \"nvme\", ...}: 8 of the 12 bytes a parameter holds with "
-                "fp32 Adam), or set \"device\": \"none\""),
     # Every strategy copies gradients end to end into flat, contiguous buckets (zero/sharded.py,
     # zero/stage3.py): that is what true asks for, and there is no non-contiguous path.
     Unsupported("zero_optimization.contiguous_gradients", _is(True),

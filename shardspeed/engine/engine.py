@@ -18,13 +18,14 @@ import torch
 from shardspeed.accelerator import get_accelerator
 from shardspeed.checkpoint import full_module_state, load_checkpoint, save_checkpoint
 from shardspeed.comm import Topology, broadcast, enable_comm_log, get_global_rank, get_rank
-from shardspeed.config import ShardspeedConfig, resolve_batch_sizes
+from shardspeed.config import ConfigError, ShardspeedConfig, resolve_batch_sizes
 from shardspeed.data import ResumableLoader, build_dataloader
 from shardspeed.engine.components import check_optimizer_in_backward, make_optimizer, make_scheduler, param_groups
 from shardspeed.engine.reporting import StepReporter
 from shardspeed.engine.timers import Timers
 from shardspeed.precision import LossScaler, PrecisionPolicy
 from shardspeed.zero import Stage3Options, StrategyOptions, make_strategy
+from shardspeed.zero.stage3_parts import ParamOffload
 from shardspeed.zero.swap_optimizer import make_optimizer_swapper
 
 log = logging.getLogger("shardspeed")
@@ -57,7 +58,8 @@ class ShardspeedEngine(torch.nn.Module):
                            max_live_numel=z.stage3_max_live_parameters,
                            coalesce_layers=z.stage3_coalesce_layers,
                            max_reuse_distance=z.stage3_max_reuse_distance,
-                           optimizer_in_backward=z.optimizer_in_backward)
+                           optimizer_in_backward=z.optimizer_in_backward,
+                           param_offload=self._param_offload())
         self.strategy = make_strategy(z.stage, self.module, topo, self._strategy_options(),
                                       [g["params"] for g in groups], z3)
         if self.policy.compute != torch.float32:
@@ -71,7 +73,8 @@ class ShardspeedEngine(torch.nn.Module):
         self.clip_norm = config.gradient_clipping or opt_clip
         check_optimizer_in_backward(config, self.optimizer, self.clip_norm, self.batch.gradient_accumulation_steps)
         # offload_optimizer: the optimizer's per-element state lives on disk and steps in sub-groups
-        self.optimizer_swapper = make_optimizer_swapper(config, self.optimizer, get_rank(), self.device)
+        self.optimizer_swapper = make_optimizer_swapper(config, self.optimizer, self.strategy, get_rank(),
+                                                         self.device)
         self.lr_scheduler = make_scheduler(config, lr_scheduler, self.optimizer)
         self.loss_scaler = LossScaler.from_config(config.fp16) if config.fp16.enabled else None
         self.training_dataloader = None
@@ -89,6 +92,24 @@ class ShardspeedEngine(torch.nn.Module):
         self._last_grad_norm: float | None = None
         if config.memory_breakdown and get_rank() == 0:
             log.info("memory breakdown (bytes): %s", self.memory_breakdown())
+
+    def _param_offload(self) -> ParamOffload | None:
+        """offload_param with device nvme: stage 3's shards on disk (zero/swap_params.py); device cpu
+        on a CPU run is where they already are (logged once)."""
+        off = self.config.zero_optimization.offload_param
+        if off is None or off.device == "none":
+            return None
+        if self.device.type != "cpu":
+            raise ConfigError(f"zero_optimization.offload_param.device '{off.device}' is not supported yet with a "
+                              f"{self.device.type} training device: offload is implemented for CPU training; set "
+                              "\"device\": \"none\"")
+        if off.device == "cpu":
+            if get_rank() == 0:
+                log.info("zero_optimization.offload_param.device 'cpu': training runs on the CPU, so the parameter "
+                         "shards are already in host memory; nothing moves")
+            return None
+        return ParamOffload(nvme_path=off.nvme_path or "", buffer_count=off.buffer_count, buffer_size=off.buffer_size,
+                            aio=self.config.aio, rank=get_rank())
 
     def _strategy_options(self) -> StrategyOptions:
         z = self.config.zero_optimization
@@ -275,6 +296,8 @@ class ShardspeedEngine(torch.nn.Module):
     def _optimizer_step(self) -> None:
         with self.timers("reduce_wait"):
             self.strategy.wait_reductions()  # with the optimizer in backward, this steps the last units
+            if self.strategy.steps_in_backward and self.optimizer_swapper is not None:
+                self.optimizer_swapper.drain()  # their state written back before anything reads it again
         if not self.strategy.steps_in_backward and not self._update():
             return
         self.strategy.after_step()

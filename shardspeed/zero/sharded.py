@@ -164,6 +164,16 @@ class ShardedStrategy(OrderedReduction, Strategy):
         self.after_step()
         self.wait_params()
 
+    def master_copies(self) -> bool:
+        return any(not b.master_is_view for b in self.buckets)
+
+    @torch.no_grad()
+    def publish_masters_of(self, masters: list[torch.Tensor]) -> None:
+        wanted = {id(m) for m in masters}
+        for b in self.buckets:
+            if id(b.master) in wanted and not b.master_is_view:
+                b.param_buffer[b.lo:b.hi].copy_(b.master)
+
     # -- backward ---------------------------------------------------------------------------------
     def begin_backward(self, boundary: bool) -> None:
         self._boundary = boundary
@@ -263,7 +273,7 @@ class ShardedStrategy(OrderedReduction, Strategy):
         for i in reversed(range(len(self.buckets))):  # buckets run in reverse registration order
             b = self.buckets[i]
             shard = b.param_buffer[b.lo:b.hi]
-            if not b.master_is_view:
+            if not b.master_is_view and not self.masters_published_elsewhere:
                 shard.copy_(b.master)
             if in_flight + b.splan.padded > self.opts.allgather_numel and self._gathers:
                 self.wait_params()  # bound what is in flight (allgather_bucket_size)
@@ -310,7 +320,7 @@ class ShardedStrategy(OrderedReduction, Strategy):
             out["parameters"] += nbytes(b.param_buffer)
             out["gradients"] += nbytes(b.grad_full) if b.keep_full_grads else 0
             out["gradients"] += 0 if b.shard_in_full else nbytes(b.grad_shard)
-            out["master_parameters"] += 0 if b.master_is_view else nbytes(b.master)
+            out["master_parameters"] += 0 if b.master_is_view or self.masters_published_elsewhere else nbytes(b.master)
         # stage 2's reusable gradient buckets: at most reduce_bucket_size elements (BufferPool), 0 at rest
         out["temporary_buffers"] = self._pool.pooled_bytes()
         return out

@@ -38,6 +38,7 @@ backward comes later) would see the stepped value: such models need the ordinary
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -53,6 +54,7 @@ from shardspeed.zero.stage3_parts import (
 )
 from shardspeed.zero.stage3_unit import Unit
 from shardspeed.zero.strategy import OrderedReduction, Piece, Strategy, StrategyOptions
+from shardspeed.zero.swap_params import ParamTier, make_param_tier
 
 __all__ = ["Stage3Options", "Stage3Strategy", "register_external_parameter"]
 
@@ -84,7 +86,8 @@ class Stage3Strategy(OrderedReduction, Strategy):
         root_unit: dict[int, int] = {}
         for root, members in reversed(created):
             u = Unit(len(self.units), [n for n, _ in members], [p for _, p in members], self.rank, self.world,
-                     opts, z3.persistence_threshold, self._full_flat, lazy_grads=z3.optimizer_in_backward)
+                     opts, z3.persistence_threshold, self._full_flat, lazy_grads=z3.optimizer_in_backward,
+                     separate_master=z3.param_offload is not None)
             for pos, (_, p) in enumerate(members):
                 self.unit_of[id(p)] = (u.index, pos)
                 p._shardspeed_z3 = (self, u.index)  # for GatheredParameters
@@ -107,11 +110,15 @@ class Stage3Strategy(OrderedReduction, Strategy):
         self.reuse_distance = z3.max_reuse_distance if z3.max_reuse_distance is not None else self.prefetch_numel
         self._placeholder = torch.empty(0, dtype=opts.compute_dtype, device=self.units[0].local.device
                                         if self.units else None)
+        self.param_tier: ParamTier | None = None
         for u in self.units:
             if u.persistent:
                 self._gather_now(u)
             else:
                 self._free(u)
+        # offload_param: the non-persistent shards live on disk (swap_params.py, Note: parameter shards on disk)
+        self.param_tier = None if z3.param_offload is None else make_param_tier(
+            [u for u in self.units if not u.persistent], z3.param_offload, z3.param_offload.rank)
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for _, p in self.named_params]
         # state_dict() gives full tensors, never placeholders: gather everything around it (a collective)
         self._sd_units: list[Unit] = []
@@ -175,7 +182,8 @@ class Stage3Strategy(OrderedReduction, Strategy):
         if u.gathered or u.pending is not None:
             return
         buf = torch.empty(self.world * u.shard_numel, dtype=u.local.dtype, device=u.local.device)
-        u.pending = (buf, all_gather(buf, u.local, group=self.group, async_op=True))
+        local = self.param_tier.acquire(u) if self._tiered(u) else u.local
+        u.pending = (buf, all_gather(buf, local, group=self.group, async_op=True))
         self._live += sum(u.numels)
         self._held["in_flight"] += buf.numel() * buf.element_size()
         self._note_peak()
@@ -187,6 +195,8 @@ class Stage3Strategy(OrderedReduction, Strategy):
         buf, handle = u.pending
         handle.wait()
         u.pending = None
+        if self._tiered(u):
+            self.param_tier.release(u)
         self._held["in_flight"] -= buf.numel() * buf.element_size()
         if not u.persistent:
             self._held["parameters"] += buf.numel() * buf.element_size()
@@ -212,6 +222,8 @@ class Stage3Strategy(OrderedReduction, Strategy):
             buf, handle = u.pending
             handle.wait()
             u.pending = None
+            if self._tiered(u):
+                self.param_tier.release(u)
             self._held["in_flight"] -= buf.numel() * buf.element_size()
             self._live -= sum(u.numels)
         if u.gathered:
@@ -227,6 +239,9 @@ class Stage3Strategy(OrderedReduction, Strategy):
     def _live_numel(self) -> int:
         return self._live
 
+    def _tiered(self, u: Unit) -> bool:
+        return self.param_tier is not None and u.index in self.param_tier.units
+
     def _prefetch(self, after: int, step: int) -> None:
         """Start gathering the units that follow trace position ``after`` (step +1 forward, -1 backward)."""
         if not self._trace_done:
@@ -237,10 +252,16 @@ class Stage3Strategy(OrderedReduction, Strategy):
             u = self.units[self._trace[i]]
             if not u.gathered and u.pending is None:
                 if self._live_numel() + sum(u.numels) > self.z3.max_live_numel:
-                    return
+                    break
                 self._start_gather(u)
             budget -= sum(u.numels)
             i += step
+        if self.param_tier is not None:  # disk reads run further ahead than the gathers
+            while 0 <= i < len(self._trace):
+                u = self.units[self._trace[i]]
+                if not u.gathered and u.pending is None and not self.param_tier.fetch(u):
+                    break
+                i += step
 
     # -- forward ----------------------------------------------------------------------------------
     def _release_deferred(self, keep: tuple[int, ...] = ()) -> None:
@@ -407,7 +428,10 @@ class Stage3Strategy(OrderedReduction, Strategy):
                                "pass optimizer=... or add an 'optimizer' section to the config")
         shard = u.grad_shard
         u.attach_grads(shard)
-        self._optimizer.step()
+        if self.unit_stepper is not None:  # optimizer state on disk: read, step, write back (swap_optimizer.py)
+            self.unit_stepper(u.master_chunks)
+        else:
+            self._optimizer.step()
         u.detach_grads()
         u.shard_fresh = True
         self._held["gradient_shards"] -= shard.numel() * 4
@@ -439,6 +463,48 @@ class Stage3Strategy(OrderedReduction, Strategy):
     def master_for(self, param: torch.nn.Parameter) -> torch.Tensor:
         ui, pos = self.unit_of[id(param)]
         return self.units[ui].master_chunks[pos]
+
+    def master_copies(self) -> bool:
+        return any(not u.master_is_view for u in self.units)
+
+    def step_subgroups(self, masters: list[torch.Tensor], size: int) -> list[list[torch.Tensor]]:
+        """Whole units (in unit order), merged while they fit in ``size`` elements: a unit's
+        masters are published together, into its one shard."""
+        mine = {id(m) for m in masters}
+        groups: list[list[torch.Tensor]] = []
+        n = 0
+        for u in self.units:
+            chunks = [m for m in u.master_chunks if id(m) in mine]
+            if not chunks:
+                continue
+            k = sum(m.numel() for m in chunks)
+            if not groups or (n + k > size and groups[-1]):
+                groups.append([])
+                n = 0
+            groups[-1].extend(chunks)
+            n += k
+        return groups
+
+    @torch.no_grad()
+    def publish_masters_of(self, masters: list[torch.Tensor]) -> None:
+        unit_of_chunk = {id(m): u for u in self.units for m in u.master_chunks}
+        for u in dict.fromkeys(unit_of_chunk[id(m)] for m in masters):  # whole units (step_subgroups)
+            self._publish_unit(u)
+
+    @torch.no_grad()
+    def _publish_unit(self, u: Unit) -> None:
+        """``u``'s compute shard from its masters (nothing to do where the shard is the master)."""
+        pieces = [(at, m) for m, (_, at, length) in zip(u.master_chunks, u.layout.pieces, strict=True) if length]
+        if self._tiered(u):
+            self.param_tier.store(u, pieces)
+        elif not u.master_is_view:
+            for at, m in pieces:
+                u.local[at:at + m.numel()].copy_(m)
+
+    def drop_master_storage(self) -> None:
+        for u in self.units:
+            if not u.master_is_view:
+                u.master = u.master.new_empty(0)  # the chunks the tier holds were its only other users
 
     def attach_optimizer(self, optimizer: Any) -> None:
         self._optimizer = optimizer
@@ -480,8 +546,8 @@ class Stage3Strategy(OrderedReduction, Strategy):
         self._pool.clear()
         self._held["gradient_buffers"] = self._pool.allocated
         for u in self.units:
-            if not u.master_is_view:
-                u.local.copy_(u.master)
+            if not self.masters_published_elsewhere:
+                self._publish_unit(u)
             # a gathered unit, or one a backward prefetch left in flight, would hold pre-step values
             if (u.gathered or u.pending is not None) and u.refs == 0 and not u.persistent:
                 self._free(u)
@@ -511,7 +577,10 @@ class Stage3Strategy(OrderedReduction, Strategy):
         for u in self.units:
             out["parameters"] += u.local.numel() * u.local.element_size()
             out["gradients"] += 0 if u.grad_shard is None else u.grad_shard.numel() * 4
-            out["master_parameters"] += 0 if u.master_is_view else u.master.numel() * 4
+            out["master_parameters"] += 0 if u.master_is_view else u.master.numel() * 4  # 0 once on a tier
+        if self.param_tier is not None:
+            out["param_offload_buffers"] = self.param_tier.memory_bytes()
+            out["parameters_on_disk"] = self.param_tier.disk_bytes()
         out["peak_transient"] = self._peak_transient  # not model state at rest: the high-water mark
         out["peak_gathered"] = self._peak_gathered  # its gathered-parameter part
         out["transient"] = self._transient_bytes()  # now; 0 at rest between steps
@@ -534,14 +603,14 @@ class Stage3Strategy(OrderedReduction, Strategy):
 
     def release(self, units: list[Unit], modified: bool) -> None:
         """Drop a hold on ``units``; ``modified``: their full values changed and are re-partitioned."""
-        with torch.no_grad():
+        resident = self.master_tier.all_resident() if modified and self.master_tier is not None else nullcontext()
+        with torch.no_grad(), resident:
             for u in units:
                 if modified:
-                    for p, m, (start, at, length) in zip(u.params, u.master_chunks, u.layout.pieces, strict=True):
+                    for p, m, (start, _, length) in zip(u.params, u.master_chunks, u.layout.pieces, strict=True):
                         if length:
                             m.copy_(p.data.reshape(-1)[start:start + length])
-                            if not u.master_is_view:
-                                u.local[at:at + length].copy_(m)
+                    self._publish_unit(u)
                 u.refs -= 1
                 if u.refs == 0 and not u.persistent:
                     self._free(u)

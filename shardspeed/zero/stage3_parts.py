@@ -11,6 +11,17 @@ import torch
 
 
 @dataclass(frozen=True)
+class ParamOffload:
+    """``zero_optimization.offload_param`` with ``device: nvme`` (swap_params.py)."""
+
+    nvme_path: str
+    buffer_count: int
+    buffer_size: int
+    aio: Any
+    rank: int
+
+
+@dataclass(frozen=True)
 class Stage3Options:
     prefetch_numel: int | None = None  # None: auto (Stage3Strategy, Note: default windows)
     persistence_threshold: int = 100_000
@@ -18,6 +29,7 @@ class Stage3Options:
     coalesce_layers: bool = True
     max_reuse_distance: int | None = None  # None: the prefetch window
     optimizer_in_backward: bool = False
+    param_offload: ParamOffload | None = None  # parameter shards on disk (swap_params.py)
 
 
 @dataclass(frozen=True, eq=False)

@@ -17,7 +17,7 @@ class Unit:
     def __init__(self, index: int, names: list[str], params: list[torch.nn.Parameter], rank: int, world: int,
                  opts: StrategyOptions, persistent_threshold: int, full_flat: Callable[[torch.nn.Parameter],
                                                                                         torch.Tensor],
-                 lazy_grads: bool = False):
+                 lazy_grads: bool = False, separate_master: bool = False):
         self.index, self.names, self.params = index, names, params
         self.world = world
         self.shapes = [tuple(getattr(p, "ds_shape", p.shape)) for p in params]
@@ -31,9 +31,10 @@ class Unit:
             full = full_flat(p)  # on every rank, even for an empty piece: it may be a collective
             if length:
                 fp32[at:at + length].copy_(full[start:start + length])
-        self.master_is_view = opts.compute_dtype == torch.float32
-        self.local = fp32 if self.master_is_view else fp32.to(opts.compute_dtype)
-        self.master = fp32 if self.master_is_view else fp32.clone()
+        # separate_master: the shard goes to disk (swap_params.py), the master must not go with it
+        self.master_is_view = opts.compute_dtype == torch.float32 and not separate_master
+        self.local = fp32 if self.master_is_view else fp32.to(opts.compute_dtype, copy=True)
+        self.master = fp32  # the compute shard is either this tensor or a copy of it
         # this rank's piece of each parameter (possibly empty): what the optimizer steps
         self.master_chunks = [self.master[at:at + length] for _, at, length in self.layout.pieces]
         # optimizer in backward: a shard only between reduction and step (Note: optimizer in backward)

@@ -228,6 +228,47 @@ class Strategy(ABC):
         finally:
             self._no_sync = prev
 
+    # -- for a tier that keeps the masters elsewhere (zero/swap_optimizer.py) ---------------------
+    #: set once such a tier holds the masters: it copies each stepped master into the compute
+    #: parameters itself (``publish_masters_of``), so ``after_step`` must not read masters, and code
+    #: that writes masters between steps does so inside ``master_tier.all_resident()``
+    master_tier: Any = None
+
+    #: set by a tier that must step masters itself: stage 3's optimizer in backward calls it with a
+    #: unit's masters (gradients attached) instead of ``optimizer.step()``
+    unit_stepper: Any = None
+
+    @property
+    def masters_published_elsewhere(self) -> bool:
+        return self.master_tier is not None
+
+    def drop_master_storage(self) -> None:
+        """The tier took the masters: free any memory still holding them beside the optimizer's tensors
+        (stages 1-2 hold none: the optimizer's tensor is the only one)."""
+        return None
+
+    def master_copies(self) -> bool:
+        """Whether the optimizer's masters are copies of the compute parameters (which a tier may
+        move away), rather than the compute parameters' own storage."""
+        return False
+
+    def step_subgroups(self, masters: list[torch.Tensor], size: int) -> list[list[torch.Tensor]]:
+        """The optimizer's masters cut into sub-groups of at most ``size`` elements (one larger
+        master alone), in the order they step; every master in exactly one."""
+        groups: list[list[torch.Tensor]] = []
+        n = 0
+        for m in masters:
+            if not groups or (n + m.numel() > size and groups[-1]):
+                groups.append([])
+                n = 0
+            groups[-1].append(m)
+            n += m.numel()
+        return groups
+
+    def publish_masters_of(self, masters: list[torch.Tensor]) -> None:
+        """Copy these just-stepped masters into the compute parameters (``master_copies()`` only)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no master copies")
+
     def map_param_groups(self, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Replace the module's parameters in optimizer param groups by their masters."""
         return [{**g, "params": [self.master_for(p) for p in g["params"]]} for g in groups]

@@ -22,8 +22,12 @@ optimizer updates (a stage's fp32 masters), never the stage's buckets or units.
 - The first step finds no state on disk: the optimizer creates it; the swapper lays out the region
   from what was created and writes it. Anything that reads or writes the state as tensors
   (checkpoints) does so inside ``all_resident()``.
-- The masters themselves stay in memory: in fp32 training they are the parameters' own storage
-  (stages 1-2) or the shard stage 3 gathers from; parameters on disk are ``offload_param``'s job.
+- Masters that are copies of the compute parameters (bf16/fp16 training; ``Strategy.master_copies``)
+  are one more slot of the region: between steps the optimizer holds a one-element placeholder
+  broadcast to the master's shape, and right after its sub-group steps each master is published
+  into the compute parameters (``Strategy.publish_masters_of``), so ``after_step`` never reads a
+  master. In fp32 training the masters are the compute parameters' own storage (stages 1-2) or the
+  shard stage 3 gathers from, and stay where they are.
 
 [Note: the ring] Sub-group i is read into ring buffer i mod R (R = ``buffer_count``, at least 2): the
 reads of the next R - 1 sub-groups are in flight while sub-group i steps, and the write-back of i
@@ -51,10 +55,13 @@ log = logging.getLogger("shardspeed")
 KEY = "zero_optimization.offload_optimizer"
 
 
+MASTER = ""  # the slot key of the master itself (state keys are the optimizer's names)
+
+
 @dataclass
 class _Slot:
     param: torch.Tensor
-    key: str
+    key: str  # a state key, or MASTER
     offset: int  # bytes from the start of the region
     dtype: torch.dtype
 
@@ -65,8 +72,9 @@ class SubGroup:
     numel: int
     on_tier: bool  # False: beyond offload_optimizer.ratio, its state stays in memory
     slots: list[_Slot] = field(default_factory=list)
-    nbytes: int = 0  # region size; 0 until its state first existed
+    nbytes: int = 0  # region size; 0 until something of it was written
     file_offset: int = -1
+    capacity: int = 0  # bytes reserved at file_offset: a later layout that fits stays there
 
     @property
     def laid_out(self) -> bool:
@@ -89,47 +97,62 @@ def per_element_states(optimizer: torch.optim.Optimizer) -> int:
 
 
 class OptimizerSwapper:
-    """Steps ``optimizer`` with its per-element state on a ``SwapFile`` (Note: optimizer state on disk)."""
+    """Steps ``optimizer`` with its per-element state (and, where they are copies, its masters) on a
+    ``SwapFile`` (Note: optimizer state on disk). ``strategy``: the ZeRO strategy whose masters the
+    optimizer holds; it orders them into sub-groups and publishes stepped masters."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, nvme_path: str, rank: int, sub_group_size: int,
-                 buffer_count: int, ratio: float, aio: Any):
+    def __init__(self, optimizer: torch.optim.Optimizer, strategy: Any, nvme_path: str, rank: int,
+                 sub_group_size: int, buffer_count: int, ratio: float, aio: Any):
         self.optimizer = optimizer
+        self.strategy = strategy
         self.file = SwapFile(nvme_path, "optimizer", rank, aio)
         self._finalizer = weakref.finalize(self, self.file.close)
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        self.subgroups = self._split(params, sub_group_size, ratio)
+        self.subgroups = self._split(strategy.step_subgroups(params, sub_group_size), ratio)
         self.ring_size = max(2, buffer_count)
         self._ring: list[torch.Tensor | None] = [None] * self.ring_size
         self._placeholders: dict[torch.dtype, torch.Tensor] = {}
+        self.masters_on_tier = strategy.master_copies()
+        self._index = {id(p): i for i, g in enumerate(self.subgroups) for p in g.params}
+        # optimizer in backward: sub-groups step one at a time as their units' gradients are reduced
+        self._turn = 0  # the ring buffer the next one reads into
+        self._ahead: tuple[int, int, IOHandle | None] | None = None  # (sub-group, buffer, read) read ahead
+        self._writes: dict[int, IOHandle | None] = {}  # buffer -> its write-back in flight
+
+    def take_masters(self, states_per_element: int) -> None:
+        """Masters that are copies of the compute parameters go to disk now (after the disk check);
+        from here on the strategy leaves publishing them to the step (Note: optimizer state on disk)."""
+        if not self.masters_on_tier:
+            return
+        self.strategy.master_tier = self
+        for g in self.subgroups:
+            if g.on_tier:
+                per = 1 + states_per_element  # the master and the state to come, fp32 each
+                handle = self._swap_out(g, -1, reserve=4 * g.numel * per + ALIGN_SLACK * len(g.params) * per)
+                if handle is not None:
+                    handle.wait()
+        self.strategy.drop_master_storage()
 
     @staticmethod
-    def _split(params: list[torch.Tensor], size: int, ratio: float) -> list[SubGroup]:
-        groups: list[SubGroup] = []
-        cur: list[torch.Tensor] = []
-        n = 0
-        for p in params:
-            if cur and n + p.numel() > size:
-                groups.append(SubGroup(cur, n, True))
-                cur, n = [], 0
-            cur.append(p)
-            n += p.numel()
-        if cur:
-            groups.append(SubGroup(cur, n, True))
-        total = sum(g.numel for g in groups)
+    def _split(groups: list[list[torch.Tensor]], ratio: float) -> list[SubGroup]:
+        out = [SubGroup(g, sum(p.numel() for p in g), True) for g in groups]
+        total = sum(g.numel for g in out)
         # ratio: the first sub-groups, in step order, holding up to that fraction of the elements
         budget, seen = ratio * total, 0
-        for g in groups:
+        for i, g in enumerate(out):
             seen += g.numel
-            g.on_tier = seen <= budget + 0.5 or g is groups[0]
-        return groups
+            g.on_tier = seen <= budget + 0.5 or i == 0
+        return out
 
     # -- sizes, for checks and the planner -------------------------------------------------------
     def offloaded_numel(self) -> int:
         return sum(g.numel for g in self.subgroups if g.on_tier)
 
     def disk_bytes_needed(self, states_per_element: int) -> int:
-        """Swap-file bytes for ``states_per_element`` fp32 tensors per offloaded element (with alignment)."""
-        return sum(align_up(4 * g.numel * states_per_element) + ALIGN_SLACK * len(g.params)
+        """Swap-file bytes for ``states_per_element`` fp32 tensors per offloaded element, plus the
+        masters where they are copies (with alignment)."""
+        per = states_per_element + (1 if self.strategy.master_copies() else 0)
+        return sum(align_up(4 * g.numel * per + ALIGN_SLACK * len(g.params) * per)
                    for g in self.subgroups if g.on_tier)
 
     def buffer_bytes(self) -> int:
@@ -163,15 +186,19 @@ class OptimizerSwapper:
         self.optimizer.step()
         for p in g.params:
             p.grad = None
+        if self.masters_on_tier:
+            self.strategy.publish_masters_of(g.params)
 
     def _step_streamed(self, groups: list[SubGroup], grads: dict[int, torch.Tensor | None]) -> None:
         ring = self.ring_size
         reads: dict[int, IOHandle | None] = {}
-        writes: dict[int, IOHandle] = {}
+        writes: dict[int, IOHandle | None] = {}
 
         def launch_read(j: int) -> None:
             if j - ring in writes:  # the buffer's previous sub-group must be on disk first
-                writes.pop(j - ring).wait()
+                handle = writes.pop(j - ring)
+                if handle is not None:
+                    handle.wait()
             reads[j] = self._swap_in(groups[j], j % ring)
 
         issued = 0
@@ -195,6 +222,8 @@ class OptimizerSwapper:
 
     # -- moving one sub-group -------------------------------------------------------------------
     def _buffer(self, k: int, nbytes: int) -> torch.Tensor:
+        if k < 0:
+            return aligned_empty(nbytes)
         buf = self._ring[k]
         if buf is None or buf.numel() < nbytes:
             buf = self._ring[k] = aligned_empty(nbytes)
@@ -205,72 +234,163 @@ class OptimizerSwapper:
             n = s.param.numel() * s.dtype.itemsize
             yield s, buf[s.offset:s.offset + n].view(s.dtype).view(s.param.shape)
 
+    def _place(self, s: _Slot, t: torch.Tensor) -> None:
+        """Make ``t`` what the optimizer sees for slot ``s``."""
+        if s.key == MASTER:
+            s.param.data = t
+        else:
+            self.optimizer.state[s.param][s.key] = t
+
+    def _current(self, s: _Slot) -> torch.Tensor:
+        return s.param.data if s.key == MASTER else self.optimizer.state[s.param][s.key]
+
     def _swap_in(self, g: SubGroup, k: int, buf: torch.Tensor | None = None) -> IOHandle | None:
-        """Start reading ``g``'s state into ring buffer ``k`` (or ``buf``); the optimizer sees the views
-        at once, and the data once the returned handle was waited for."""
+        """Start reading ``g``'s region into ring buffer ``k`` (or ``buf``); the optimizer sees the
+        views at once, and the data once the returned handle was waited for."""
         if not g.laid_out:
-            return None  # no state yet: the optimizer creates it at this step
+            return None  # nothing written yet: the optimizer creates the state at this step
         buf = buf if buf is not None else self._buffer(k, g.nbytes)
         for s, view in self._views(g, buf):
-            self.optimizer.state[s.param][s.key] = view
+            self._place(s, view)
         return self.file.read(g.file_offset, buf, g.nbytes)
 
-    def _lay_out(self, g: SubGroup) -> None:
-        """Place each per-element state tensor ``g``'s parameters now have (Note: optimizer state on disk)."""
-        offset = 0
+    def _wanted_slots(self, g: SubGroup) -> list[tuple[torch.Tensor, str, torch.dtype]]:
+        out = []
         for p in g.params:
+            if p.numel() == 0:
+                continue
+            if self.masters_on_tier:
+                out.append((p, MASTER, p.dtype))
             for key, v in sorted(self.optimizer.state.get(p, {}).items()):
-                if torch.is_tensor(v) and v.shape == p.shape and p.numel() > 0:
-                    g.slots.append(_Slot(p, key, offset, v.dtype))
-                    offset = align_up(offset + v.numel() * v.element_size(), ALIGN_SLACK)
-        g.nbytes = align_up(offset)
-        if g.nbytes:
-            g.file_offset = self.file.allocate(g.nbytes)
+                if torch.is_tensor(v) and v.shape == p.shape:
+                    out.append((p, key, v.dtype))
+        return out
 
-    def _swap_out(self, g: SubGroup, k: int, buf: torch.Tensor | None = None) -> IOHandle | None:
-        """Start writing ``g``'s state back and leave placeholders in the optimizer."""
+    def _lay_out(self, g: SubGroup, wanted: list[tuple[torch.Tensor, str, torch.dtype]], reserve: int = 0) -> None:
+        """Place ``wanted`` in ``g``'s region: the first write, or the optimizer created state since.
+        The masters' first region reserves room for the state the optimizer is expected to create
+        (``reserve``), so the layout with state usually stays in place; one that does not fit
+        moves to a new region and leaves the old one unused."""
+        g.slots, offset = [], 0
+        for p, key, dtype in wanted:
+            g.slots.append(_Slot(p, key, offset, dtype))
+            offset = align_up(offset + p.numel() * dtype.itemsize, ALIGN_SLACK)
+        g.nbytes = align_up(offset)
+        if not g.nbytes or (g.laid_out and g.nbytes <= g.capacity):
+            return
+        g.capacity = max(g.nbytes, align_up(reserve))
+        g.file_offset = self.file.allocate(g.capacity)
+
+    def _swap_out(self, g: SubGroup, k: int, buf: torch.Tensor | None = None, reserve: int = 0) -> IOHandle | None:
+        """Start writing ``g``'s region back; placeholders stay in the optimizer."""
+        wanted = self._wanted_slots(g)
+        if [(s.param, s.key) for s in g.slots] != [(p, key) for p, key, _ in wanted]:
+            self._lay_out(g, wanted, reserve)
+            buf = aligned_empty(g.nbytes) if g.nbytes else None  # fresh: the old views may still be read
+            if buf is not None and k >= 0:
+                self._ring[k] = buf
         if not g.laid_out:
-            self._lay_out(g)
-            if not g.laid_out:
-                return None  # an optimizer without per-element state (SGD without momentum)
+            return None  # an optimizer without per-element state (SGD without momentum), masters in memory
         buf = buf if buf is not None else self._buffer(k, g.nbytes)
         for s, view in self._views(g, buf):
-            state = self.optimizer.state[s.param]
-            current = state[s.key]
-            if current.data_ptr() != view.data_ptr():  # first write, or a tensor the state was given anew
+            current = self._current(s)
+            if current.data_ptr() != view.data_ptr():  # first write, or a tensor given anew (a load)
                 view.copy_(current)
-            state[s.key] = self._placeholder(s.dtype)
+            self._place(s, self._placeholder(s))
         return self.file.write(g.file_offset, buf, g.nbytes)
 
-    def _placeholder(self, dtype: torch.dtype) -> torch.Tensor:
-        if dtype not in self._placeholders:
-            self._placeholders[dtype] = torch.empty(0, dtype=dtype)
-        return self._placeholders[dtype]
+    def _placeholder(self, s: _Slot) -> torch.Tensor:
+        """What stays in memory for an offloaded slot: an empty tensor for state; for a master, one
+        element broadcast to its shape, so code that assigns the master's ``.grad`` (whose shape
+        torch checks against the tensor's) keeps working while the values are on disk."""
+        if s.dtype not in self._placeholders:
+            self._placeholders[s.dtype] = torch.zeros((), dtype=s.dtype)  # shared by every slot of the dtype
+        one = self._placeholders[s.dtype]
+        return one.expand(s.param.shape) if s.key == MASTER else one.new_empty(0)
 
     @contextmanager
     def all_resident(self) -> Iterator[None]:
-        """Every sub-group's state as ordinary tensors in ``optimizer.state`` inside the block (for
-        checkpoints: saved from, or loaded into, there), written back to disk when it ends."""
-        bufs = {}
-        for i, g in enumerate(self.subgroups):
+        """Every sub-group's state and masters as ordinary tensors inside the block (checkpoints save
+        them from there, or load into them), written back to disk, masters published, when it ends."""
+        for g in self.subgroups:
             if g.on_tier and g.laid_out:
-                bufs[i] = aligned_empty(g.nbytes)
-                handle = self._swap_in(g, -1, bufs[i])
+                buf = aligned_empty(g.nbytes)
+                handle = self._swap_in(g, -1, buf)
                 if handle is not None:
                     handle.wait()
-                for s, view in self._views(g, bufs[i]):  # own memory: the block may keep or replace them
-                    self.optimizer.state[s.param][s.key] = view.clone()
+                for s, view in self._views(g, buf):  # own memory: the block may keep or replace them
+                    self._place(s, view.clone())
         try:
             yield
         finally:
-            for i, g in enumerate(self.subgroups):
+            for g in self.subgroups:
                 if g.on_tier:
-                    if not g.laid_out:
-                        self._lay_out(g)
-                    if g.laid_out:
-                        handle = self._swap_out(g, -1, bufs.get(i) if i in bufs else aligned_empty(g.nbytes))
-                        if handle is not None:
-                            handle.wait()
+                    if self.masters_on_tier:
+                        self.strategy.publish_masters_of(g.params)
+                    handle = self._swap_out(g, -1)
+                    if handle is not None:
+                        handle.wait()
+
+    # -- one sub-group at a time (optimizer in backward) ------------------------------------------
+    @torch.no_grad()
+    def step_masters(self, masters: list[torch.Tensor]) -> None:
+        """Step the sub-group holding ``masters`` (one stage-3 unit: the swapper was built with one
+        unit per sub-group), whose gradients are attached and no others' are: its read was started
+        ahead if it followed the previous one, the write-back goes on during the rest of backward,
+        and the next sub-group's read starts now."""
+        i = next(self._index[id(m)] for m in masters if id(m) in self._index)
+        g = self.subgroups[i]
+        if not g.on_tier:
+            self.optimizer.step()
+            if self.masters_on_tier:
+                self.strategy.publish_masters_of(g.params)
+            return
+        k, handle = self._read_for(i)
+        if handle is not None:
+            handle.wait()
+        self.optimizer.step()
+        if self.masters_on_tier:
+            self.strategy.publish_masters_of(g.params)
+        self._writes[k] = self._swap_out(g, k)
+        nxt = i + 1
+        if nxt < len(self.subgroups) and self.subgroups[nxt].on_tier:
+            k2 = self._next_buffer()
+            self._ahead = (nxt, k2, self._swap_in(self.subgroups[nxt], k2))
+
+    def _next_buffer(self) -> int:
+        k = self._turn
+        self._turn = (self._turn + 1) % self.ring_size
+        write = self._writes.pop(k, None)
+        if write is not None:  # the buffer's last sub-group must be on disk before it is read over
+            write.wait()
+        return k
+
+    def _read_for(self, i: int) -> tuple[int, IOHandle | None]:
+        if self._ahead is not None:
+            j, k, handle = self._ahead
+            self._ahead = None
+            if j == i:
+                return k, handle
+            if handle is not None:  # read ahead for nothing: its views must not stay in the optimizer
+                handle.wait()
+            for s in self.subgroups[j].slots:
+                self._place(s, self._placeholder(s))
+        k = self._next_buffer()
+        return k, self._swap_in(self.subgroups[i], k)
+
+    def drain(self) -> None:
+        """Finish what ``step_masters`` left in flight (at the end of backward's steps)."""
+        if self._ahead is not None:
+            j, _, handle = self._ahead
+            self._ahead = None
+            if handle is not None:
+                handle.wait()
+            for s in self.subgroups[j].slots:
+                self._place(s, self._placeholder(s))
+        for k in list(self._writes):
+            write = self._writes.pop(k)
+            if write is not None:
+                write.wait()
 
     def close(self) -> None:
         self._finalizer()
@@ -280,7 +400,7 @@ class OptimizerSwapper:
 ALIGN_SLACK = 64
 
 
-def make_optimizer_swapper(cfg: ShardspeedConfig, optimizer: Any, rank: int,
+def make_optimizer_swapper(cfg: ShardspeedConfig, optimizer: Any, strategy: Any, rank: int,
                            device: torch.device) -> OptimizerSwapper | None:
     """The swapper ``zero_optimization.offload_optimizer`` asks for, or None where state stays put."""
     z = cfg.zero_optimization
@@ -300,17 +420,19 @@ def make_optimizer_swapper(cfg: ShardspeedConfig, optimizer: Any, rank: int,
         raise ConfigError(f"{KEY}.device 'nvme' steps the optimizer one sub-group at a time; "
                           f"{type(optimizer).__name__} reduces norms over all parameters at once in its step: use an "
                           "element-wise optimizer (Adam, AdamW, SGD, ...) or \"device\": \"none\"")
-    if z.optimizer_in_backward:
-        raise ConfigError(f"{KEY}.device 'nvme' is not supported yet with zero_optimization.optimizer_in_backward "
-                          "(the step would read each unit's state from disk during backward); turn one of them off")
     path = str(check_directory(off.nvme_path or "", f"{KEY}.nvme_path"))
-    swapper = OptimizerSwapper(optimizer, path, rank, z.sub_group_size, off.buffer_count, off.ratio, cfg.aio)
+    # with the optimizer in backward each unit steps when its gradients are reduced: one unit per sub-group
+    size = 0 if z.optimizer_in_backward else z.sub_group_size
+    swapper = OptimizerSwapper(optimizer, strategy, path, rank, size, off.buffer_count, off.ratio, cfg.aio)
+    if z.optimizer_in_backward:
+        strategy.unit_stepper = swapper.step_masters
     # every rank's files go to the same kind of path; ranks on one machine share its disk, so the
     # check is against the sum (an overestimate across machines, never an under-one)
     states = per_element_states(optimizer)
-    mine = swapper.disk_bytes_needed(states)
+    mine = swapper.disk_bytes_needed(states)  # before any state exists: the first step creates it
     total = torch.tensor([mine], dtype=torch.float64)
     all_reduce(total)
     check_free_space(path, int(total.item()), f"{KEY}.nvme_path",
                      f"the optimizer state ({states} fp32 values per element, all ranks; this rank {mine} bytes)")
+    swapper.take_masters(states)
     return swapper

@@ -44,7 +44,8 @@ def _assert_equal(a, b):
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_offload_to_disk_and_cpu_equal_the_run_without_bit_for_bit(stage, tmp_path):
     # sub-groups of 300 elements: many sub-groups per rank, so the ring of 3 buffers wraps around
-    configs = [_config(stage), _config(stage, {"device": "cpu"}),
+    cpu_params = {"offload_param": {"device": "cpu"}} if stage == 3 else {}
+    configs = [_config(stage), _config(stage, {"device": "cpu"}, **cpu_params),
                _config(stage, _nvme(tmp_path, buffer_count=3), sub_group_size=300)]
     ranks = run_ranks(_runs, 2, configs, STEPS)
     for base, cpu, nvme in ranks:
@@ -81,7 +82,8 @@ def _resume(rank, stage, path, ckpt):
             losses.append(loss.item())
         return losses
 
-    cfg = _config(stage, _nvme(path), sub_group_size=250)
+    params_too = {"offload_param": _nvme(path), "stage3_param_persistence_threshold": 0} if stage == 3 else {}
+    cfg = _config(stage, _nvme(path), sub_group_size=250, **params_too)
     first, *_ = shardspeed.initialize(model=tiny_gpt(**ODD), config=cfg)
     train(first, range(4))
     first.save_checkpoint(str(ckpt))
@@ -104,3 +106,75 @@ def test_resume_from_a_checkpoint_written_with_offload(stage, tmp_path):
         for name, t in params.items():
             assert torch.equal(resumed[name], t), name
     assert os.listdir(swap) == []
+
+
+@pytest.mark.parametrize("stage", [1, 3])  # stage 2 publishes as stage 1 does (sharded.py)
+def test_bf16_masters_and_state_on_disk_equal_the_run_without(stage, tmp_path):
+    # bf16 training keeps fp32 masters apart from the parameters: they go to disk with the state and
+    # are published into the bf16 parameters right after their sub-group steps
+    bf16 = {"bf16": {"enabled": True}}
+    configs = [{**_config(stage), **bf16}, {**_config(stage, _nvme(tmp_path), sub_group_size=300), **bf16}]
+    for base, nvme in run_ranks(_runs, 2, configs, 4):
+        _assert_equal(nvme, base)
+        assert base["memory"]["master_parameters"] > 0 and nvme["memory"]["master_parameters"] == 0
+
+
+def test_parameter_shards_on_disk_equal_the_run_without(tmp_path):
+    # a persistence threshold of 0 puts every unit's shard on disk; 2 buffers make read-ahead,
+    # demand reads and reclaimed buffers all happen
+    z3 = {"stage3_param_persistence_threshold": 0}
+    params = _nvme(tmp_path, buffer_count=2)
+    configs = [_config(3, **z3), _config(3, offload_param=params, **z3),
+               _config(3, _nvme(tmp_path, buffer_count=3), offload_param=params, sub_group_size=300, **z3)]
+    for base, par, both in run_ranks(_runs, 2, configs, STEPS):
+        _assert_equal(par, base)
+        _assert_equal(both, base)
+        assert par["memory"]["parameters"] == 0 and par["memory"]["parameters_on_disk"] > 0
+        assert par["memory"]["master_parameters"] > 0  # the masters stay in memory without offload_optimizer
+        assert both["memory"]["master_parameters"] == 0 and both["memory"]["optimizer_states_on_disk"] > 0
+    assert os.listdir(tmp_path) == []
+
+
+def _refusals(rank, path):
+    import shardspeed
+    from shardspeed.config import ConfigError
+    from tests.distributed.workloads import tiny_gpt
+
+    lamb = {"type": "Lamb", "params": {"lr": 1e-2}}
+    cases = [
+        _config(2, _nvme(path / "missing")),
+        _config(3, offload_param={**_nvme(path), "buffer_size": 100}, stage3_param_persistence_threshold=0),
+        {**_config(2, _nvme(path)), "optimizer": lamb},
+    ]
+    out = []
+    for cfg in cases:
+        try:
+            shardspeed.initialize(model=tiny_gpt(**ODD), config=cfg)
+            out.append("no error")
+        except ConfigError as e:
+            out.append(str(e))
+    return out
+
+
+def test_engine_refusals_name_the_key_and_the_number(tmp_path):
+    missing, small, lamb = run_ranks(_refusals, 1, tmp_path)[0]
+    key = "zero_optimization.offload_optimizer"
+    assert missing.startswith(f"{key}.nvme_path '{tmp_path / 'missing'}' does not exist")
+    assert small.startswith("zero_optimization.offload_param.buffer_size 100 is smaller than the largest shard this "
+                            "rank reads at once: ")
+    assert "elements (the unit holding '" in small and "set it to" in small
+    assert lamb.startswith(f"{key}.device 'nvme' steps the optimizer one sub-group at a time; FusedLamb reduces norms")
+    assert os.listdir(tmp_path) == []
+
+
+def test_optimizer_in_backward_with_state_and_shards_on_disk_equals_the_run_without(tmp_path):
+    # each unit's state is read, stepped and written back as its gradients are reduced, in backward
+    z = {"optimizer_in_backward": True, "stage3_param_persistence_threshold": 0}
+    plain = {"gradient_clipping": 0.0, "train_batch_size": 4}  # what a step in backward allows
+    configs = [{**_config(3, **z), **plain}, {**_config(3, _nvme(tmp_path, buffer_count=2), **z), **plain},
+               {**_config(3, _nvme(tmp_path), offload_param=_nvme(tmp_path), **z), **plain}]
+    for base, state, both in run_ranks(_runs, 2, configs, STEPS):
+        _assert_equal(state, base)
+        _assert_equal(both, base)
+        assert state["memory"]["optimizer_states_on_disk"] > 0 and both["memory"]["parameters_on_disk"] > 0
+    assert os.listdir(tmp_path) == []
