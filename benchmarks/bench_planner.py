@@ -11,7 +11,8 @@ larger of the two ranks. Predicted side: ``shardspeed.zero.planner.make_plan`` o
 dict and the same model built on the meta device: model states + buffers + largest transient, device
 and host together (one memory on a CPU). DeepSpeed's side: its own ``estimate_zero2/3_model_states_
 mem_needs`` (DeepSpeed's venv, a subprocess), with the same world size, ``cpu_offload`` for any
-offload (it has no NVMe estimate), stage 3's largest layer = one Linear, ``zero_init`` off (the model
+offload and ``cpu_offload_params`` for parameter offload (it has no NVMe estimate), stage 3's
+largest layer = one Linear, ``zero_init`` off (the model
 is built whole); zero2's estimate stands for stage 1 too (DeepSpeed has no stage-1 estimator). It
 assumes fp16 mixed precision, whatever the config says: that is part of what is compared.
 """
@@ -36,15 +37,19 @@ MiB = 2**20
 
 
 def zero_extra(offload: str, nvme_path: str) -> dict:
-    """The zero_optimization keys of an offload mode. NVMe: sub-groups of 4M elements (one bucket or
-    unit of the 50M model each) through a ring of 3 buffers (read-ahead, step, write-back), so the
-    state in memory is the ring, not the whole partition."""
+    """The zero_optimization keys of an offload mode. ``nvme``: optimizer state (and copied masters)
+    on disk in sub-groups of at most 4M elements (about one bucket or unit of the 50M model) through a
+    ring of 3 buffers (read-ahead, step, write-back), so memory holds the ring, not the partition.
+    ``nvme-params`` (stage 3): that, and the parameter shards on disk too (ZeRO-Infinity's setting)."""
     if offload == "none":
         return {}
     if offload == "cpu":
         return {"offload_optimizer": {"device": "cpu"}}
-    return {"offload_optimizer": {"device": "nvme", "nvme_path": nvme_path, "buffer_count": 3},
-            "sub_group_size": 4_000_000}
+    extra: dict = {"offload_optimizer": {"device": "nvme", "nvme_path": nvme_path, "buffer_count": 3},
+                   "sub_group_size": 4_000_000}
+    if offload == "nvme-params":
+        extra["offload_param"] = {"device": "nvme", "nvme_path": nvme_path}
+    return extra
 
 
 def predict(width: int, mode: str, zero: dict) -> dict:
@@ -74,8 +79,8 @@ with contextlib.redirect_stdout(io.StringIO()):
 out = []
 for q in json.loads(sys.stdin.read()):
     if q["stage"] == 3:
-        cpu, gpu, _ = z3(q["n"], q["largest"], 2, 1, cpu_offload=q["offload"], cpu_offload_params=False,
-                         zero_init=False)
+        cpu, gpu, _ = z3(q["n"], q["largest"], 2, 1, cpu_offload=q["offload"],
+                         cpu_offload_params=q["offload_params"], zero_init=False)
     else:
         cpu, gpu = z2(q["n"], 2, 1, cpu_offload=q["offload"])
     out.append({"cpu": cpu, "gpu": gpu})
@@ -93,13 +98,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--widths", default="1768,2500,3536", help="Linear widths: 25M, 50M, 100M parameters")
     ap.add_argument("--stages", default="1,2,3")
-    ap.add_argument("--offload", default="none", help="comma list of none | cpu | nvme")
+    ap.add_argument("--offload", default="none", help="comma list of none | cpu | nvme | nvme-params")
     ap.add_argument("--nvme-path", default="/var/tmp/shardspeed-nvme")
     ap.add_argument("--tag", default="planner")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
     runs = [(int(w), f"stage{s}", o) for o in args.offload.split(",") for w in args.widths.split(",")
-            for s in args.stages.split(",")]
+            for s in args.stages.split(",") if o != "nvme-params" or s == "3"]  # parameter offload: stage 3 only
     if not args.report_only:
         os.makedirs(args.nvme_path, exist_ok=True)
         for width, mode, off in runs:
@@ -122,7 +127,7 @@ def report(runs: list[tuple[int, str, str]], tag: str, nvme_path: str) -> None:
             continue
         found.append((width, mode, off, zero, r))
         queries.append({"stage": int(mode[-1]), "n": r["n_params"], "largest": width * width + width,
-                        "offload": off != "none"})
+                        "offload": off != "none", "offload_params": off == "nvme-params"})
     ds = deepspeed_estimates(queries)
     print("| model | stage | offload | measured peak MiB (B/param) | predicted peak MiB (B/param) | predicted / "
           "measured | measured steady B/param | predicted steady B/param | disk MiB predicted / measured | "
@@ -133,7 +138,8 @@ def report(runs: list[tuple[int, str, str]], tag: str, nvme_path: str) -> None:
         pred = predict(width, mode, zero)
         peak = max(x["peak"] - x["baseline"] for x in r["per_rank"])
         steady = max(x["steady"] - x["baseline"] for x in r["per_rank"])
-        disk = max(x["counted"].get("optimizer_states_on_disk", 0) for x in r["per_rank"])
+        disk = max(x["counted"].get("optimizer_states_on_disk", 0) + x["counted"].get("parameters_on_disk", 0)
+                   for x in r["per_rank"])
         ds_gpu = f"{est['gpu'] / n:.2f}" if est else "n/a"
         ds_sum = f"{(est['gpu'] + est['cpu'] / 2) / n:.2f}" if est else "n/a"
         disk_s = f"{pred['disk'] / MiB:.0f} / {disk / MiB:.0f}" if pred["disk"] or disk else "-"
