@@ -270,3 +270,18 @@ def test_estimators_print_a_table_and_return_bytes(capsys):
     assert largest == 4 * 10_100 and dev3 < dev  # parameters and optimizer state on the host
     with pytest.raises(ValueError, match="cpu_offload_params=True needs cpu_offload=True"):
         zero.estimate_zero3_model_states_mem_needs(40_400, 10_100, cpu_offload=False)
+
+
+def test_initialize_cuts_every_shard_before_parameters_go_to_disk(tmp_path):
+    cfg, off = load_plan_config({"train_batch_size": 4, "optimizer": ADAMW, "zero_optimization": {
+        "stage": 3, "stage3_param_persistence_threshold": 0, "optimizer_in_backward": True,
+        "offload_param": {"device": "nvme", "nvme_path": str(tmp_path), "buffer_size": 5_050}}})
+    p = make_plan(spec_from_module(_mlp()), settings_from_config(cfg, 2, zero_init=True, offload=off))
+    # zero.Init: one 10,000-element weight gathered whole; then every unit's fp32 shard and its master copy
+    assert p.init_peak("device") == 4 * 10_000 + 4 * 20_200 + 4 * 20_200
+    # at rest the shards are on disk (4 units x 5,050 fp32, 4 KiB-aligned) and the masters in memory
+    assert p.peak("disk") == 4 * 20_480
+    assert p.total("model states", "device") == 4 * 20_200 + 8 * 20_200  # masters, optimizer state
+    with pytest.raises(ValueError, match="buffer_size 5000 is smaller than the largest shard"):
+        cfg.zero_optimization.offload_param.buffer_size = 5_000
+        make_plan(spec_from_module(_mlp()), settings_from_config(cfg, 2, offload=load_plan_config(cfg)[1]))

@@ -135,6 +135,9 @@ def _offload_params(items: list[Item], layout: OffloadLayout, s: PlanSettings, h
                 out.append(replace(i, what="parameter shards of persistent units", nbytes=layout.persistent_shard * cb))
         elif _is(i, "master") and i.nbytes == 0:  # it was the shard itself: now a copy of its own
             out.append(replace(i, what="fp32 masters (a copy: the shard is on disk)", nbytes=shard * 4))
+            # and at initialize() both exist for every unit before the tier writes the shards out
+            out.append(Item("init", "master", "fp32 masters cut beside the shards (to disk once all are cut)",
+                            shard * 4))
         else:
             out.append(i)
     count = min(max(1, par.buffer_count), len(layout.tiered_shards))

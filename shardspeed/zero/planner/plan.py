@@ -218,10 +218,11 @@ def _stage3(spec: ModelSpec, s: PlanSettings) -> tuple[list[Item], OffloadLayout
         temp_elems = max(shards, default=0) if oib else trainable_shard
         items.append(_temp("backward" if oib else "step", "optim_temp", "optimizer step temporaries",
                            temp_elems * s.optimizer.step_temp_bytes))
-    # initialize(): the shards are cut while the model is still whole (unless built under zero.Init)
+    # initialize(): every unit's shards are cut before any is released; the model is whole until then,
+    # unless built under zero.Init, whose per-parameter chunks go as each unit is cut (stage3_unit.py)
     states = shard * s.compute_bytes + (0 if fp32 else shard * 4) + (0 if oib else shard * 4)
     if s.zero_init:
-        built = ("model built under zero.Init (per-parameter fp32 chunks)", -(-spec.total // s.world) * 4)
+        built = ("one parameter gathered whole while its unit is cut (zero.Init)", spec.largest_param * 4)
     else:
         built = ("model built whole before initialize() (fp32)", spec.total * 4)
     items += [Item("init", "model", built[0], built[1]),
