@@ -12,7 +12,6 @@ figures; a model or factory gives the real layout.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -106,11 +105,3 @@ def load_factory(target: str) -> torch.nn.Module:
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"--model {target!r}: the factory returned {type(model).__name__}, not a torch.nn.Module")
     return model
-
-
-def describe(spec: ModelSpec) -> str:
-    return f"{spec.total:,} parameters ({spec.trainable:,} trainable), largest tensor {spec.largest_param:,}"
-
-
-def shapes_of(params: Sequence[ParamInfo]) -> list[tuple[int, ...]]:
-    return [p.shape for p in params]
