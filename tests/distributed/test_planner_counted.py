@@ -43,6 +43,7 @@ def _counted(rank, path):
     return out
 
 
+@pytest.mark.slow  # 6 engines on 2 ranks: ~28 s at load 6 on the 2 cores (9 s of CPU)
 @pytest.mark.world_size(2)
 def test_planned_bytes_equal_the_counted_bytes_with_and_without_offload(tmp_path):
     from shardspeed.zero.planner import load_plan_config, make_plan, settings_from_config, spec_from_module
