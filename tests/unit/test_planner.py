@@ -285,3 +285,19 @@ def test_initialize_cuts_every_shard_before_parameters_go_to_disk(tmp_path):
     with pytest.raises(ValueError, match="buffer_size 5000 is smaller than the largest shard"):
         cfg.zero_optimization.offload_param.buffer_size = 5_000
         make_plan(spec_from_module(_mlp()), settings_from_config(cfg, 2, offload=load_plan_config(cfg)[1]))
+
+
+@pytest.mark.parametrize("optimizer, state, temp", [
+    ({"type": "AdamW", "params": {"lr": 1}}, 8, 0),  # torch's fused kernel: no temporaries
+    ({"type": "Adam", "params": {"lr": 1, "bias_correction": False}}, 8, 4),  # our foreach step keeps sqrt(v)
+    ({"type": "Adam", "params": {"lr": 1, "amsgrad": True}}, 12, 4),
+    ({"type": "SGD", "params": {"lr": 1, "momentum": 0.9}}, 4, 0),
+    ({"type": "SGD", "params": {"lr": 1}}, 0, 0),
+    ({"type": "Lamb", "params": {"lr": 1}}, 8, 8),
+])
+def test_optimizer_state_bytes(optimizer, state, temp):
+    from shardspeed.zero.planner.settings import optimizer_kind
+
+    cfg, _ = load_plan_config({"train_batch_size": 2, "optimizer": optimizer})
+    kind = optimizer_kind(cfg)
+    assert (kind.state_bytes, kind.step_temp_bytes) == (state, temp)
