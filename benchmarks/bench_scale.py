@@ -39,13 +39,15 @@ PEERS = {"ddp": ["--mode", "ddp"], "fsdp2": ["--mode", "fsdp2", "--lazy-init"],
          "ds3": ["--mode", "ds", "--zero", "3", "--lazy-init", "--ds-zero-extra", json.dumps(ZERO)]}
 
 
-def guarded(cmd: list[str], timeout: float, min_avail_gib: float, log: str, cwd: str) -> dict:
-    """Run ``cmd`` in its own session; kill the whole session when memory or time runs out."""
+def guarded(cmd: list[str], timeout: float, min_avail_gib: float, log: str, cwd: str,
+            disk: tuple[str, float] | None = None) -> dict:
+    """Run ``cmd`` in its own session; kill the whole session when memory, time or (``disk``:
+    (directory, GiB)) free space on the offload disk runs out."""
     for _ in range(120):  # let the previous trial's memory drain
         if psutil.virtual_memory().available >= 21 * GIB:
             break
         time.sleep(1)
-    start, peak_used, status = time.time(), 0, None
+    start, peak_used, status, min_disk = time.time(), 0, None, float("inf")
     with open(log, "w") as f:
         # MALLOC_MMAP_THRESHOLD_: large blocks go back to the system when freed (CONVENTIONS.md)
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True,
@@ -58,12 +60,28 @@ def guarded(cmd: list[str], timeout: float, min_avail_gib: float, log: str, cwd:
                 status = "ok" if rc == 0 else f"rc={rc}"
             elif vm.available < min_avail_gib * GIB:
                 status = "killed (memory)"
+            elif disk is not None and shutil.disk_usage(disk[0]).free < disk[1] * GIB:
+                status = "killed (disk)"
+            if disk is not None:
+                min_disk = min(min_disk, shutil.disk_usage(disk[0]).free)
             elif time.time() - start > timeout:
                 status = "killed (time)"
             if status and rc is None:
                 _kill_tree(proc)
             time.sleep(0.2)
-    return {"status": status, "wall_s": round(time.time() - start, 1), "peak_sys_used_gib": round(peak_used / GIB, 2)}
+    out = {"status": status, "wall_s": round(time.time() - start, 1), "peak_sys_used_gib": round(peak_used / GIB, 2)}
+    if disk is not None:
+        out["min_disk_free_gib"] = round(min_disk / GIB, 2)
+    return out
+
+
+def _free_port() -> int:
+    """A port nobody listens on now: other jobs on the machine may hold the launcher's default."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
@@ -84,12 +102,22 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 
 def run_ours(layers: int, args: argparse.Namespace, log_dir: str) -> bool:
     zero = {**ZERO, "optimizer_in_backward": args.optimizer_in_backward}
+    disk = None
+    if args.offload:  # parameters and optimizer state on disk (issue 16), each trial in a fresh folder
+        nvme = tempfile.mkdtemp(dir=args.offload)
+        off = {"device": "nvme", "nvme_path": nvme}
+        zero.update(offload_param={**off, "buffer_count": 4}, offload_optimizer={**off, "buffer_count": 3},
+                    sub_group_size=50_000_000)
+        disk = (args.offload, args.min_disk_gib)
     cmd = [sys.executable, "-m", "shardspeed.launcher", "--num_procs", "2", "--no_local_rank",
-           os.path.join(HERE, "scale_worker.py"), "--layers", str(layers), "--zero", json.dumps(zero),
+           "--master_port", str(_free_port()), os.path.join(HERE, "scale_worker.py"), "--layers", str(layers),
+           "--zero", json.dumps(zero),
            "--tag", args.tag]
-    g = guarded(cmd, args.timeout, args.min_avail_gib, os.path.join(log_dir, f"shardspeed_L{layers}.log"), ROOT)
+    g = guarded(cmd, args.timeout, args.min_avail_gib, os.path.join(log_dir, f"shardspeed_L{layers}.log"), ROOT, disk)
+    if args.offload:
+        shutil.rmtree(nvme, ignore_errors=True)  # empty: swap files are unlinked when opened
     if g["status"] != "ok":
-        mode = "shardspeed-z3" + ("-oib" if args.optimizer_in_backward else "")
+        mode = "shardspeed-z3" + ("-oib" if args.optimizer_in_backward else "") + ("-nvme" if args.offload else "")
         append_result("scale", {"mode": mode, "layers": layers, "tag": args.tag, **g})
         return False
     rows = read_results("scale")
@@ -146,6 +174,8 @@ def main() -> None:
     ap.add_argument("--tag", default="run")
     ap.add_argument("--optimizer-in-backward", action="store_true",
                     help="zero_optimization.optimizer_in_backward: no gradient shards held (12 B/param, not 16)")
+    ap.add_argument("--offload", default="", help="a directory: offload_param and offload_optimizer nvme there")
+    ap.add_argument("--min-disk-gib", type=float, default=8.0, help="with --offload: stop a trial below this free")
     ap.add_argument("--ds-venv", default=os.path.join(ROOT, "..", ".venv-deepspeed"))
     args = ap.parse_args()
     log_dir = os.path.join(HERE, "out", "scale_logs")

@@ -88,7 +88,13 @@ def launch(nprocs: int, script: str, *args: str, env: dict | None = None, result
     run appended its row to that results file (torch 2.13's gloo can abort a rank at interpreter
     exit, "terminate called without an active exception", after an otherwise complete run)."""
     before = len(read_results(results)) if results else 0
-    cmd = [sys.executable, "-m", "shardspeed.launcher", "--num_procs", str(nprocs), "--no_local_rank", script, *args]
+    import socket
+
+    with socket.socket() as sock:  # other jobs on the machine may hold the launcher's default port
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "shardspeed.launcher", "--num_procs", str(nprocs), "--no_local_rank",
+           "--master_port", str(port), script, *args]
     p = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     if p.returncode != 0 and not (results and len(read_results(results)) > before):
         raise subprocess.CalledProcessError(p.returncode, cmd)

@@ -36,7 +36,10 @@ def main() -> None:
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.01}},
               "zero_optimization": {"stage": 3, **json.loads(args.zero)}}
     torch.manual_seed(1234)
-    with shardspeed.zero.Init(config_dict_or_path=config):
+    offload = "offload_param" in config["zero_optimization"]
+    if offload:
+        config["aio"] = {"thread_count": 2}  # 2 threads read this disk fastest (bench_offload.py bandwidth)
+    with shardspeed.zero.Init(config_dict_or_path=config, remote_device="nvme" if offload else None):
         model = GPT(cfg)
     engine, *_ = shardspeed.initialize(model=model, config=config)
     n = _count(cfg)
@@ -52,10 +55,15 @@ def main() -> None:
         times.append(time.perf_counter() - t)
         losses.append(loss.item())
     mem = engine.memory_breakdown()
+    files = [f for f in (getattr(engine.optimizer_swapper, "file", None),
+                         getattr(engine.strategy.param_tier, "file", None)) if f is not None]
+    mem["swap_bytes_read"] = sum(f.bytes_read for f in files)  # over init and both steps
+    mem["swap_bytes_written"] = sum(f.bytes_written for f in files)
     mem["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     rows = comm.all_gather_object(mem)
     if rank == 0:
         mode = "shardspeed-z3" + ("-oib" if config["zero_optimization"].get("optimizer_in_backward") else "")
+        mode += "-nvme" if offload else ""
         append_result("scale", {"mode": mode, "layers": args.layers, "n_params": n, "tag": args.tag,
                                 "init_s": init_s, "step_s": times, "losses": losses, "per_rank": rows})
 

@@ -142,15 +142,14 @@ class Init:
 
 
 def _remote_device(value: Any) -> str | None:
-    """``remote_device`` as "cpu" or None (the accelerator's device); "nvme" is refused."""
+    """``remote_device`` as "cpu" or None (the accelerator's device). "nvme" builds the chunks in
+    host memory, as "cpu" does: ``initialize()`` with ``zero_optimization.offload_param.device:
+    nvme`` writes each unit's shard to disk as it is cut from them (zero/swap_params.py), so the
+    model never exists whole anywhere; the chunks themselves (1/world of the model) are in memory
+    while it is built."""
     name = None if value is None else str(value).lower()
-    if name == "nvme":
-        raise NotImplementedError(
-            "zero.Init(remote_device='nvme'): NVMe offload of parameters is not supported yet; "
-            "use remote_device='cpu' (host memory) or None (the accelerator's device)")
     if name in (None, "none", "cuda", "device") or (name is not None and name.startswith("cuda:")):
         return None
-    if name == "cpu":
+    if name in ("cpu", "nvme"):
         return "cpu"
-    raise ValueError(f"zero.Init(remote_device={value!r}): expected None, 'cpu' or 'cuda' "
-                     "('nvme' is not supported yet)")
+    raise ValueError(f"zero.Init(remote_device={value!r}): expected None, 'cpu', 'nvme' or 'cuda'")

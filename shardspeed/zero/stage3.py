@@ -82,6 +82,12 @@ class Stage3Strategy(OrderedReduction, Strategy):
         self._reducer = GradientReducer(opts, topo.dp_group, topo.dp_world_size, bound=opts.bucket_numel)
         self._pool = BufferPool(cap_numel=opts.bucket_numel, before_take=self._reducer.make_room)
         created = unit_members(module, z3)
+        # offload_param: non-persistent shards go to disk as their units are built (swap_params.py,
+        # Note: parameter shards on disk)
+        self.param_tier: ParamTier | None = None
+        if z3.param_offload is not None:
+            numel = sum(int(torch.Size(getattr(p, "ds_shape", p.shape)).numel()) for _, ms in created for _, p in ms)
+            self.param_tier = make_param_tier(numel, opts.compute_dtype, self.world, z3.param_offload)
         # reverse registration order: roughly the order backward finishes units in
         root_unit: dict[int, int] = {}
         for root, members in reversed(created):
@@ -93,6 +99,8 @@ class Stage3Strategy(OrderedReduction, Strategy):
                 p._shardspeed_z3 = (self, u.index)  # for GatheredParameters
             root_unit[id(root)] = u.index
             self.units.append(u)
+            if self.param_tier is not None and not u.persistent:
+                self.param_tier.add(u)
         for m in module.modules():
             used = list(m.parameters(recurse=False)) + list(getattr(m, "_shardspeed_external", []))
             ids = sorted({self.unit_of[id(p)][0] for p in used} | ({root_unit[id(m)]} if id(m) in root_unit else set()))
@@ -110,15 +118,11 @@ class Stage3Strategy(OrderedReduction, Strategy):
         self.reuse_distance = z3.max_reuse_distance if z3.max_reuse_distance is not None else self.prefetch_numel
         self._placeholder = torch.empty(0, dtype=opts.compute_dtype, device=self.units[0].local.device
                                         if self.units else None)
-        self.param_tier: ParamTier | None = None
         for u in self.units:
             if u.persistent:
                 self._gather_now(u)
             else:
                 self._free(u)
-        # offload_param: the non-persistent shards live on disk (swap_params.py, Note: parameter shards on disk)
-        self.param_tier = None if z3.param_offload is None else make_param_tier(
-            [u for u in self.units if not u.persistent], z3.param_offload, z3.param_offload.rank)
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for _, p in self.named_params]
         # state_dict() gives full tensors, never placeholders: gather everything around it (a collective)
         self._sd_units: list[Unit] = []

@@ -35,20 +35,15 @@ KEY = "zero_optimization.offload_param"
 
 
 class ParamTier:
-    def __init__(self, units: list[Any], nvme_path: str, rank: int, buffer_count: int, buffer_size: int,
+    def __init__(self, nvme_path: str, rank: int, buffer_count: int, buffer_size: int, dtype: torch.dtype,
                  aio: Any):
-        self.units = {u.index: u for u in units}
-        dtype = units[0].local.dtype if units else torch.float32
+        self.units: dict[int, Any] = {}
         self.dtype = dtype
-        largest = max((u.shard_numel for u in units), default=0)
-        if largest > buffer_size:
-            name = max(units, key=lambda u: u.shard_numel).names[0]
-            raise ConfigError(f"{KEY}.buffer_size {buffer_size} is smaller than the largest shard this rank reads at "
-                              f"once: {largest} elements (the unit holding '{name}'); set it to {largest} or more")
-        self.buffer_bytes = align_up(largest * dtype.itemsize)
+        self.buffer_size = buffer_size
+        self.buffer_bytes = 0  # the largest shard, aligned: what one pool buffer holds
         self.buffer_count = max(1, buffer_count)
         self.file = SwapFile(nvme_path, "params", rank, aio)
-        self.offset = {u.index: self.file.allocate(u.shard_numel * dtype.itemsize) for u in units}
+        self.offset: dict[int, int] = {}
         self._free: list[torch.Tensor] = []
         self._allocated = 0
         self.peak_buffers = 0
@@ -56,12 +51,24 @@ class ParamTier:
         self._in_use: dict[int, torch.Tensor] = {}  # feeding an all-gather
         self._writes: OrderedDict[int, tuple[torch.Tensor, IOHandle]] = OrderedDict()
         self._placeholder = torch.empty(0, dtype=dtype)
-        for u in units:  # the shards go to disk now; memory keeps placeholders
-            buf = self._take(demand=True)
-            self._view(buf, u).copy_(u.local)
-            self._write(u, buf)
-            u.local = self._placeholder
-        self._drain_writes()
+
+    def add(self, u: Any) -> None:
+        """Put ``u``'s shard on disk now (as units are built, so no rank ever holds every shard in
+        memory at once) and leave a placeholder as ``u.local``."""
+        if u.shard_numel > self.buffer_size:
+            raise ConfigError(f"{KEY}.buffer_size {self.buffer_size} is smaller than the largest shard this rank "
+                              f"reads at once: {u.shard_numel} elements (the unit holding '{u.names[0]}'); set it "
+                              f"to {u.shard_numel} or more")
+        nbytes = u.shard_numel * self.dtype.itemsize
+        if self._allocated:
+            raise RuntimeError("ParamTier.add after the first read: buffers are sized by then")
+        self.buffer_bytes = max(self.buffer_bytes, align_up(nbytes))
+        self.units[u.index] = u
+        self.offset[u.index] = self.file.allocate(nbytes)
+        buf = aligned_empty(nbytes)  # the pool is sized once every unit is known
+        buf[:nbytes].view(self.dtype).copy_(u.local)
+        self.file.write(self.offset[u.index], buf, nbytes).wait()
+        u.local = self._placeholder
 
     # -- buffers ---------------------------------------------------------------------------------
     def _new_buffer(self) -> torch.Tensor:
@@ -171,14 +178,14 @@ class ParamTier:
         self.file.close()
 
 
-def make_param_tier(units: list[Any], opts: Any, rank: int) -> ParamTier:
-    """The tier for ``units`` (stage 3's non-persistent ones) as ``opts`` (ParamOffload) says, after
-    checking the directory and that every rank's shards fit on its disk."""
+def make_param_tier(numel: int, dtype: torch.dtype, world: int, opts: Any) -> ParamTier:
+    """The tier ``opts`` (ParamOffload) asks for, after checking the directory and that the shards
+    of ``numel`` parameter elements cut over ``world`` ranks fit on the disk (every rank's: ranks of
+    one machine share it). Units are added as they are built (``ParamTier.add``)."""
     path = str(check_directory(opts.nvme_path, f"{KEY}.nvme_path"))
-    dtype = units[0].local.dtype if units else torch.float32
-    mine = sum(align_up(u.shard_numel * dtype.itemsize) for u in units)
+    mine = align_up(-(-numel // world) * dtype.itemsize)
     total = torch.tensor([mine], dtype=torch.float64)
-    all_reduce(total)  # ranks of one machine share its disk: checked against the sum
+    all_reduce(total)
     check_free_space(path, int(total.item()), f"{KEY}.nvme_path",
-                     f"the parameter shards (all ranks; this rank {mine} bytes)")
-    return ParamTier(units, path, rank, opts.buffer_count, opts.buffer_size, opts.aio)
+                     f"the parameter shards (all ranks; this rank about {mine} bytes)")
+    return ParamTier(path, opts.rank, opts.buffer_count, opts.buffer_size, dtype, opts.aio)
