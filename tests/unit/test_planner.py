@@ -272,13 +272,14 @@ def test_estimators_print_a_table_and_return_bytes(capsys):
         zero.estimate_zero3_model_states_mem_needs(40_400, 10_100, cpu_offload=False)
 
 
-def test_initialize_cuts_every_shard_before_parameters_go_to_disk(tmp_path):
+def test_initialize_writes_each_shard_out_as_its_unit_is_built(tmp_path):
     cfg, off = load_plan_config({"train_batch_size": 4, "optimizer": ADAMW, "zero_optimization": {
         "stage": 3, "stage3_param_persistence_threshold": 0, "optimizer_in_backward": True,
         "offload_param": {"device": "nvme", "nvme_path": str(tmp_path), "buffer_size": 5_050}}})
     p = make_plan(spec_from_module(_mlp()), settings_from_config(cfg, 2, zero_init=True, offload=off))
-    # zero.Init: one 10,000-element weight gathered whole; then every unit's fp32 shard and its master copy
-    assert p.init_peak("device") == 4 * 10_000 + 4 * 20_200 + 4 * 20_200
+    # zero.Init: one 10,000-element weight gathered whole; every unit's fp32 master copy; each shard is
+    # written out as its unit is built (one 5,050-element shard and its 4 KiB-aligned write buffer)
+    assert p.init_peak("device") == 4 * 10_000 + 4 * 20_200 + 2 * 20_480
     # at rest the shards are on disk (4 units x 5,050 fp32, 4 KiB-aligned) and the masters in memory
     assert p.peak("disk") == 4 * 20_480
     assert p.total("model states", "device") == 4 * 20_200 + 8 * 20_200  # masters, optimizer state

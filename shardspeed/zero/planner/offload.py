@@ -7,9 +7,10 @@ swap_io.py) in one place.
 - ``device: cpu`` (either section) moves the pieces to host memory; where the device is the CPU
   that is where they already are, and nothing changes (the engine says so once).
 - ``offload_param: nvme`` (stage 3): each non-persistent unit's shard lives in the rank's params
-  file (one ``ALIGN``-rounded region per unit) and is read into a pool of ``buffer_count`` buffers
-  of the largest such shard (allocated once, kept); persistent units keep theirs. Its fp32 master
-  becomes a copy of its own even in fp32 training (the optimizer must not step a tensor on disk).
+  file (one ``ALIGN``-rounded region per unit), written as soon as the unit is built, and is read
+  into a pool of ``buffer_count`` buffers of the largest such shard (allocated once, kept);
+  persistent units keep theirs. Its fp32 master becomes a copy of its own even in fp32 training
+  (the optimizer must not step a tensor on disk).
 - ``offload_optimizer: nvme``: the strategy cuts its masters into sub-groups of at most
   ``sub_group_size`` elements (stage 3: whole units; with ``optimizer_in_backward`` one unit each),
   the first ones up to ``ratio`` of the elements go to the optimizer file: their per-element state
@@ -135,9 +136,14 @@ def _offload_params(items: list[Item], layout: OffloadLayout, s: PlanSettings, h
                 out.append(replace(i, what="parameter shards of persistent units", nbytes=layout.persistent_shard * cb))
         elif _is(i, "master") and i.nbytes == 0:  # it was the shard itself: now a copy of its own
             out.append(replace(i, what="fp32 masters (a copy: the shard is on disk)", nbytes=shard * 4))
-            # and at initialize() both exist for every unit before the tier writes the shards out
-            out.append(Item("init", "master", "fp32 masters cut beside the shards (to disk once all are cut)",
-                            shard * 4))
+            out.append(Item("init", "master", "fp32 masters (copies) of every unit cut so far", shard * 4))
+        elif i.group == "init" and i.role == "param_shard":
+            # each unit's shard goes to disk as soon as the unit is built (swap_params.ParamTier.add):
+            # of the compute shards only the persistent ones and the one being written exist at once
+            kept = (layout.persistent_shard * cb + 2 * _align(largest * cb, DISK_ALIGN)
+                    + i.nbytes - shard * cb)  # the rest of the item: masters (bf16/fp16) and gradient shards
+            out.append(replace(i, what="shards cut at initialize() (tiered ones written out one by one)",
+                               nbytes=kept))
         else:
             out.append(i)
     count = min(max(1, par.buffer_count), len(layout.tiered_shards))
