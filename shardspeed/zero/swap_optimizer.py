@@ -4,8 +4,9 @@ the steps of other sub-groups. One swapper serves every ZeRO stage: it only sees
 optimizer updates (a stage's fp32 masters), never the stage's buckets or units.
 
 [Note: optimizer state on disk] The swapper moves tensors *under* an unchanged optimizer:
-- A sub-group is a run of the optimizer's parameters (its param groups in order) of at most
-  ``sub_group_size`` elements (a larger parameter is a sub-group of its own). Each parameter's
+- A sub-group is a run of the optimizer's parameters of at most ``sub_group_size`` elements (a
+  larger parameter is a sub-group of its own), cut by the strategy (``Strategy.step_subgroups``:
+  stages 1-2 in param-group order, stage 3 whole units, so a unit's masters publish together). Each parameter's
   per-element state tensors (those shaped like it: Adam's ``exp_avg``/``exp_avg_sq``, SGD's momentum
   buffer) have a place in the sub-group's region of the swap file; other state (Adam's ``step``)
   stays in memory.
@@ -27,12 +28,16 @@ optimizer updates (a stage's fp32 masters), never the stage's buckets or units.
   broadcast to the master's shape, and right after its sub-group steps each master is published
   into the compute parameters (``Strategy.publish_masters_of``), so ``after_step`` never reads a
   master. In fp32 training the masters are the compute parameters' own storage (stages 1-2) or the
-  shard stage 3 gathers from, and stay where they are.
+  shard stage 3 gathers from, and stay where they are, except under ``offload_param`` (the shard is
+  on disk, so stage 3 keeps the master as a copy: swap_params.py).
 
 [Note: the ring] Sub-group i is read into ring buffer i mod R (R = ``buffer_count``, at least 2): the
 reads of the next R - 1 sub-groups are in flight while sub-group i steps, and the write-back of i
 goes on while i + 1 steps; the read into a buffer first waits for the write-back of the sub-group
 that held it. Memory: R buffers of the largest region, besides the parameters and gradients.
+With stage 3's optimizer in backward (``step_masters``) each unit is a sub-group stepped when its
+gradients are reduced: the next unit's read starts as one steps, write-backs go on through the rest
+of backward, and the engine drains them (``drain``) before the step ends.
 """
 
 from __future__ import annotations

@@ -88,6 +88,7 @@ def _resume(rank, stage, path, ckpt):
     first, *_ = shardspeed.initialize(model=tiny_gpt(**ODD), config=cfg)
     train(first, range(4))
     first.save_checkpoint(str(ckpt))
+    at_save = {n: p.detach().clone() for n, p in first.module.state_dict().items()}
     tail = train(first, range(4, 7))
     params = {n: p.detach().clone() for n, p in first.module.state_dict().items()}
     first.optimizer_swapper.close()
@@ -95,17 +96,34 @@ def _resume(rank, stage, path, ckpt):
     second.load_checkpoint(str(ckpt))
     again = train(second, range(4, 7))
     resumed = {n: p.detach().clone() for n, p in second.module.state_dict().items()}
-    return tail, again, params, resumed
+    return tail, again, params, resumed, at_save
+
+
+def _reshard(rank, path, ckpt):
+    """The 2-rank checkpoint loaded at 1 rank, stage 1, optimizer state on disk."""
+    import shardspeed
+    from tests.distributed.workloads import tiny_gpt
+
+    engine, *_ = shardspeed.initialize(model=tiny_gpt(seed=2, **ODD), config=_config(1, _nvme(path)))
+    engine.load_checkpoint(str(ckpt))
+    with engine.optimizer_swapper.all_resident():
+        state = [v.clone() for st in engine.optimizer.state.values() for v in st.values() if v.numel() > 1]
+    return {n: p.detach().clone() for n, p in engine.module.state_dict().items()}, state
 
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_resume_from_a_checkpoint_written_with_offload(stage, tmp_path):
     swap, ckpt = tmp_path / "swap", tmp_path / "ckpt"
     swap.mkdir()
-    for tail, again, params, resumed in run_ranks(_resume, 2, stage, swap, ckpt):
+    for tail, again, params, resumed, _ in (ranks := run_ranks(_resume, 2, stage, swap, ckpt)):
         assert again == tail
         for name, t in params.items():
             assert torch.equal(resumed[name], t), name
+    if stage == 3:  # and at another world size and stage, as any checkpoint
+        values, state = run_ranks(_reshard, 1, swap, ckpt)[0]
+        for name, t in ranks[0][4].items():
+            assert torch.equal(values[name], t), name
+        assert state and all(s.abs().sum() > 0 for s in state)  # AdamW's moments came along
     assert os.listdir(swap) == []
 
 
@@ -138,6 +156,10 @@ def test_parameter_shards_on_disk_equal_the_run_without(tmp_path):
 
 
 def _refusals(rank, path):
+    import collections
+    import logging
+    from unittest import mock
+
     import shardspeed
     from shardspeed.config import ConfigError
     from tests.distributed.workloads import tiny_gpt
@@ -155,17 +177,43 @@ def _refusals(rank, path):
             out.append("no error")
         except ConfigError as e:
             out.append(str(e))
+    # a disk with 4 KiB free: refused at initialize(), before any step, with the bytes needed
+    usage = collections.namedtuple("usage", "total used free")
+    with mock.patch("shardspeed.zero.swap_io.shutil.disk_usage", return_value=usage(2**40, 2**40 - 4096, 4096)):
+        try:
+            shardspeed.initialize(model=tiny_gpt(**ODD), config=_config(2, _nvme(path)))
+            out.append("no error")
+        except ConfigError as e:
+            out.append(str(e))
+    # device cpu on a CPU run: said once, nothing moves
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("shardspeed").addHandler(handler)
+    engine, *_ = shardspeed.initialize(model=tiny_gpt(**ODD), config=_config(3, {"device": "cpu"},
+                                                                            offload_param={"device": "cpu"}))
+    out.append([r.getMessage() for r in records if "'cpu'" in r.getMessage()])
+    out.append(engine.optimizer_swapper is None and engine.strategy.param_tier is None)
     return out
 
 
 def test_engine_refusals_name_the_key_and_the_number(tmp_path):
-    missing, small, lamb = run_ranks(_refusals, 1, tmp_path)[0]
+    missing, small, lamb, full, cpu_lines, nothing_moved = run_ranks(_refusals, 1, tmp_path)[0]
     key = "zero_optimization.offload_optimizer"
     assert missing.startswith(f"{key}.nvme_path '{tmp_path / 'missing'}' does not exist")
     assert small.startswith("zero_optimization.offload_param.buffer_size 100 is smaller than the largest shard this "
                             "rank reads at once: ")
     assert "elements (the unit holding '" in small and "set it to" in small
     assert lamb.startswith(f"{key}.device 'nvme' steps the optimizer one sub-group at a time; FusedLamb reduces norms")
+    assert full.startswith(f"{key}.nvme_path '{tmp_path}' has 4096 bytes free (0.00 GiB) but the optimizer state "
+                           "(2 fp32 values per element, all ranks; this rank ")
+    assert " bytes) needs " in full and "point zero_optimization.offload_optimizer.nvme_path at a larger disk" in full
+    assert cpu_lines == [
+        "zero_optimization.offload_param.device 'cpu': training runs on the CPU, so the parameter shards are already "
+        "in host memory; nothing moves",
+        "zero_optimization.offload_optimizer.device 'cpu': training runs on the CPU, so the optimizer state is already "
+        "in host memory; nothing moves"]
+    assert nothing_moved
     assert os.listdir(tmp_path) == []
 
 
