@@ -5,6 +5,7 @@ Started through the launcher."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import threading
@@ -106,6 +107,7 @@ def main() -> None:
     ap.add_argument("--mode", required=True, help="stage0 | stage1 | stage2 | stage3 | ddp | fsdp2")
     ap.add_argument("--tag", default="run")
     ap.add_argument("--width", type=int, default=WIDTH, help="a small width measures the fixed overhead")
+    ap.add_argument("--zero", default="{}", help="JSON merged into zero_optimization (bench_planner.py: offload)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.mode.startswith("stage"):
@@ -125,7 +127,7 @@ def main() -> None:
     with PeakSampler() as build_peak:
         model = build_model(args.width)
         n = sum(p.numel() for p in model.parameters())
-        step_fn, counted = _setup(args.mode, model, world)
+        step_fn, counted = _setup(args.mode, model, world, json.loads(args.zero))
     after_init = rss()
     micro = BATCH // world
     with PeakSampler() as step_peak:
@@ -141,18 +143,24 @@ def main() -> None:
     dist.all_gather_object(rows, row)
     if rank == 0:
         append_result("mlp_memory", {"mode": args.mode, "n_params": n, "width": args.width, "world": world,
-                                     "steps": STEPS, "tag": args.tag, "per_rank": rows})
+                                     "steps": STEPS, "tag": args.tag, "zero": json.loads(args.zero),
+                                     "per_rank": rows})
     dist.barrier()
 
 
-def _setup(mode: str, model: torch.nn.Module, world: int):
+def config_for(mode: str, zero: dict | None = None) -> dict:
+    """The engine's config for ``stage<N>`` (default settings) with ``zero`` merged into its
+    zero_optimization section; bench_planner.py plans the same dict."""
+    return {"train_batch_size": BATCH, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01}},
+            "zero_optimization": {"stage": int(mode[-1]), **(zero or {})}}
+
+
+def _setup(mode: str, model: torch.nn.Module, world: int, zero: dict | None = None):
     """(step function on one micro-batch, counted-bytes function) for ``mode``."""
     if mode.startswith("stage"):
         import shardspeed
 
-        config = {"train_batch_size": BATCH,
-                  "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01}},
-                  "zero_optimization": {"stage": int(mode[-1])}}
+        config = config_for(mode, zero)
         engine, *_ = shardspeed.initialize(model=model, config=config)
         at_peak: dict[str, int] = {}
         strategy = engine.strategy

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 import torch
 
 from shardspeed.comm import Topology
@@ -44,4 +47,21 @@ def make_strategy(stage: int, module: torch.nn.Module, topo: Topology, opts: Str
 
 __all__ = ["DataParallelStrategy", "GatheredParameters", "Init", "LocalStrategy", "Piece", "ShardedStrategy",
            "Stage2Strategy", "Stage3Options", "Stage3Strategy", "Strategy", "StrategyOptions", "ZeroStageNotSupported",
+           "estimate_zero2_model_states_mem_needs", "estimate_zero2_model_states_mem_needs_all_cold",
+           "estimate_zero2_model_states_mem_needs_all_live", "estimate_zero3_model_states_mem_needs",
+           "estimate_zero3_model_states_mem_needs_all_cold", "estimate_zero3_model_states_mem_needs_all_live",
            "make_strategy", "register_external_parameter"]
+
+
+# DeepSpeed's estimator names, answered by the planner (zero/planner/estimators.py). Imported on first
+# use: the planner reads the strategies' layout code, the strategies never need the planner, and the
+# engine's import of this package stays free of it.
+_ESTIMATORS = ("estimate_zero2_model_states_mem_needs", "estimate_zero2_model_states_mem_needs_all_cold",
+               "estimate_zero2_model_states_mem_needs_all_live", "estimate_zero3_model_states_mem_needs",
+               "estimate_zero3_model_states_mem_needs_all_cold", "estimate_zero3_model_states_mem_needs_all_live")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ESTIMATORS:
+        return getattr(importlib.import_module("shardspeed.zero.planner.estimators"), name)
+    raise AttributeError(f"module 'shardspeed.zero' has no attribute {name!r}")

@@ -1,0 +1,3 @@
+from shardspeed.zero.planner.cli import main
+
+raise SystemExit(main())
