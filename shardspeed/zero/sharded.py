@@ -378,7 +378,9 @@ class ShardedStrategy(OrderedReduction, Strategy):
         width = table.shape[1]
         elems = rows.view(-1, 1) * width + torch.arange(width, device=rows.device)
         mine = (elems >= b.lo) & (elems < b.hi)
-        values = table.index_select(0, rows) * mine
+        # where, not a product: a non-finite value in another rank's copy of an element this rank
+        # does not own would turn 0 * inf into NaN and poison the sum
+        values = torch.where(mine, table.index_select(0, rows), 0.0)
         all_reduce_rows(values, group=self.topo.dp_group)
         table.index_copy_(0, rows, values)
 

@@ -328,3 +328,19 @@ def small_table_reference(steps: int, world: int, lr: float) -> dict[str, torch.
         for o in opts:
             o.step()
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def publish_rows_with_a_poisoned_copy(rank: int, config: dict) -> torch.Tensor:
+    """Rank 1 holds inf in its copy of row 0, which rank 0's shard owns; both publish row 0 (the rows
+    a lazy update changed, zero/sharded.py): the owner's value must come back, not 0 * inf = NaN."""
+    import shardspeed
+
+    engine, _, _, _ = shardspeed.initialize(model=TextModel(sparse=True), config=config)
+    strategy = engine.strategy
+    (bucket,) = [b for b in strategy.buckets if id(b) in strategy._sparse_tables]
+    assert bucket.lo == 0 if rank == 0 else bucket.lo >= DIM  # row 0 is rank 0's
+    if rank == 1:
+        bucket.param_buffer[:DIM] = float("inf")
+    strategy._publish_rows(bucket, torch.tensor([0]))
+    return engine.module.emb.weight.detach()[0].clone()
+
