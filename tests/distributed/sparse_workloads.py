@@ -344,3 +344,63 @@ def publish_rows_with_a_poisoned_copy(rank: int, config: dict) -> torch.Tensor:
     strategy._publish_rows(bucket, torch.tensor([0]))
     return engine.module.emb.weight.detach()[0].clone()
 
+
+# -- the RScan example's model (examples/rscan/model.py), tiny --------------------------------------
+
+RSCAN = {"vocab": 1000, "emb": 8, "hidden": 8}
+
+
+def rscan_model(sparse: bool) -> torch.nn.Module:
+    """Bidirectional GRUs, padding_idx 0, one table shared by the query and passage encoders."""
+    from examples.rscan.model import RScanConfig, RScanModel
+
+    torch.manual_seed(0)
+    return RScanModel(RScanConfig(RSCAN["vocab"], RSCAN["emb"], RSCAN["hidden"], sparse=sparse))
+
+
+def rscan_batch(step: int, world: int, per_rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step ``step``'s (queries [N, 4], passages [N, 6], labels [N]), rank r's rows [r * per_rank, ...):
+    ids from a narrow window of the vocabulary, trailing padding (0); at EMPTY_STEP rank 1's rows are
+    all padding, so its batch touches no row of the table (padding_idx gets no gradient)."""
+    g = torch.Generator().manual_seed(2000 + step)
+    n = world * per_rank
+    lo = int(torch.randint(1, RSCAN["vocab"] - 40, (1,), generator=g))
+    q = torch.randint(lo, lo + 40, (n, 4), generator=g)
+    p = torch.randint(lo, lo + 40, (n, 6), generator=g)
+    q[torch.arange(4).expand(n, 4) >= torch.randint(1, 5, (n, 1), generator=g)] = 0
+    p[torch.arange(6).expand(n, 6) >= torch.randint(1, 7, (n, 1), generator=g)] = 0
+    if step == EMPTY_STEP and world > 1:
+        q[per_rank:2 * per_rank] = 0
+        p[per_rank:2 * per_rank] = 0
+    y = (torch.rand(n, generator=g) < 0.5).float()
+    return q, p, y
+
+
+def rscan_run(rank: int, config: dict, steps: int, sparse: bool) -> dict[str, torch.Tensor]:
+    import shardspeed
+
+    engine, _, _, _ = shardspeed.initialize(model=rscan_model(sparse), config=config)
+    per_rank = engine.train_micro_batch_size_per_gpu()
+    mine = slice(engine.topo.dp_rank * per_rank, (engine.topo.dp_rank + 1) * per_rank)
+    for step in range(steps):
+        q, p, y = rscan_batch(step, engine.dp_world_size, per_rank)
+        engine.backward(engine(q[mine], p[mine], y[mine]))
+        engine.step()
+    return {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+
+
+def rscan_reference(steps: int, world: int, per_rank: int, sparse: bool, lr: float, weight_decay: float):
+    """Single process: AdamW on everything (dense table), or SparseAdam on the table + Adam elsewhere."""
+    model = rscan_model(sparse)
+    if sparse:
+        rest = [p for n, p in model.named_parameters() if n != "embedding.weight"]
+        opts = [torch.optim.SparseAdam([model.embedding.weight], lr=lr), torch.optim.Adam(rest, lr=lr)]
+    else:
+        opts = [torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)]
+    for step in range(steps):
+        for o in opts:
+            o.zero_grad()
+        model(*rscan_batch(step, world, per_rank)).backward()
+        for o in opts:
+            o.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -18,6 +18,8 @@ from tests.distributed.sparse_workloads import (
     model_rel,
     publish_rows_with_a_poisoned_copy,
     reference_run,
+    rscan_reference,
+    rscan_run,
     runs_in_one_job,
     small_table_reference,
     small_table_run,
@@ -235,3 +237,27 @@ def test_publishing_rows_ignores_a_non_owners_copy():
     for r in row0:
         assert torch.equal(r, initial)
 
+
+def _rscan_cases(world, stages):
+    """(a) dense table + flag with AdamW, (b) sparse=True table with the config's Adam, per stage."""
+    cfg = {"train_batch_size": world * MICRO, "train_micro_batch_size_per_gpu": MICRO, "steps_per_print": None,
+           "sparse_gradients": True}
+    cases = [(sparse, stage) for stage in stages for sparse in (False, True)]
+    runs = [(rscan_run, ({**cfg, "optimizer": ADAMW if not sparse else {"type": "Adam", "params": {"lr": 1e-2}},
+                          "zero_optimization": {"stage": stage, "reduce_bucket_size": 500}}, 20, sparse))
+            for sparse, stage in cases]
+    return cases, runs
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_rscan_model_equals_single_process(world):
+    """The example's model (examples/rscan: bidirectional GRUs, padding_idx 0, one table shared by
+    both encoders), tiny, 20 steps, rank 1's batch all padding at EMPTY_STEP: (a) a dense table
+    with the flag equals single-process AdamW and (b) a sparse=True table with the config's Adam
+    equals SparseAdam on the table + Adam elsewhere, at stages 0, 1, 2 on 2 ranks (stage 2 on 3)."""
+    cases, runs = _rscan_cases(world, (0, 1, 2) if world == 2 else (2,))
+    ranks = run_ranks(runs_in_one_job, world, runs)
+    refs = {sparse: rscan_reference(20, world, MICRO, sparse, 1e-2, 0.01) for sparse in (False, True)}
+    for i, (sparse, stage) in enumerate(cases):
+        for r in ranks:
+            assert max_rel(r[i], refs[sparse]) < 1e-5, (sparse, stage)
