@@ -153,12 +153,18 @@ def main() -> None:
         t0 = time.perf_counter()
         step(q, p, y)
         times.append(time.perf_counter() - t0)
-        if i >= args.warmup and args.mode in ("ddp", "deepspeed"):
-            nnz = gather(local_nnz(q, p))
-            rows = sum(nnz) if args.mode == "ddp" else world * max(nnz)
-            sent.append(rows * (8 + row_bytes) + dense_numel * 4)
     barrier()
     wall = (time.perf_counter() - start) / args.steps
+    if args.mode in ("ddp", "deepspeed"):
+        # The byte estimate needs every rank's touched rows. Counted after the timed loop, from the
+        # global batches every rank can rebuild, so neither a collective nor the counting lands in a
+        # peer's measured window (shardspeed's counts come from its comm log, which costs no traffic).
+        for i in range(args.warmup, args.warmup + args.steps):
+            q, p, _ = train.train_batch(i, args.queries)
+            nnz = [local_nnz(q[2 * r * micro:2 * (r + 1) * micro], p[2 * r * micro:2 * (r + 1) * micro])
+                   for r in range(world)]
+            rows = sum(nnz) if args.mode == "ddp" else world * max(nnz)
+            sent.append(rows * (8 + row_bytes) + dense_numel * 4)
     if stats is not None:
         total = sum(s.bytes for s in stats.ops.values())
         per_op = {op: s.bytes / args.steps for op, s in stats.ops.items()}

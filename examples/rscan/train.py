@@ -173,7 +173,11 @@ def main(argv: list[str] | None = None) -> None:
             step_loss += loss.item() / gas
         trained += time.perf_counter() - start
         if args.range_test:
-            losses.append(step_loss)
+            # the global batch's loss, not rank 0's share: every rank's micro-batches are the same size,
+            # so the mean of the ranks' means is the global mean (outside the timed window)
+            total = torch.tensor([step_loss], dtype=torch.float64)
+            comm.all_reduce(total, group=engine.topo.dp_group)
+            losses.append(float(total) / dp)
     if rank == 0:
         with open(os.path.join(args.out, "auc.jsonl"), "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in curve)

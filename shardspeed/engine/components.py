@@ -76,6 +76,23 @@ def check_sparse_optimizer(optimizer: torch.optim.Optimizer, strategy: Strategy)
             f"optimizer as a sparse tensor, which {type(optimizer).__name__} cannot take: use the config's Adam or "
             "AdamW (SparseAdam's lazy update on that table, Adam elsewhere), SGD or Adagrad, or build the embedding "
             "with sparse=False (still reduced as index slices, then stepped densely)")
+    if isinstance(optimizer, (torch.optim.SGD, torch.optim.Adagrad)):
+        # torch's SGD and Adagrad take sparse gradients but not with weight decay: SGD fails adding the
+        # dense parameter to the sparse gradient, Adagrad refuses it, both at the first step and
+        # without naming the parameter. The table's group is found by its master (a flat shard at
+        # stages 1/2), so the check holds at every stage.
+        kind = type(optimizer).__name__
+        for i, group in enumerate(optimizer.param_groups):
+            held = {id(m) for m in group["params"]}
+            for name, master in sparse:
+                if id(master) in held and group.get("weight_decay", 0) != 0:
+                    raise ConfigError(
+                        f"embedding '{name}' is built with sparse=True, so under sparse_gradients its gradient reaches "
+                        f"{kind} as a sparse tensor, and {kind} cannot apply weight_decay "
+                        f"({group['weight_decay']} in param group {i}) to a sparse gradient: set weight_decay 0 "
+                        "for that table (a param group of its own), use the config's AdamW (decays the rows it "
+                        "updates), or build the embedding with sparse=False (still reduced as index slices, then "
+                        "stepped densely)")
     if isinstance(optimizer, torch.optim.SparseAdam):
         held = {id(m) for _, m in sparse}
         names = {id(m): n for n, m in strategy.named_params}

@@ -247,10 +247,13 @@ class ShardedStrategy(OrderedReduction, Strategy):
             # stage 2 reduces each micro-batch; a sparse table's parts are small, so they wait for the
             # boundary and travel once per step, as at stages 0 and 1
             if self._boundary:
-                reduced = self._sparse.reduce_sparse(table.local(), table.shape[0])
+                reduced = self._sparse.reduce_sparse(table.local(), table.shape[0], table.used())
                 table.parts.clear()
-                table.grad = shard_of(reduced, bucket.lo, bucket.hi)
-                table.rows = reduced.rows
+                # None: no rank looked the table up; it has no gradient and no rows to publish
+                # (zero/sparse.py, Note: an unused table has no gradient)
+                table.grad = None if reduced is None else shard_of(reduced, bucket.lo, bucket.hi)
+                table.rows = None if reduced is None else reduced.rows
+                table.unused = reduced is None
             return
         full = bucket.ensure_full()  # even if no gradient reached it: every rank joins every collective
         if id(bucket) in self._dense_tables:
@@ -345,6 +348,8 @@ class ShardedStrategy(OrderedReduction, Strategy):
             if not b.master_is_view and not self.masters_published_elsewhere:
                 shard.copy_(b.master)
             table = self._sparse_tables.get(id(b))
+            if table is not None and table.unused:
+                continue  # no rank's table had a gradient: the optimizer skipped it, nothing changed
             if table is not None and table.rows is not None and self._lazy_rows:
                 self._publish_rows(b, table.rows)
                 continue
@@ -373,7 +378,9 @@ class ShardedStrategy(OrderedReduction, Strategy):
         width = table.shape[1]
         elems = rows.view(-1, 1) * width + torch.arange(width, device=rows.device)
         mine = (elems >= b.lo) & (elems < b.hi)
-        values = table.index_select(0, rows) * mine
+        # where, not a product: a non-finite value in another rank's copy of an element this rank
+        # does not own would turn 0 * inf into NaN and poison the sum
+        values = torch.where(mine, table.index_select(0, rows), 0.0)
         all_reduce_rows(values, group=self.topo.dp_group)
         table.index_copy_(0, rows, values)
 

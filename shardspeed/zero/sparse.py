@@ -41,6 +41,13 @@ padded gathers (world x max count x (row bytes + 8 index bytes)) would be larger
 table, the step reduces densely instead (a tied head makes every row dense, say). A ``sparse=True``
 table's fallback all-reduces its rows and a touched flag per row in one buffer, so the lazy update
 still knows which rows were looked up.
+
+[Note: an unused table has no gradient] A ``sparse=True`` table that no rank's batch looked up in a
+step has, on a single process, ``.grad`` None: torch's optimizers then skip it and do not count the
+step (SparseAdam's bias correction depends on that count). So each rank says whether its table got
+a gradient (any micro-batch called it, even with no rows) in the same exchange as the row counts
+(a count of -1 means "no gradient"), and when no rank's did, the reduction gives None: the
+optimizer sees no gradient and, at stages 1/2, no rows are published.
 """
 
 from __future__ import annotations
@@ -97,6 +104,7 @@ class SparseTable:
     parts: list[torch.Tensor] = field(default_factory=list)
     grad: torch.Tensor | None = None
     rows: torch.Tensor | None = None  # the rows of ``grad`` (the same on every rank), until clear()
+    unused: bool = False  # no rank's table got a gradient this step (Note: an unused table has no gradient)
 
     def take(self, grad: torch.Tensor) -> None:
         if not grad.is_sparse:
@@ -105,6 +113,11 @@ class SparseTable:
                 "shared with another layer, such as a tied output head?); build it with sparse=False, which "
                 "sparse_gradients reduces as index slices too")
         self.parts.append(grad)
+
+    def used(self) -> bool:
+        """Whether some micro-batch of this step gave this rank a gradient (Note: an unused table
+        has no gradient)."""
+        return bool(self.parts)
 
     def local(self) -> RowSlices:
         """This rank's rows of the step, coalesced."""
@@ -121,6 +134,7 @@ class SparseTable:
         self.parts.clear()
         self.grad = None
         self.rows = None
+        self.unused = False
 
 
 def as_sparse(s: RowSlices, shape: tuple[int, ...]) -> torch.Tensor:
@@ -146,15 +160,19 @@ class SparseReducer:
         self.group, self.world, self.reduce_dtype = group, world, reduce_dtype
         self.dense_steps = 0  # reductions that fell back to dense (Note: fallback), for tests and logs
 
-    def _gather(self, local: RowSlices, num_rows: int) -> RowSlices | None:
-        """The summed slices of every rank, or None when dense is cheaper (Note: fallback)."""
-        counts = all_gather_sizes(local.rows.numel(), self.group, local.rows.device)
+    def _gather(self, local: RowSlices, num_rows: int, used: bool = True) -> RowSlices | bool:
+        """The summed slices of every rank; True when dense is cheaper (Note: fallback); False when
+        no rank's table got a gradient (Note: an unused table has no gradient)."""
+        sizes = all_gather_sizes(local.rows.numel() if used else -1, self.group, local.rows.device)
+        if max(sizes) < 0:
+            return False
+        counts = [max(n, 0) for n in sizes]
         most = max(counts)
         row_numel = _numel(local.values.shape[1:])
         esize = torch.tensor([], dtype=self.reduce_dtype).element_size()
         if self.world * most * (row_numel * esize + 8) > num_rows * row_numel * esize:
             self.dense_steps += 1
-            return None
+            return True
         if most == 0:  # no rank touched a row
             return RowSlices(local.rows, local.values.to(torch.float32))
         rows = all_gather_rows(local.rows, counts, self.group)
@@ -165,7 +183,7 @@ class SparseReducer:
     def reduce_dense(self, grad: torch.Tensor) -> None:
         """Replace a dense table gradient ``grad`` [rows, ...] by its average over the group."""
         summed = self._gather(nonzero_rows(grad), grad.shape[0])
-        if summed is None:
+        if not isinstance(summed, RowSlices):  # a dense table always has a gradient: True, dense is cheaper
             wire = grad if grad.dtype == self.reduce_dtype else grad.to(self.reduce_dtype)
             all_reduce(wire, group=self.group)
             if wire is not grad:
@@ -176,14 +194,20 @@ class SparseReducer:
         grad.index_copy_(0, summed.rows, summed.values.div_(self.world).to(grad.dtype))
 
     @torch.no_grad()
-    def reduce_sparse(self, local: RowSlices, num_rows: int) -> RowSlices:
+    def reduce_sparse(self, local: RowSlices, num_rows: int, used: bool = True) -> RowSlices | None:
         """The average over the group of a ``sparse=True`` table's coalesced local slices; its rows
-        are those looked up on some rank."""
-        summed = self._gather(local, num_rows)
-        if summed is None:  # rows and a touched flag per row, in one dense all-reduce
+        are those looked up on some rank. ``used``: whether this rank's table got a gradient this
+        step; None when no rank's did (Note: an unused table has no gradient)."""
+        summed = self._gather(local, num_rows, used)
+        if summed is False:
+            return None
+        if not isinstance(summed, RowSlices):  # dense is cheaper: rows and a touched flag per row, in one all-reduce
             row_shape = local.values.shape[1:]
-            packed = torch.zeros(num_rows, _numel(row_shape) + 1, dtype=self.reduce_dtype, device=local.rows.device)
-            packed[local.rows, :-1] = local.values.reshape(len(local.rows), -1).to(self.reduce_dtype)
+            row_numel = _numel(row_shape)
+            packed = torch.zeros(num_rows, row_numel + 1, dtype=self.reduce_dtype, device=local.rows.device)
+            # explicit row numel: a rank that looked up no row has [0, *row_shape] values, which
+            # reshape(0, -1) cannot size
+            packed[local.rows, :-1] = local.values.reshape(len(local.rows), row_numel).to(self.reduce_dtype)
             packed[local.rows, -1] = 1
             all_reduce(packed, group=self.group)
             rows = packed[:, -1].nonzero().view(-1)

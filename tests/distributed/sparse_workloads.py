@@ -204,3 +204,203 @@ def hf_bert_run(rank: int, config: dict, steps: int) -> dict[str, Any]:
 def runs_in_one_job(rank: int, runs: list[tuple[Any, tuple]]) -> list[Any]:
     """Several runs on the same ranks, one after another (one process start instead of several)."""
     return [fn(rank, *args) for fn, args in runs]
+
+
+# -- edge cases: padding_idx, EmbeddingBag per_sample_weights, tables some micro-batches skip ---------
+
+EDGE_VOCAB, EDGE_DIM, EDGE_UNUSED_STEP = 200, 5, 2
+
+
+class EdgeModel(torch.nn.Module):
+    """An EmbeddingBag with per-sample weights and a padding row, and a second table (with a padding
+    row too) that only some micro-batches look up, and none at all at ``EDGE_UNUSED_STEP``."""
+
+    def __init__(self, sparse: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.bag = torch.nn.EmbeddingBag(EDGE_VOCAB, EDGE_DIM, mode="sum", sparse=sparse, padding_idx=0)
+        self.emb = torch.nn.Embedding(EDGE_VOCAB, EDGE_DIM, sparse=sparse, padding_idx=3)
+        self.head = torch.nn.Linear(EDGE_DIM, 1)
+
+    def forward(self, ids, offsets, weights, ids2):
+        h = self.bag(ids, offsets, per_sample_weights=weights)
+        if ids2 is not None:
+            h = h + self.emb(ids2).sum(1)
+        return self.head(torch.tanh(h)).pow(2).mean()
+
+
+def edge_batch(step: int, rank: int, micro: int, gas: int, m: int):
+    """Micro-batch ``m`` of rank ``rank``: bags of 4 ids from 12 rows (padding 0, duplicates), and 3 ids
+    of the second table from 8 rows (padding 3), or None where this micro-batch skips that table."""
+    samples = range((rank * gas + m) * micro, (rank * gas + m + 1) * micro)
+    ids, weights, ids2 = [], [], []
+    for s in samples:
+        g = torch.Generator().manual_seed(1000 * step + s)
+        ids.append(torch.randint(0, 12, (4,), generator=g))
+        weights.append(torch.rand(4, generator=g))
+        ids2.append(torch.randint(0, 8, (3,), generator=g))
+    uses2 = step != EDGE_UNUSED_STEP and (step + rank + m) % 3 != 0
+    return torch.cat(ids), torch.arange(micro) * 4, torch.cat(weights), torch.stack(ids2) if uses2 else None
+
+
+def edge_run(rank: int, config: dict, steps: int, sparse: bool) -> dict[str, torch.Tensor]:
+    import shardspeed
+
+    engine, _, _, _ = shardspeed.initialize(model=EdgeModel(sparse), config=config)
+    micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
+    for step in range(steps):
+        for m in range(gas):
+            engine.backward(engine(*edge_batch(step, engine.topo.dp_rank, micro, gas, m)))
+            engine.step()
+    return {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+
+
+def edge_reference(steps: int, world: int, micro: int, gas: int, sparse: bool, clip: float, lr: float):
+    """Single process: SparseAdam on the tables and Adam on the head (sparse=True), or Adam on all."""
+    model = EdgeModel(sparse)
+    if sparse:
+        opts = [torch.optim.SparseAdam([model.bag.weight, model.emb.weight], lr=lr),
+                torch.optim.Adam(model.head.parameters(), lr=lr)]
+    else:
+        opts = [torch.optim.Adam(model.parameters(), lr=lr)]
+    for step in range(steps):
+        for o in opts:
+            o.zero_grad()
+        for r in range(world):
+            for m in range(gas):
+                (model(*edge_batch(step, r, micro, gas, m)) / (world * gas)).backward()
+        if not sparse:  # a dense reduction gives every trainable parameter a gradient, zeros if unused
+            for p in model.parameters():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        grads = [p.grad.coalesce() if p.grad.is_sparse else p.grad for p in model.parameters() if p.grad is not None]
+        sq = sum(float((g.values() if g.is_sparse else g).pow(2).sum()) for g in grads)
+        coef = min(1.0, clip / (sq**0.5 + 1e-6))
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad = (p.grad.coalesce() if p.grad.is_sparse else p.grad) * coef
+        for o in opts:
+            o.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+class SmallTableModel(torch.nn.Module):
+    """A 30-row table: one rank looking up every row makes the padded gather larger than the table."""
+
+    def __init__(self, sparse: bool = True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(30, 8, sparse=sparse)
+        self.head = torch.nn.Linear(8, 1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.numel() == 0:  # the table is still called: a gradient with no rows, as on one process
+            return self.head.weight.sum() * 0 + self.emb(ids).sum()
+        return self.head(self.emb(ids)).pow(2).mean()
+
+
+def small_table_batch(step: int, rank: int) -> torch.Tensor:
+    """Rank 1 looks up no row; rank 0 every row at step 1 (the dense fallback), three otherwise."""
+    if rank == 1:
+        return torch.zeros(0, dtype=torch.int64)
+    return torch.arange(30) if step == 1 else torch.tensor([1, 2, 2]) + step
+
+
+def small_table_run(rank: int, config: dict, steps: int) -> dict[str, Any]:
+    import shardspeed
+
+    engine, _, _, _ = shardspeed.initialize(model=SmallTableModel(), config=config)
+    for step in range(steps):
+        engine.backward(engine(small_table_batch(step, engine.topo.dp_rank)))
+        engine.step()
+    return {"params": {n: p.detach().clone() for n, p in engine.module.named_parameters()},
+            "dense_fallbacks": engine.strategy._sparse.dense_steps}
+
+
+def small_table_reference(steps: int, world: int, lr: float) -> dict[str, torch.Tensor]:
+    model = SmallTableModel()
+    opts = [torch.optim.SparseAdam([model.emb.weight], lr=lr), torch.optim.Adam(model.head.parameters(), lr=lr)]
+    for step in range(steps):
+        for o in opts:
+            o.zero_grad()
+        for r in range(world):
+            (model(small_table_batch(step, r)) / world).backward()
+        for o in opts:
+            o.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def publish_rows_with_a_poisoned_copy(rank: int, config: dict) -> torch.Tensor:
+    """Rank 1 holds inf in its copy of row 0, which rank 0's shard owns; both publish row 0 (the rows
+    a lazy update changed, zero/sharded.py): the owner's value must come back, not 0 * inf = NaN."""
+    import shardspeed
+
+    engine, _, _, _ = shardspeed.initialize(model=TextModel(sparse=True), config=config)
+    strategy = engine.strategy
+    (bucket,) = [b for b in strategy.buckets if id(b) in strategy._sparse_tables]
+    assert bucket.lo == 0 if rank == 0 else bucket.lo >= DIM  # row 0 is rank 0's
+    if rank == 1:
+        bucket.param_buffer[:DIM] = float("inf")
+    strategy._publish_rows(bucket, torch.tensor([0]))
+    return engine.module.emb.weight.detach()[0].clone()
+
+
+# -- the RScan example's model (examples/rscan/model.py), tiny --------------------------------------
+
+RSCAN = {"vocab": 1000, "emb": 8, "hidden": 8}
+
+
+def rscan_model(sparse: bool) -> torch.nn.Module:
+    """Bidirectional GRUs, padding_idx 0, one table shared by the query and passage encoders."""
+    from examples.rscan.model import RScanConfig, RScanModel
+
+    torch.manual_seed(0)
+    return RScanModel(RScanConfig(RSCAN["vocab"], RSCAN["emb"], RSCAN["hidden"], sparse=sparse))
+
+
+def rscan_batch(step: int, world: int, per_rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step ``step``'s (queries [N, 4], passages [N, 6], labels [N]), rank r's rows [r * per_rank, ...):
+    ids from a narrow window of the vocabulary, trailing padding (0); at EMPTY_STEP rank 1's rows are
+    all padding, so its batch touches no row of the table (padding_idx gets no gradient)."""
+    g = torch.Generator().manual_seed(2000 + step)
+    n = world * per_rank
+    lo = int(torch.randint(1, RSCAN["vocab"] - 40, (1,), generator=g))
+    q = torch.randint(lo, lo + 40, (n, 4), generator=g)
+    p = torch.randint(lo, lo + 40, (n, 6), generator=g)
+    q[torch.arange(4).expand(n, 4) >= torch.randint(1, 5, (n, 1), generator=g)] = 0
+    p[torch.arange(6).expand(n, 6) >= torch.randint(1, 7, (n, 1), generator=g)] = 0
+    if step == EMPTY_STEP and world > 1:
+        q[per_rank:2 * per_rank] = 0
+        p[per_rank:2 * per_rank] = 0
+    y = (torch.rand(n, generator=g) < 0.5).float()
+    return q, p, y
+
+
+def rscan_run(rank: int, config: dict, steps: int, sparse: bool) -> dict[str, torch.Tensor]:
+    import shardspeed
+
+    engine, _, _, _ = shardspeed.initialize(model=rscan_model(sparse), config=config)
+    per_rank = engine.train_micro_batch_size_per_gpu()
+    mine = slice(engine.topo.dp_rank * per_rank, (engine.topo.dp_rank + 1) * per_rank)
+    for step in range(steps):
+        q, p, y = rscan_batch(step, engine.dp_world_size, per_rank)
+        engine.backward(engine(q[mine], p[mine], y[mine]))
+        engine.step()
+    return {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+
+
+def rscan_reference(steps: int, world: int, per_rank: int, sparse: bool, lr: float, weight_decay: float):
+    """Single process: AdamW on everything (dense table), or SparseAdam on the table + Adam elsewhere."""
+    model = rscan_model(sparse)
+    if sparse:
+        rest = [p for n, p in model.named_parameters() if n != "embedding.weight"]
+        opts = [torch.optim.SparseAdam([model.embedding.weight], lr=lr), torch.optim.Adam(rest, lr=lr)]
+    else:
+        opts = [torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)]
+    for step in range(steps):
+        for o in opts:
+            o.zero_grad()
+        model(*rscan_batch(step, world, per_rank)).backward()
+        for o in opts:
+            o.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}

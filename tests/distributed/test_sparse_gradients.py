@@ -6,14 +6,23 @@ import torch
 
 from tests.distributed.harness import run_ranks
 from tests.distributed.sparse_workloads import (
+    EDGE_UNUSED_STEP,
     EMPTY_STEP,
     BagModel,
+    TextModel,
+    edge_reference,
+    edge_run,
     hf_bert_run,
     integer_run,
     max_rel,
     model_rel,
+    publish_rows_with_a_poisoned_copy,
     reference_run,
+    rscan_reference,
+    rscan_run,
     runs_in_one_job,
+    small_table_reference,
+    small_table_run,
     sparse_engine_run,
 )
 
@@ -112,9 +121,10 @@ def test_accumulation_and_clipping(stage, sparse):
     make = _sparse_adam_and_adam if sparse else (lambda m: [torch.optim.Adam(m.parameters(), lr=1e-2)])
     ref = reference_run(steps, WORLD, MICRO * gas, make, {"sparse": sparse}, clip=clip)
     unclipped = reference_run(steps, WORLD, MICRO * gas, make, {"sparse": sparse})
-    assert max_rel(ranks[0]["params"], ref) < 1e-5
-    assert max_rel(ranks[0]["params"], unclipped) > 1e-4  # clipping was active
-    assert ranks[0]["grad_norm"] > clip
+    for r in ranks:
+        assert max_rel(r["params"], ref) < 1e-5
+        assert max_rel(r["params"], unclipped) > 1e-4  # clipping was active
+        assert r["grad_norm"] > clip
 
 
 @pytest.mark.parametrize("sparse", [False, True])
@@ -181,3 +191,73 @@ def test_sgd_momentum_on_a_sparse_table_at_stage2_gathers_the_whole_table():
     for r in ranks:
         assert max_rel(r["params"], ref) < 1e-5
     assert all("sparse_param_rows" not in c and c["all_gather"] >= 1000 * 8 * 4 for c in ranks[0]["comm"])
+
+
+def test_padding_idx_per_sample_weights_and_tables_some_micro_batches_skip():
+    """EmbeddingBag with per_sample_weights and a padding row, and a second table (padding row too)
+    that only some micro-batches look up and no rank at all at EDGE_UNUSED_STEP: on a single process
+    that table's .grad is None there, so SparseAdam does not count the step (its bias correction
+    would differ by ~5e-4 relative otherwise; zero/sparse.py, Note: an unused table has no gradient).
+    Dense tables with the flag equal plain Adam; sparse=True ones SparseAdam + Adam, at stages 0 and 2,
+    with accumulation and clipping."""
+    steps, micro, gas, clip, lr = 5, 2, 2, 0.3, 1e-2
+    assert EDGE_UNUSED_STEP < steps
+    cfg = {**_config(0, gas=gas, optimizer={"type": "Adam", "params": {"lr": lr}}, gradient_clipping=clip),
+           "train_batch_size": WORLD * micro * gas, "train_micro_batch_size_per_gpu": micro}
+    cases = [(sparse, stage) for sparse in (True, False) for stage in (0, 2)]
+    runs = [(edge_run, ({**cfg, "zero_optimization": {"stage": stage, "reduce_bucket_size": 50}}, steps, sparse))
+            for sparse, stage in cases]
+    ranks = run_ranks(runs_in_one_job, WORLD, runs)
+    refs = {sparse: edge_reference(steps, WORLD, micro, gas, sparse, clip, lr) for sparse in (True, False)}
+    for i, (sparse, stage) in enumerate(cases):
+        for r in ranks:
+            assert max_rel(r[i], refs[sparse]) < 1e-5, (sparse, stage)
+
+
+def test_sparse_table_dense_fallback_while_a_rank_looked_up_no_row():
+    """A sparse=True 30-row table: at step 1 rank 0 looks up every row (the padded gather would be
+    larger than the table, so the step falls back to the dense all-reduce) while rank 1 looks up none
+    (its slices are [0, 8]): the lazy update still equals SparseAdam's, at stages 0 and 2."""
+    steps, lr = 3, 1e-2
+    cfg = {**_config(0, optimizer={"type": "Adam", "params": {"lr": lr}}), "train_batch_size": WORLD,
+           "train_micro_batch_size_per_gpu": 1}
+    runs = [(small_table_run, ({**cfg, "zero_optimization": {"stage": stage}}, steps)) for stage in (0, 2)]
+    ranks = run_ranks(runs_in_one_job, WORLD, runs)
+    ref = small_table_reference(steps, WORLD, lr)
+    for r in ranks:
+        for run in r:
+            assert run["dense_fallbacks"] == 1
+            assert max_rel(run["params"], ref) < 1e-5
+
+
+def test_publishing_rows_ignores_a_non_owners_copy():
+    adam = {"type": "Adam", "params": {"lr": 1e-2}}
+    row0 = run_ranks(publish_rows_with_a_poisoned_copy, WORLD, _config(2, optimizer=adam))
+    initial = TextModel(sparse=True).emb.weight.detach()[0]
+    for r in row0:
+        assert torch.equal(r, initial)
+
+
+def _rscan_cases(world, stages):
+    """(a) dense table + flag with AdamW, (b) sparse=True table with the config's Adam, per stage."""
+    cfg = {"train_batch_size": world * MICRO, "train_micro_batch_size_per_gpu": MICRO, "steps_per_print": None,
+           "sparse_gradients": True}
+    cases = [(sparse, stage) for stage in stages for sparse in (False, True)]
+    runs = [(rscan_run, ({**cfg, "optimizer": ADAMW if not sparse else {"type": "Adam", "params": {"lr": 1e-2}},
+                          "zero_optimization": {"stage": stage, "reduce_bucket_size": 500}}, 20, sparse))
+            for sparse, stage in cases]
+    return cases, runs
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_rscan_model_equals_single_process(world):
+    """The example's model (examples/rscan: bidirectional GRUs, padding_idx 0, one table shared by
+    both encoders), tiny, 20 steps, rank 1's batch all padding at EMPTY_STEP: (a) a dense table
+    with the flag equals single-process AdamW and (b) a sparse=True table with the config's Adam
+    equals SparseAdam on the table + Adam elsewhere, at stages 0, 1, 2 on 2 ranks (stage 2 on 3)."""
+    cases, runs = _rscan_cases(world, (0, 1, 2) if world == 2 else (2,))
+    ranks = run_ranks(runs_in_one_job, world, runs)
+    refs = {sparse: rscan_reference(20, world, MICRO, sparse, 1e-2, 0.01) for sparse in (False, True)}
+    for i, (sparse, stage) in enumerate(cases):
+        for r in ranks:
+            assert max_rel(r[i], refs[sparse]) < 1e-5, (sparse, stage)

@@ -149,3 +149,22 @@ def test_sgd_and_adagrad_take_sparse_table_gradients_natively(kind, make):
             engine.step()
     ref = reference_run(4, 1, 3, lambda m: [make(m.parameters())], {"sparse": True})
     assert max_rel({n: p.detach() for n, p in engine.module.named_parameters()}, ref) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["SGD", "Adagrad"])
+@pytest.mark.parametrize("stage", [0, 2])
+def test_sgd_and_adagrad_weight_decay_on_a_sparse_table_is_refused_by_parameter(kind, stage):
+    """torch would fail at the first step without naming the parameter (SGD: sparse + dense add;
+    Adagrad: weight_decay is not compatible with sparse gradients); refused at initialize instead."""
+    cfg = {"optimizer": {"type": kind, "params": {"lr": 0.1, "weight_decay": 0.01}},
+           "zero_optimization": {"stage": stage}}
+    with pytest.raises(ConfigError, match=rf"embedding 'emb.weight' is built with sparse=True, .* reaches {kind} as a "
+                                          rf"sparse tensor, and {kind} cannot apply weight_decay \(0.01 in param "
+                                          r"group 0\) to a sparse gradient: set weight_decay 0 for that table"):
+        _engine(TextModel(sparse=True), cfg)
+    if kind == "SGD":  # weight decay on the other parameters only is accepted (a client Adagrad has state
+        # from its constructor, which initialize() refuses as "already taken steps")
+        m = TextModel(sparse=True)
+        rest = [p for n, p in m.named_parameters() if n != "emb.weight"]
+        opt = torch.optim.SGD([{"params": [m.emb.weight]}, {"params": rest, "weight_decay": 0.01}], lr=0.1)
+        _engine(m, {"zero_optimization": {"stage": stage}}, optimizer=opt)
