@@ -27,6 +27,28 @@ def param_groups(module: torch.nn.Module, model_parameters: Iterable[Any] | None
     return [{"params": [x[1] if isinstance(x, tuple) else x for x in items]}]
 
 
+def _fresh(client: torch.optim.Optimizer) -> bool:
+    """No step taken yet: no state, or only what a constructor makes (step 0: torch's Adagrad)."""
+    for state in client.state.values():
+        if state and ("step" not in state or float(state["step"]) != 0):
+            return False
+    return True
+
+
+def _constructor_state(client: torch.optim.Optimizer) -> None:
+    """State an optimizer makes in its constructor and never in ``step()``, for the masters it now
+    holds (their shapes are the strategy's: flat shards at stages 1-3). torch's Adagrad reads
+    ``state["sum"]`` in ``step()`` without creating it; the values are its constructor's."""
+    if not isinstance(client, torch.optim.Adagrad):
+        return
+    for group in client.param_groups:
+        dtype = torch.float32 if group.get("fused") else torch.get_default_dtype()
+        for p in group["params"]:
+            step = torch.tensor(0.0, dtype=dtype, device=p.device if group.get("fused") else None)
+            client.state[p] = {"step": step, "sum": torch.full_like(p, group["initial_accumulator_value"],
+                                                                    memory_format=torch.preserve_format)}
+
+
 def make_optimizer(cfg: ShardspeedConfig, client: Any, groups: list[dict[str, Any]],
                    strategy: Strategy) -> tuple[torch.optim.Optimizer | None, float]:
     """The optimizer over the strategy's fp32 masters, and any clipping norm its config asked for."""
@@ -34,13 +56,14 @@ def make_optimizer(cfg: ShardspeedConfig, client: Any, groups: list[dict[str, An
         raise ConfigError("an optimizer was given twice: to initialize(optimizer=...) and in the config's "
                           "'optimizer' section; remove one")
     if isinstance(client, torch.optim.Optimizer):
-        if any(client.state.values()):
+        if not _fresh(client):
             raise ValueError("the client optimizer has already taken steps; pass a fresh optimizer to initialize()")
         _check_tested(cfg, client)
         mapped = strategy.map_param_groups([{"params": g["params"]} for g in client.param_groups])
         for group, new in zip(client.param_groups, mapped, strict=True):
             group["params"] = new["params"]
         client.state.clear()
+        _constructor_state(client)
         check_sparse_optimizer(client, strategy)
         return client, 0.0
     master_groups = strategy.map_param_groups(groups)

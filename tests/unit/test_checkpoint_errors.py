@@ -106,3 +106,24 @@ def test_unknown_format_version(tmp_path):
     path.write_text(path.read_text().replace('"format_version": 2', '"format_version": 7'))
     with pytest.raises(CheckpointError, match=r"manifest.json: format version 7, expected one of 1, 2$"):
         _engine().load_checkpoint(str(tmp_path), tag="t")
+
+
+def test_client_adagrad_is_fresh_though_its_constructor_made_state():
+    """torch's Adagrad makes its state (step 0, sum) in the constructor: that is not a step taken,
+    and the engine's Adagrad (over its masters) steps as the plain one does."""
+    torch.manual_seed(0)
+    model, plain = tiny_gpt(), tiny_gpt()
+    plain.load_state_dict(model.state_dict())
+    opt = torch.optim.Adagrad(model.parameters(), lr=0.1, initial_accumulator_value=0.5)
+    ref = torch.optim.Adagrad(plain.parameters(), lr=0.1, initial_accumulator_value=0.5)
+    engine = shardspeed.initialize(model=model, optimizer=opt, config={"train_batch_size": 2, "steps_per_print": None,
+                                                                       "zero_optimization": {"stage": 1}})[0]
+    ids = torch.randint(0, 32, (2, 8))
+    for _ in range(2):
+        engine.backward(engine(ids).float().pow(2).mean())
+        engine.step()
+        ref.zero_grad()
+        plain(ids).float().pow(2).mean().backward()
+        ref.step()
+    for (n, a), b in zip(model.state_dict().items(), plain.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=n)

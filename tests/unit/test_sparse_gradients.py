@@ -162,9 +162,8 @@ def test_sgd_and_adagrad_weight_decay_on_a_sparse_table_is_refused_by_parameter(
                                           rf"sparse tensor, and {kind} cannot apply weight_decay \(0.01 in param "
                                           r"group 0\) to a sparse gradient: set weight_decay 0 for that table"):
         _engine(TextModel(sparse=True), cfg)
-    if kind == "SGD":  # weight decay on the other parameters only is accepted (a client Adagrad has state
-        # from its constructor, which initialize() refuses as "already taken steps")
-        m = TextModel(sparse=True)
-        rest = [p for n, p in m.named_parameters() if n != "emb.weight"]
-        opt = torch.optim.SGD([{"params": [m.emb.weight]}, {"params": rest, "weight_decay": 0.01}], lr=0.1)
-        _engine(m, {"zero_optimization": {"stage": stage}}, optimizer=opt)
+    # weight decay on the other parameters only is accepted
+    m = TextModel(sparse=True)
+    rest = [p for n, p in m.named_parameters() if n != "emb.weight"]
+    opt = getattr(torch.optim, kind)([{"params": [m.emb.weight]}, {"params": rest, "weight_decay": 0.01}], lr=0.1)
+    _engine(m, {"zero_optimization": {"stage": stage}}, optimizer=opt)
