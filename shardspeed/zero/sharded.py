@@ -22,7 +22,7 @@ import torch
 from shardspeed.comm import Handle, Topology, all_gather, all_reduce, all_reduce_rows, broadcast, get_global_rank
 from shardspeed.zero.partition import ShardedBucketPlan, plan_sharded_buckets, shard_segments
 from shardspeed.zero.reducer import BufferPool, GradientReducer, zero_unwritten
-from shardspeed.zero.sparse import SparseReducer, SparseTable, embedding_tables, shard_of
+from shardspeed.zero.sparse import SparseReducer, embedding_tables, shard_of, table_buckets
 from shardspeed.zero.strategy import OrderedReduction, Piece, Strategy, StrategyOptions
 
 
@@ -128,15 +128,8 @@ class ShardedStrategy(OrderedReduction, Strategy):
         # with a storage offset at the wrong place (rank r > 0's shard: silently wrong values, or heap
         # corruption), so a sparse=True table's fp32 master shard is its own tensor, copied into the
         # parameter buffer before the all-gather, as in bf16 training.
-        self._dense_tables: set[int] = set()
-        self._sparse_tables: dict[int, SparseTable] = {}
-        for n, p in self.named_params:
-            if id(p) in tables:
-                bucket = self.buckets[self._where[id(p)][0]]
-                if tables[id(p)]:
-                    self._sparse_tables[id(bucket)] = SparseTable(n, tuple(p.shape))
-                else:
-                    self._dense_tables.add(id(bucket))
+        self._dense_tables, self._sparse_tables = table_buckets(
+            self.named_params, tables, {pid: self.buckets[b] for pid, (b, _) in self._where.items()})
         self._sparse = SparseReducer(topo.dp_group, topo.dp_world_size, opts.reduce_dtype)
         self._lazy_rows = False  # set by attach_optimizer (Note: lazy updates publish their rows)
         self.grads_in_module = self.keep_full_grads and opts.compute_dtype == opts.grad_accum_dtype

@@ -53,6 +53,7 @@ optimizer sees no gradient and, at stages 1/2, no rows are published.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -135,6 +136,23 @@ class SparseTable:
         self.grad = None
         self.rows = None
         self.unused = False
+
+
+def table_buckets(named_params: list[tuple[str, torch.nn.Parameter]], tables: dict[int, bool],
+                  bucket_of: dict[int, Any]) -> tuple[set[int], dict[int, SparseTable]]:
+    """Each embedding table's own bucket (Note: one bucket per table), by ``id(bucket)``: the set of
+    dense-gradient tables' and the ``SparseTable`` of each ``sparse=True`` one. ``tables`` is
+    ``embedding_tables(module)``; ``bucket_of`` maps ``id(param)`` to the bucket holding it."""
+    dense: set[int] = set()
+    sparse: dict[int, SparseTable] = {}
+    for name, p in named_params:
+        if id(p) in tables:
+            bucket = bucket_of[id(p)]
+            if tables[id(p)]:
+                sparse[id(bucket)] = SparseTable(name, tuple(p.shape))
+            else:
+                dense.add(id(bucket))
+    return dense, sparse
 
 
 def as_sparse(s: RowSlices, shape: tuple[int, ...]) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 from shardspeed.comm import Topology
 from shardspeed.zero.buckets import GradBucket, plan_buckets
 from shardspeed.zero.reducer import GradientReducer
-from shardspeed.zero.sparse import SparseReducer, SparseTable, as_sparse, embedding_tables
+from shardspeed.zero.sparse import SparseReducer, SparseTable, as_sparse, embedding_tables, table_buckets
 from shardspeed.zero.strategy import OrderedReduction, Strategy, StrategyOptions
 
 
@@ -39,18 +39,13 @@ class DataParallelStrategy(OrderedReduction, Strategy):
                 self._where[id(params[pid])] = (b, s)
         # embedding tables, each alone in its bucket (zero/sparse.py, Note: one bucket per table):
         # id(bucket) -> the table's slot for dense-gradient tables, or its SparseTable for sparse=True ones
-        self._dense_tables: set[int] = set()
-        self._sparse_tables: dict[int, SparseTable] = {}
-        for n, p in self.named_params:
-            if id(p) in tables:
-                bucket = self.buckets[self._where[id(p)][0]]
-                if tables[id(p)]:
-                    self._sparse_tables[id(bucket)] = SparseTable(n, tuple(p.shape))
-                    # its gradient never lands in the bucket: no table-sized buffer to hold, zero and scale
-                    bucket.buffer = bucket.buffer.new_zeros(0)
-                    bucket.views = [bucket.buffer.new_zeros(()).expand(p.shape)]
-                else:
-                    self._dense_tables.add(id(bucket))
+        self._dense_tables, self._sparse_tables = table_buckets(
+            self.named_params, tables, {pid: self.buckets[b] for pid, (b, _) in self._where.items()})
+        for bucket in self.buckets:
+            if id(bucket) in self._sparse_tables:
+                # its gradient never lands in the bucket: no table-sized buffer to hold, zero and scale
+                bucket.buffer = bucket.buffer.new_zeros(0)
+                bucket.views = [bucket.buffer.new_zeros(()).expand(self._sparse_tables[id(bucket)].shape)]
         self._sparse = SparseReducer(topo.dp_group, topo.dp_world_size, opts.reduce_dtype)
         self.grads_in_module = opts.compute_dtype == opts.grad_accum_dtype
         self.masters: dict[int, torch.Tensor] = {}
