@@ -59,6 +59,9 @@ class BF16Config(Section):
             raise ValueError(f'bf16.enabled must be true, false or "auto", got {value!r}') from None
 
 
+MAX_IN_CPU_DEFAULT = 1_000_000_000
+
+
 class OffloadConfig(Section):
     """``zero_optimization.offload_optimizer`` / ``offload_param``: where a tier of model state lives
     (zero/swap_optimizer.py, Note: optimizer state on disk).
@@ -75,7 +78,9 @@ class OffloadConfig(Section):
     # write-back of one sub-group overlap the step of the next); offload_param: gathered-shard buffers
     buffer_count: int = Field(5, ge=1)
     buffer_size: int = Field(100_000_000, ge=1)  # offload_param: elements per parameter buffer
-    max_in_cpu: int = Field(1_000_000_000, ge=0)  # offload_param: elements kept in memory when on nvme
+    # DeepSpeed's offload_param: elements kept in memory when on nvme. Not implemented: only the default
+    # is accepted (ZeroConfig._offload_where_it_applies), so no value is silently ignored
+    max_in_cpu: int = Field(MAX_IN_CPU_DEFAULT, ge=0)
     # DeepSpeed's faster start-up of NVMe state; our swap files start empty (state is written at the
     # first step), so both values behave alike
     fast_init: bool = False
@@ -157,6 +162,12 @@ class ZeroConfig(Section):
                 raise ValueError(f"zero_optimization.{key}.device '{off.device}' needs ZeRO stage {need} (it moves "
                                  f"{what}), but zero_optimization.stage is {self.stage}: set the stage to {need} "
                                  f"or \"device\": \"none\"")
+            if off.max_in_cpu != MAX_IN_CPU_DEFAULT:
+                raise ValueError(f"zero_optimization.{key}.max_in_cpu {off.max_in_cpu} is not implemented: with "
+                                 "offload_param.device 'nvme' every unit's shard goes to disk except units of at most "
+                                 "stage3_param_persistence_threshold elements, which stay in memory; remove the key "
+                                 "(or set it to 1e9), and raise stage3_param_persistence_threshold to keep more "
+                                 "parameters in memory")
             if off.device == "nvme" and not off.nvme_path:
                 raise ValueError(f"zero_optimization.{key}.device 'nvme' needs zero_optimization.{key}.nvme_path: "
                                  "a directory on a local disk with room for the offloaded state")

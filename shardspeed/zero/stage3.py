@@ -4,7 +4,8 @@
 [Note: the life of a parameter]
 - At rest a parameter's ``.data`` is an empty placeholder; this rank keeps its shard of the unit's
   flat form in the unit's ``local`` buffer (compute dtype), and the fp32 master (the same tensor in
-  fp32 training); its piece of each parameter is a view of that.
+  fp32 training, where its piece of each parameter is a view of it; a separate tensor per piece
+  otherwise: Note: master chunks own their storage).
 - A unit is the set of parameters first registered by one module (or one entry of a ModuleList).
   A forward pre-hook on every module that registers a unit's parameter (tied weights register in
   two) gathers the unit: one all-gather, whose output buffer every parameter then views (no copy);
@@ -505,10 +506,13 @@ class Stage3Strategy(OrderedReduction, Strategy):
             for at, m in pieces:
                 u.local[at:at + m.numel()].copy_(m)
 
-    def drop_master_storage(self) -> None:
+    def drop_master_storage(self, masters: list[torch.Tensor]) -> None:
+        """Nothing to free: the chunks own their storage, which went with their ``.data`` (Note: master
+        chunks own their storage); only the count of master bytes changes."""
+        taken = {id(m) for m in masters}
         for u in self.units:
-            if not u.master_is_view:
-                u.master = u.master.new_empty(0)  # the chunks the tier holds were its only other users
+            if any(id(m) in taken for m in u.master_chunks):
+                u.masters_on_tier = True
 
     def attach_optimizer(self, optimizer: Any) -> None:
         self._optimizer = optimizer
@@ -581,7 +585,7 @@ class Stage3Strategy(OrderedReduction, Strategy):
         for u in self.units:
             out["parameters"] += u.local.numel() * u.local.element_size()
             out["gradients"] += 0 if u.grad_shard is None else u.grad_shard.numel() * 4
-            out["master_parameters"] += 0 if u.master_is_view else u.master.numel() * 4  # 0 once on a tier
+            out["master_parameters"] += u.master_bytes()
         if self.param_tier is not None:
             out["param_offload_buffers"] = self.param_tier.memory_bytes()
             out["parameters_on_disk"] = self.param_tier.disk_bytes()

@@ -25,18 +25,31 @@ class Unit:
         self.layout = flat_layout(self.numels, world, rank)  # Note: flat units (unit_layout.py)
         self.shard_numel = self.layout.shard
         self.full_numel = world * self.shard_numel
-        fp32 = torch.zeros(self.shard_numel, dtype=torch.float32,
-                           device=params[0].device if params else None)
-        for p, (start, at, length) in zip(params, self.layout.pieces, strict=True):
-            full = full_flat(p)  # on every rank, even for an empty piece: it may be a collective
-            if length:
-                fp32[at:at + length].copy_(full[start:start + length])
+        device = params[0].device if params else None
         # separate_master: the shard goes to disk (swap_params.py), the master must not go with it
         self.master_is_view = opts.compute_dtype == torch.float32 and not separate_master
-        self.local = fp32 if self.master_is_view else fp32.to(opts.compute_dtype, copy=True)
-        self.master = fp32  # the compute shard is either this tensor or a copy of it
-        # this rank's piece of each parameter (possibly empty): what the optimizer steps
-        self.master_chunks = [self.master[at:at + length] for _, at, length in self.layout.pieces]
+        # [Note: master chunks own their storage] Where the master is a copy, each chunk (what the
+        # optimizer steps) is a tensor of its own, not a view of one flat master: a tier that takes
+        # the masters (swap_optimizer.py) swaps each chunk's ``.data`` for a placeholder, and a view
+        # would keep its ``_base`` (the whole flat master) alive behind it, 4 bytes per shard element
+        # resident that nobody counts. Nothing else may hold a chunk's storage.
+        fp32 = torch.zeros(self.shard_numel if self.master_is_view else 0, dtype=torch.float32, device=device)
+        self.master_chunks: list[torch.Tensor] = []  # this rank's piece of each parameter (possibly empty)
+        for p, (start, at, length) in zip(params, self.layout.pieces, strict=True):
+            full = full_flat(p)  # on every rank, even for an empty piece: it may be a collective
+            chunk = fp32[at:at + length] if self.master_is_view else torch.empty(length, dtype=torch.float32,
+                                                                                    device=device)
+            if length:
+                chunk.copy_(full[start:start + length])
+            self.master_chunks.append(chunk)
+        if self.master_is_view:
+            self.local = fp32  # fp32 training: the compute shard is the master
+        else:
+            # the same values as the flat master cast at once: each element rounds on its own, padding is 0
+            self.local = torch.zeros(self.shard_numel, dtype=opts.compute_dtype, device=device)
+            for m, (_, at, length) in zip(self.master_chunks, self.layout.pieces, strict=True):
+                self.local[at:at + length].copy_(m)
+        self.masters_on_tier = False  # set when a tier took the chunks' values (drop_master_storage)
         # optimizer in backward: a shard only between reduction and step (Note: optimizer in backward)
         self.grad_shard: torch.Tensor | None = None
         if not lazy_grads:
@@ -61,6 +74,11 @@ class Unit:
         self.grad_shard = shard
         for m, (_, at, length) in zip(self.master_chunks, self.layout.pieces, strict=True):
             m.grad = shard[at:at + length]
+
+    def master_bytes(self) -> int:
+        """Bytes of fp32 master this unit holds beside its compute shard (0 where they are one tensor,
+        or once a tier holds the masters)."""
+        return 0 if self.master_is_view or self.masters_on_tier else 4 * sum(m.numel() for m in self.master_chunks)
 
     def detach_grads(self) -> None:
         self.grad_shard = None

@@ -248,9 +248,10 @@ class Strategy(ABC):
     def masters_published_elsewhere(self) -> bool:
         return self.master_tier is not None
 
-    def drop_master_storage(self) -> None:
-        """The tier took the masters: free any memory still holding them beside the optimizer's tensors
-        (stages 1-2 hold none: the optimizer's tensor is the only one)."""
+    def drop_master_storage(self, masters: list[torch.Tensor]) -> None:
+        """The tier took ``masters`` (its values now on disk, a placeholder as each one's ``.data``):
+        free any memory still holding them beside the optimizer's tensors (stages 1-2 hold none: each
+        bucket's master is a clone, never a view, so the optimizer's tensor is its only holder)."""
         return None
 
     def master_copies(self) -> bool:

@@ -136,7 +136,7 @@ class OptimizerSwapper:
                 handle = self._swap_out(g, -1, reserve=4 * g.numel * per + ALIGN_SLACK * len(g.params) * per)
                 if handle is not None:
                     handle.wait()
-        self.strategy.drop_master_storage()
+        self.strategy.drop_master_storage([p for g in self.subgroups if g.on_tier for p in g.params])
 
     @staticmethod
     def _split(groups: list[list[torch.Tensor]], ratio: float) -> list[SubGroup]:

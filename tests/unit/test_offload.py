@@ -59,6 +59,18 @@ def test_offload_where_it_does_not_apply_names_the_key_and_the_stage(zero, messa
     assert str(e.value) == message
 
 
+def test_max_in_cpu_other_than_the_default_is_refused_as_not_implemented():
+    # accepted but ignored would be a silent no-op; DeepSpeed's default (1e9) still loads (test above)
+    with pytest.raises(ConfigError) as e:
+        _zero(stage=3, offload_param={"device": "nvme", "nvme_path": "/x", "max_in_cpu": 1e6})
+    assert str(e.value) == (
+        "zero_optimization.offload_param.max_in_cpu 1000000 is not implemented: with offload_param.device 'nvme' "
+        "every unit's shard goes to disk except units of at most stage3_param_persistence_threshold elements, which "
+        "stay in memory; remove the key (or set it to 1e9), and raise stage3_param_persistence_threshold to keep "
+        "more parameters in memory")
+    assert _zero(stage=3, offload_param={"device": "nvme", "nvme_path": "/x", "max_in_cpu": 1e9}).offload_param
+
+
 def test_aio_and_offload_numbers_are_checked():
     with pytest.raises(ConfigError, match=r"aio.block_size 5000 must be a multiple of 4096 bytes.*e.g. 4096"):
         load_config({"aio": {"block_size": 5000}})
