@@ -42,7 +42,8 @@ def config(mode: str, nvme: str, sub_group: int) -> dict:
 def ds_config(mode: str, nvme: str, sub_group: int) -> dict:
     """DeepSpeed's ZeRO-3 with the same batch, clipping, AdamW, buckets, sub-group and aio threads as
     config(): offload_optimizer nvme (DeepSpeed's defaults otherwise: buffer_count 4, no
-    pipeline_read/write), and offload_param nvme for ds-nvme+params."""
+    pipeline_read/write), and offload_param nvme for ds-nvme+params (its max_in_cpu default, 1e9
+    elements, keeps a model this size in host memory: set it to 0 to put the parameters on disk)."""
     zero = {"stage": 3, "reduce_bucket_size": 5_000_000, "stage3_prefetch_bucket_size": 5_000_000,
             "sub_group_size": sub_group}
     if mode in ("ds-nvme", "ds-nvme+params"):
