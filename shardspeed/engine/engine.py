@@ -248,7 +248,10 @@ class ShardspeedEngine(torch.nn.Module):
             raise ValueError(f"engine.backward expects a scalar loss tensor, got {type(loss).__name__}"
                              f"{' of shape ' + str(tuple(loss.shape)) if torch.is_tensor(loss) else ''}")
         with self.timers("backward"):
-            self.strategy.begin_backward(self.is_gradient_accumulation_boundary())
+            boundary = self.is_gradient_accumulation_boundary()
+            if boundary and self.optimizer_swapper is not None and not self.strategy.steps_in_backward:
+                self.optimizer_swapper.prefetch()  # the step's first reads overlap this backward
+            self.strategy.begin_backward(boundary)
             scale = self.loss_scale / (self.batch.gradient_accumulation_steps if scale_wrt_gas else 1)
             (loss.float() * scale).backward(retain_graph=retain_graph)
             self.strategy.finish_backward()

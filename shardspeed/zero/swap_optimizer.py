@@ -35,6 +35,11 @@ optimizer updates (a stage's fp32 masters), never the stage's buckets or units.
 reads of the next R - 1 sub-groups are in flight while sub-group i steps, and the write-back of i
 goes on while i + 1 steps; the read into a buffer first waits for the write-back of the sub-group
 that held it. Memory: R buffers of the largest region, besides the parameters and gradients.
+The first R - 1 reads start at the beginning of the boundary micro-batch's backward (``prefetch``),
+so they go on while backward computes; the write-backs of the last sub-groups are left in flight
+when ``step()`` returns and go on while the next forward computes. Whatever reads or reuses a buffer
+waits for the write-back it holds first (``_wait_write``), and ``all_resident`` (checkpoints), the
+optimizer in backward and ``close`` settle everything in flight before they start.
 With stage 3's optimizer in backward (``step_masters``) each unit is a sub-group stepped when its
 gradients are reduced: the next unit's read starts as one steps, write-backs go on through the rest
 of backward, and the engine drains them (``drain``) before the step ends.
@@ -123,6 +128,9 @@ class OptimizerSwapper:
         self._turn = 0  # the ring buffer the next one reads into
         self._ahead: tuple[int, int, IOHandle | None] | None = None  # (sub-group, buffer, read) read ahead
         self._writes: dict[int, IOHandle | None] = {}  # buffer -> its write-back in flight
+        # step(): reads started during backward (prefetch), by index among the streamed sub-groups,
+        # each into ring buffer index % R (its views already placed in the optimizer)
+        self._early: dict[int, IOHandle | None] = {}
 
     def take_masters(self, states_per_element: int) -> None:
         """Masters that are copies of the compute parameters go to disk now (after the disk check);
@@ -194,16 +202,45 @@ class OptimizerSwapper:
         if self.masters_on_tier:
             self.strategy.publish_masters_of(g.params)
 
+    def prefetch(self) -> None:
+        """Start the first sub-groups' reads (R - 1 of them) now, at the beginning of the boundary
+        backward, so they overlap its compute instead of opening the step (Note: the ring). Again
+        before a step that consumed them (an fp16 overflow skipped it), it does nothing."""
+        if self._early:
+            return
+        streamed = [g for g in self.subgroups if g.on_tier]
+        for j in range(min(len(streamed), self.ring_size - 1)):
+            self._wait_write(j)
+            self._early[j] = self._swap_in(streamed[j], j)
+
+    def _wait_write(self, k: int) -> None:
+        """Ring buffer ``k``'s write-back must be on disk before the buffer is read over."""
+        handle = self._writes.pop(k, None)
+        if handle is not None:
+            handle.wait()
+
+    def _settle(self) -> None:
+        """Nothing in flight: reads started ahead are waited for and their views taken back out of
+        the optimizer (the state on disk is what counts), write-backs finished."""
+        streamed = [g for g in self.subgroups if g.on_tier]
+        early, self._early = self._early, {}
+        for j, handle in early.items():
+            if handle is not None:
+                handle.wait()
+            for s in streamed[j].slots:
+                self._place(s, self._placeholder(s))
+        for k in list(self._writes):
+            self._wait_write(k)
+
     def _step_streamed(self, groups: list[SubGroup], grads: dict[int, torch.Tensor | None]) -> None:
         ring = self.ring_size
         reads: dict[int, IOHandle | None] = {}
-        writes: dict[int, IOHandle | None] = {}
 
         def launch_read(j: int) -> None:
-            if j - ring in writes:  # the buffer's previous sub-group must be on disk first
-                handle = writes.pop(j - ring)
-                if handle is not None:
-                    handle.wait()
+            if j in self._early:  # started by prefetch() during backward
+                reads[j] = self._early.pop(j)
+                return
+            self._wait_write(j % ring)  # the buffer's previous sub-group must be on disk first
             reads[j] = self._swap_in(groups[j], j % ring)
 
         issued = 0
@@ -216,12 +253,12 @@ class OptimizerSwapper:
                 if handle is not None:
                     handle.wait()
                 self._step_group(g, grads)
-                writes[i] = self._swap_out(g, i % ring)
+                self._writes[i % ring] = self._swap_out(g, i % ring)
                 if issued < len(groups):
                     launch_read(issued)
                     issued += 1
         finally:
-            for h in list(reads.values()) + list(writes.values()):
+            for h in reads.values():  # write-backs stay in flight into the next forward (Note: the ring)
                 if h is not None:
                     h.wait()
 
@@ -317,6 +354,7 @@ class OptimizerSwapper:
     def all_resident(self) -> Iterator[None]:
         """Every sub-group's state and masters as ordinary tensors inside the block (checkpoints save
         them from there, or load into them), written back to disk, masters published, when it ends."""
+        self._settle()
         for g in self.subgroups:
             if g.on_tier and g.laid_out:
                 buf = aligned_empty(g.nbytes)
@@ -398,6 +436,7 @@ class OptimizerSwapper:
                 write.wait()
 
     def close(self) -> None:
+        self._settle()
         self._finalizer()
 
 

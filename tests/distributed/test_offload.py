@@ -267,3 +267,44 @@ def test_optimizer_in_backward_with_state_and_shards_on_disk_equals_the_run_with
         _assert_equal(both, base)
         assert state["memory"]["optimizer_states_on_disk"] > 0 and both["memory"]["parameters_on_disk"] > 0
     assert os.listdir(tmp_path) == []
+
+
+def _overlap(rank, path):
+    """When the state's reads and writes happen against the step (Note: the ring)."""
+    import shardspeed
+    from tests.distributed.workloads import micro_slices, model_config, tiny_gpt
+
+    cfg = _config(2, _nvme(path, buffer_count=3), sub_group_size=300)
+    engine = shardspeed.initialize(model=tiny_gpt(**ODD), config=cfg)[0]
+    swapper = engine.optimizer_swapper
+    io = {"read": 0, "write": 0}
+    for kind in io:
+        real = getattr(swapper.file, kind)
+
+        def counted(*a, _real=real, _kind=kind, **k):
+            io[_kind] += 1
+            return _real(*a, **k)
+        setattr(swapper.file, kind, counted)
+    groups = sum(g.on_tier for g in swapper.subgroups)
+    seen = []
+    for step in range(2):
+        for i, (ids, labels) in enumerate(micro_slices(step, rank, 1, 2, 4, model_config(**ODD))):
+            loss = engine(ids, labels)
+            before = dict(io)
+            engine.backward(loss)
+            seen.append((i, io["read"] - before["read"]))  # reads started by this backward
+            before = dict(io)
+            engine.step()
+        # after the step: write-backs of the last sub-groups still in flight (waited for later)
+        seen.append(("pending writes", len(swapper._writes), "step reads", io["read"] - before["read"]))
+    return groups, seen
+
+
+def test_state_reads_start_in_backward_and_writes_finish_in_the_next_forward(tmp_path):
+    groups, seen = run_ranks(_overlap, 1, tmp_path)[0]
+    assert groups >= 4, groups  # more sub-groups than the ring of 3 holds
+    # step 1 created the state (nothing to read); from step 2 on, the boundary backward (micro-batch
+    # 3 of 4) starts the first R - 1 = 2 reads, the others' backwards none, and the step the rest
+    assert seen[:4] == [(0, 0), (1, 0), (2, 0), (3, 0)]
+    assert seen[5:9] == [(0, 0), (1, 0), (2, 0), (3, 2)], seen
+    assert seen[9][1] >= 1 and seen[9][3] == groups - 2, seen
