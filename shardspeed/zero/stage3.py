@@ -53,7 +53,7 @@ from shardspeed.zero.stage3_parts import (
     register_external_parameter,
     unit_members,
 )
-from shardspeed.zero.stage3_unit import Unit
+from shardspeed.zero.stage3_unit import Unit, mark_masters_on_tier, unit_subgroups, units_state_bytes
 from shardspeed.zero.strategy import OrderedReduction, Piece, Strategy, StrategyOptions
 from shardspeed.zero.swap_params import ParamTier, make_param_tier
 
@@ -473,22 +473,7 @@ class Stage3Strategy(OrderedReduction, Strategy):
         return any(not u.master_is_view for u in self.units)
 
     def step_subgroups(self, masters: list[torch.Tensor], size: int) -> list[list[torch.Tensor]]:
-        """Whole units (in unit order), merged while they fit in ``size`` elements: a unit's
-        masters are published together, into its one shard."""
-        mine = {id(m) for m in masters}
-        groups: list[list[torch.Tensor]] = []
-        n = 0
-        for u in self.units:
-            chunks = [m for m in u.master_chunks if id(m) in mine]
-            if not chunks:
-                continue
-            k = sum(m.numel() for m in chunks)
-            if not groups or (n + k > size and groups[-1]):
-                groups.append([])
-                n = 0
-            groups[-1].extend(chunks)
-            n += k
-        return groups
+        return unit_subgroups(self.units, masters, size)
 
     @torch.no_grad()
     def publish_masters_of(self, masters: list[torch.Tensor]) -> None:
@@ -507,12 +492,7 @@ class Stage3Strategy(OrderedReduction, Strategy):
                 u.local[at:at + m.numel()].copy_(m)
 
     def drop_master_storage(self, masters: list[torch.Tensor]) -> None:
-        """Nothing to free: the chunks own their storage, which went with their ``.data`` (Note: master
-        chunks own their storage); only the count of master bytes changes."""
-        taken = {id(m) for m in masters}
-        for u in self.units:
-            if any(id(m) in taken for m in u.master_chunks):
-                u.masters_on_tier = True
+        mark_masters_on_tier(self.units, masters)
 
     def attach_optimizer(self, optimizer: Any) -> None:
         self._optimizer = optimizer
@@ -581,14 +561,7 @@ class Stage3Strategy(OrderedReduction, Strategy):
         self._peak_gathered = max(self._peak_gathered, self._held["parameters"] + self._held["in_flight"])
 
     def state_bytes(self) -> dict[str, int]:
-        out = {"parameters": 0, "gradients": 0, "master_parameters": 0}
-        for u in self.units:
-            out["parameters"] += u.local.numel() * u.local.element_size()
-            out["gradients"] += 0 if u.grad_shard is None else u.grad_shard.numel() * 4
-            out["master_parameters"] += u.master_bytes()
-        if self.param_tier is not None:
-            out["param_offload_buffers"] = self.param_tier.memory_bytes()
-            out["parameters_on_disk"] = self.param_tier.disk_bytes()
+        out = units_state_bytes(self.units, self.param_tier)
         out["peak_transient"] = self._peak_transient  # not model state at rest: the high-water mark
         out["peak_gathered"] = self._peak_gathered  # its gathered-parameter part
         out["transient"] = self._transient_bytes()  # now; 0 at rest between steps

@@ -5,6 +5,7 @@ and reduction. zero/stage3.py drives it (Note: the life of a parameter)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -88,3 +89,47 @@ class Unit:
     def complete(self) -> bool:
         """Every trainable parameter has accumulated its gradient in this backward."""
         return self.accumulated >= self.trainable
+
+
+def unit_subgroups(units: list[Unit], masters: list[torch.Tensor], size: int) -> list[list[torch.Tensor]]:
+    """The optimizer's sub-groups at stage 3 (``Strategy.step_subgroups``): whole units in unit order,
+    merged while they fit in ``size`` elements, so a unit's masters are published together, into its
+    one shard."""
+    mine = {id(m) for m in masters}
+    groups: list[list[torch.Tensor]] = []
+    n = 0
+    for u in units:
+        chunks = [m for m in u.master_chunks if id(m) in mine]
+        if not chunks:
+            continue
+        k = sum(m.numel() for m in chunks)
+        if not groups or (n + k > size and groups[-1]):
+            groups.append([])
+            n = 0
+        groups[-1].extend(chunks)
+        n += k
+    return groups
+
+
+def units_state_bytes(units: list[Unit], param_tier: Any) -> dict[str, int]:
+    """Model-state bytes the units hold in memory (and, with parameter offload, the tier's buffers
+    and what it keeps on disk): ``Strategy.state_bytes`` at stage 3, less the transients."""
+    out = {"parameters": 0, "gradients": 0, "master_parameters": 0}
+    for u in units:
+        out["parameters"] += u.local.numel() * u.local.element_size()
+        out["gradients"] += 0 if u.grad_shard is None else u.grad_shard.numel() * 4
+        out["master_parameters"] += u.master_bytes()
+    if param_tier is not None:
+        out["param_offload_buffers"] = param_tier.memory_bytes()
+        out["parameters_on_disk"] = param_tier.disk_bytes()
+    return out
+
+
+def mark_masters_on_tier(units: list[Unit], masters: list[torch.Tensor]) -> None:
+    """``Strategy.drop_master_storage`` at stage 3. Nothing to free: the chunks own their storage,
+    which went with their ``.data`` (Note: master chunks own their storage); only the units' count of
+    master bytes changes."""
+    taken = {id(m) for m in masters}
+    for u in units:
+        if any(id(m) in taken for m in u.master_chunks):
+            u.masters_on_tier = True
