@@ -21,7 +21,7 @@ from shardspeed.comm.collectives import (
     add_observer,
     all_gather,
     all_gather_object,
-    all_gather_rows,
+    all_gather_slices,
     all_gather_sizes,
     all_reduce,
     all_reduce_rows,
@@ -46,7 +46,7 @@ from shardspeed.comm.topology import Topology, topology_from_mpu
 __all__ = [
     "CollectiveError", "CommStats", "DistEnv", "Handle", "ModelParallelUnit", "PipeDataParallelTopology",
     "PipeModelDataParallelTopology", "ProcessGroup", "ProcessTopology", "Topology", "add_observer", "all_gather",
-    "all_gather_object", "all_gather_rows", "all_gather_sizes",
+    "all_gather_object", "all_gather_slices", "all_gather_sizes",
     "all_reduce", "all_reduce_rows", "barrier", "broadcast", "broadcast_object", "comm_timeout",
     "destroy", "destroy_group", "destroy_model_parallel", "enable_comm_log", "free_port", "get_global_rank",
     "get_model_parallel_unit", "get_rank", "get_world_size", "init_distributed", "initialize_model_parallel",

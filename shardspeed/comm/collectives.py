@@ -176,17 +176,39 @@ def all_gather_sizes(n: int, group: ProcessGroup | None = None, device: torch.de
     return out.tolist()
 
 
-def all_gather_rows(rows: torch.Tensor, counts: list[int], group: ProcessGroup | None = None) -> list[torch.Tensor]:
-    """Every rank's ``rows`` (``counts[r]`` leading slices on rank r, the rest of the shape equal
-    everywhere), in rank order. gloo has no variable-size all-gather, so each rank pads to
-    ``max(counts)`` and the padding is cut off again here. Logged as ``sparse_all_gather``: the comm
-    log counts the index-slice traffic of sparse gradients apart from dense reductions."""
-    size, most = get_world_size(group), max(counts)
-    padded = rows.new_zeros((most, *rows.shape[1:]))
-    padded[:rows.shape[0]] = rows
-    out = rows.new_empty((size * most, *rows.shape[1:]))
-    _all_gather("sparse_all_gather", out, padded, group, async_op=False)
-    return [out[r * most:r * most + c] for r, c in enumerate(counts)]
+def all_gather_slices(rows: torch.Tensor, values: torch.Tensor, count: int, capacity: int,
+                      group: ProcessGroup | None = None) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """Every rank's ``count`` and first ``capacity`` index slices, in one all-gather whose size every
+    rank knows beforehand: each rank packs its count (int64; any value, -1 included, passes through),
+    ``rows[:capacity]`` (int64 [n]) and ``values[:capacity]`` ([n, *row_shape], any dtype) into one
+    byte buffer of ``capacity`` slots (zero/sparse.py, Note: one gather per step). Returns every rank's
+    count, in rank order, and the gathered rows [world, capacity] and values [world, capacity,
+    *row_shape]: rank r's slots past ``min(counts[r], capacity)`` are padding. A rank whose count is
+    above ``capacity`` sent only the first ``capacity`` slices; the caller sees it in ``counts``.
+    Logged as ``sparse_all_gather``: the comm log counts the index-slice traffic of sparse gradients
+    apart from dense reductions."""
+    size = get_world_size(group)
+    row_shape = tuple(values.shape[1:])
+    row_bytes = values.element_size()
+    for d in row_shape:
+        row_bytes *= d
+    # [count | rows | values], every part at a multiple of 8 bytes, so each views as its own dtype
+    vals_at = 8 + 8 * capacity
+    slot = vals_at + -(-capacity * row_bytes // 8) * 8
+    mine = torch.zeros(slot, dtype=torch.uint8, device=rows.device)
+    n = max(0, min(count, capacity))
+    mine[:8].view(torch.int64)[0] = count
+    mine[8:vals_at].view(torch.int64)[:n] = rows[:n]
+    if n:
+        mine[vals_at:vals_at + n * row_bytes].view(values.dtype).view(n, *row_shape).copy_(values[:n])
+    out = mine.new_empty(size * slot)
+    _all_gather("sparse_all_gather", out, mine, group, async_op=False)
+    packed = out.view(size, slot)
+    counts = packed[:, :8].view(torch.int64).view(-1).tolist()
+    got_rows = packed[:, 8:vals_at].view(torch.int64).view(size, capacity)
+    got_values = (packed[:, vals_at:vals_at + capacity * row_bytes].view(values.dtype)
+                  .view(size, capacity, *row_shape))
+    return counts, got_rows, got_values
 
 
 def all_reduce_rows(rows: torch.Tensor, group: ProcessGroup | None = None) -> Handle:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from shardspeed.comm import collectives
 
 #: the ops sparse traffic is logged under: a sparse gradient reduction (collectives.all_gather_sizes /
-#: all_gather_rows) and, at ZeRO 1/2, the rows a lazy update changed (collectives.all_reduce_rows)
+#: all_gather_slices) and, at ZeRO 1/2, the rows a lazy update changed (collectives.all_reduce_rows)
 SPARSE_OPS = ("sparse_sizes", "sparse_all_gather", "sparse_param_rows")
 
 

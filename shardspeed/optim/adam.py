@@ -8,8 +8,11 @@ dicts move between them and plain ``torch.optim.Adam``.
 
 [Note: sparse gradients are lazy] A parameter whose gradient is a sparse tensor (an embedding built
 with ``sparse=True`` under ``sparse_gradients``, zero/sparse.py) is stepped as
-``torch.optim.SparseAdam`` steps it, with torch's own kernel: only the rows (elements) the gradient
-holds move, and their moments decay only when touched. Weight decay, which SparseAdam lacks, is
+``torch.optim.SparseAdam`` steps it: only the rows (elements) the gradient holds move, and their
+moments decay only when touched. The arithmetic is SparseAdam's, operation for operation, so the
+result is bit for bit torch's; the touched rows of the moments are read with ``index_select`` where
+torch's kernel masks the whole table (``sparse_mask``, 0.5 ms per moment for RScan's 300k x 64 table
+against a few microseconds, measured: a third of that model's optimizer step). Weight decay, which SparseAdam lacks, is
 applied to the touched rows only: decoupled (AdamW) as a shrink of those rows before the update,
 L2 (``adam_w_mode=False``) added to their gradient. The state keeps Adam's layout (a tensor step),
 so checkpoints slice it like any other.
@@ -17,11 +20,11 @@ so checkpoints slice it like any other.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch.optim import _functional as torch_functional
 
 
 def _fused_supported(params: list[torch.Tensor]) -> bool:
@@ -90,9 +93,8 @@ class FusedAdam(torch.optim.Adam):
                 grad = torch.sparse_coo_tensor(grad.indices(), grad.values() + wd * p.index_select(0, rows),
                                                grad.shape, is_coalesced=True, check_invariants=False)
         beta1, beta2 = group["betas"]
-        torch_functional.sparse_adam([p], [grad], [st["exp_avg"]], [st["exp_avg_sq"]], [int(st["step"].item())],
-                                     eps=group["eps"], beta1=beta1, beta2=beta2, lr=lr,
-                                     maximize=group.get("maximize", False))
+        _lazy_adam(p, grad, st["exp_avg"], st["exp_avg_sq"], int(st["step"].item()), lr=lr, beta1=beta1, beta2=beta2,
+                   eps=group["eps"], maximize=group.get("maximize", False))
 
     def _foreach_step(self, group: dict[str, Any]) -> None:
         if group["amsgrad"]:
@@ -133,3 +135,22 @@ class FusedAdam(torch.optim.Adam):
             denom = torch._foreach_sqrt(v)
             torch._foreach_add_(denom, eps)
             torch._foreach_addcdiv_(params, m, denom, value=-lr)
+
+
+def _lazy_adam(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int, *,
+               lr: float, beta1: float, beta2: float, eps: float, maximize: bool) -> None:
+    """``torch.optim.SparseAdam``'s update of ``p`` from the coalesced sparse ``grad`` (one sparse
+    dimension: rows of a table, or elements of a flat shard), in the same operations and order."""
+    rows, values = grad._indices()[0], grad._values()
+    if maximize:
+        values = -values
+    old_m = exp_avg.index_select(0, rows)
+    m_update = values.sub(old_m).mul_(1 - beta1)
+    exp_avg.index_add_(0, rows, m_update)
+    old_v = exp_avg_sq.index_select(0, rows)
+    v_update = values.pow(2).sub_(old_v).mul_(1 - beta2)
+    exp_avg_sq.index_add_(0, rows, v_update)
+    numer = m_update.add_(old_m)
+    denom = v_update.add_(old_v).sqrt_().add_(eps)
+    step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+    p.index_add_(0, rows, numer.div_(denom).mul_(-step_size))

@@ -240,7 +240,7 @@ class ShardedStrategy(OrderedReduction, Strategy):
             # stage 2 reduces each micro-batch; a sparse table's parts are small, so they wait for the
             # boundary and travel once per step, as at stages 0 and 1
             if self._boundary:
-                reduced = self._sparse.reduce_sparse(table.local(), table.shape[0], table.used())
+                reduced = self._sparse.reduce_sparse(table.local(), table.shape[0], table.used(), table.name)
                 table.parts.clear()
                 # None: no rank looked the table up; it has no gradient and no rows to publish
                 # (zero/sparse.py, Note: an unused table has no gradient)
@@ -252,7 +252,7 @@ class ShardedStrategy(OrderedReduction, Strategy):
         if id(bucket) in self._dense_tables:
             bucket.zero_unwritten()
             slot = bucket.splan.plan.slots[0]
-            self._sparse.reduce_dense(full[:slot.numel].view(slot.shape))  # in place; the padding stays 0
+            self._sparse.reduce_dense(full[:slot.numel].view(slot.shape), slot.name)  # in place; the padding stays 0
             if not bucket.shard_in_full:  # stage 1 in fp32: the shard is that part of the full buffer
                 bucket.grad_shard.add_(full[bucket.lo:bucket.hi].to(bucket.grad_shard.dtype))
             self._reduced(bucket)

@@ -2,9 +2,9 @@
 
 An embedding's gradient touches the rows of the tokens in the batch, a few of a large table; the
 dense reduction sends the whole table. Here each rank sends only its touched rows: local rows are
-coalesced (duplicates summed), the row counts are exchanged, indices and values are all-gathered
-from every data-parallel rank (padded to the largest count: gloo has no variable-size gather),
-coalesced again and divided by the data-parallel size. One ``SparseReducer`` serves every stage;
+coalesced (duplicates summed), counts, indices and values are all-gathered from every data-parallel
+rank in one collective (Note: one gather per step), coalesced again and divided by the
+data-parallel size. One ``SparseReducer`` serves every stage;
 the strategies differ only in where the average lands (zero/stage0.py, zero/sharded.py).
 
 [Note: one bucket per table] With the flag on, every trainable ``nn.Embedding`` /
@@ -36,11 +36,25 @@ weights tied to a head (every row gets a gradient), ``padding_idx`` rows (looked
 lookups under activation recompute, F.embedding on the weight directly. The cost, one read of the
 table per step, is far below sending it.
 
+[Note: one gather per step] gloo has no variable-size all-gather, so every rank must know the
+gather's size before it starts; exchanging the counts first costs a whole collective, about as long
+as the rows' own gather at RScan's size (measured: 1.2 ms vs 2.8 ms for indices and values as two
+gathers, on top of a step of 90 ms). So each table's gather carries a capacity of slices per rank,
+set from the counts of the previous step with an eighth of headroom (at RScan's batches a step's
+largest count exceeds the previous one's by 16 % at most, and by more than an eighth in 1 step of
+200), and each rank packs its count, indices and values into one buffer of that size
+(comm.all_gather_slices). Every rank reads every count from the result, so all take the same next
+decision: when some count is larger than the capacity, a second gather sized to the largest count
+follows (``regathers``). A table's first step has no counts yet and exchanges them first. The
+values travel bit for bit; the padding is cut off before coalescing, so the result is the one a
+gather of exact sizes gives.
+
 [Note: fallback] Every rank learns every count, so all take the same per-step decision: when the
 padded gathers (world x max count x (row bytes + 8 index bytes)) would be larger than the dense
-table, the step reduces densely instead (a tied head makes every row dense, say). A ``sparse=True``
-table's fallback all-reduces its rows and a touched flag per row in one buffer, so the lazy update
-still knows which rows were looked up.
+table, the step reduces densely instead (a tied head makes every row dense, say). The capacity
+never exceeds that size, so a gather that turns out to be in vain costs less than the table. A
+``sparse=True`` table's fallback all-reduces its rows and a touched flag per row in one buffer, so
+the lazy update still knows which rows were looked up.
 
 [Note: an unused table has no gradient] A ``sparse=True`` table that no rank's batch looked up in a
 step has, on a single process, ``.grad`` None: torch's optimizers then skip it and do not count the
@@ -57,7 +71,7 @@ from typing import Any
 
 import torch
 
-from shardspeed.comm import all_gather_rows, all_gather_sizes, all_reduce
+from shardspeed.comm import all_gather_sizes, all_gather_slices, all_reduce
 
 
 @dataclass
@@ -177,30 +191,47 @@ class SparseReducer:
     def __init__(self, group: object, world: int, reduce_dtype: torch.dtype):
         self.group, self.world, self.reduce_dtype = group, world, reduce_dtype
         self.dense_steps = 0  # reductions that fell back to dense (Note: fallback), for tests and logs
+        self.regathers = 0  # second gathers after a count outgrew the capacity (Note: one gather per step)
+        self._capacity: dict[str, int] = {}  # table -> slices per rank the next gather carries
 
-    def _gather(self, local: RowSlices, num_rows: int, used: bool = True) -> RowSlices | bool:
+    def _gather(self, local: RowSlices, num_rows: int, used: bool = True, key: str = "") -> RowSlices | bool:
         """The summed slices of every rank; True when dense is cheaper (Note: fallback); False when
-        no rank's table got a gradient (Note: an unused table has no gradient)."""
-        sizes = all_gather_sizes(local.rows.numel() if used else -1, self.group, local.rows.device)
+        no rank's table got a gradient (Note: an unused table has no gradient). ``key`` names the
+        table, whose counts size its next gather (Note: one gather per step)."""
+        row_numel = _numel(local.values.shape[1:])
+        esize = torch.tensor([], dtype=self.reduce_dtype).element_size()
+        # the most slices a rank may send before the padded gathers outweigh the table (Note: fallback)
+        limit = num_rows * row_numel * esize // (self.world * (row_numel * esize + 8))
+        mine = local.rows.numel() if used else -1
+        values = local.values.to(self.reduce_dtype)
+        cap = self._capacity.get(key, 0)
+        gathered = None
+        if cap:
+            sizes, *gathered = all_gather_slices(local.rows, values, mine, cap, self.group)
+        else:  # first step of this table (or one too small to ever go sparse): counts first
+            sizes = all_gather_sizes(mine, self.group, local.rows.device)
         if max(sizes) < 0:
             return False
         counts = [max(n, 0) for n in sizes]
         most = max(counts)
-        row_numel = _numel(local.values.shape[1:])
-        esize = torch.tensor([], dtype=self.reduce_dtype).element_size()
-        if self.world * most * (row_numel * esize + 8) > num_rows * row_numel * esize:
+        self._capacity[key] = min(limit, most + most // 8 + 8)
+        if most > limit:
             self.dense_steps += 1
             return True
         if most == 0:  # no rank touched a row
             return RowSlices(local.rows, local.values.to(torch.float32))
-        rows = all_gather_rows(local.rows, counts, self.group)
-        values = all_gather_rows(local.values.to(self.reduce_dtype), counts, self.group)
-        return coalesce_rows(torch.cat(rows), torch.cat(values), num_rows)
+        if gathered is None or most > cap:
+            self.regathers += gathered is not None
+            _, *gathered = all_gather_slices(local.rows, values, mine, most, self.group)
+        rows, vals = gathered
+        return coalesce_rows(torch.cat([rows[r, :c] for r, c in enumerate(counts)]),
+                             torch.cat([vals[r, :c] for r, c in enumerate(counts)]), num_rows)
 
     @torch.no_grad()
-    def reduce_dense(self, grad: torch.Tensor) -> None:
-        """Replace a dense table gradient ``grad`` [rows, ...] by its average over the group."""
-        summed = self._gather(nonzero_rows(grad), grad.shape[0])
+    def reduce_dense(self, grad: torch.Tensor, key: str = "") -> None:
+        """Replace a dense table gradient ``grad`` [rows, ...] by its average over the group; ``key``
+        names the table."""
+        summed = self._gather(nonzero_rows(grad), grad.shape[0], key=key)
         if not isinstance(summed, RowSlices):  # a dense table always has a gradient: True, dense is cheaper
             wire = grad if grad.dtype == self.reduce_dtype else grad.to(self.reduce_dtype)
             all_reduce(wire, group=self.group)
@@ -212,11 +243,11 @@ class SparseReducer:
         grad.index_copy_(0, summed.rows, summed.values.div_(self.world).to(grad.dtype))
 
     @torch.no_grad()
-    def reduce_sparse(self, local: RowSlices, num_rows: int, used: bool = True) -> RowSlices | None:
+    def reduce_sparse(self, local: RowSlices, num_rows: int, used: bool = True, key: str = "") -> RowSlices | None:
         """The average over the group of a ``sparse=True`` table's coalesced local slices; its rows
         are those looked up on some rank. ``used``: whether this rank's table got a gradient this
         step; None when no rank's did (Note: an unused table has no gradient)."""
-        summed = self._gather(local, num_rows, used)
+        summed = self._gather(local, num_rows, used, key)
         if summed is False:
             return None
         if not isinstance(summed, RowSlices):  # dense is cheaper: rows and a touched flag per row, in one all-reduce

@@ -119,13 +119,13 @@ class DataParallelStrategy(OrderedReduction, Strategy):
         bucket.launched = True
         table = self._sparse_tables.get(id(bucket))
         if table is not None:
-            reduced = self._sparse.reduce_sparse(table.local(), table.shape[0], table.used())
+            reduced = self._sparse.reduce_sparse(table.local(), table.shape[0], table.used(), table.name)
             # None: no rank looked the table up, so it has no gradient (zero/sparse.py, Note: an unused
             # table has no gradient)
             table.grad = None if reduced is None else as_sparse(reduced, table.shape)
             table.parts.clear()
         elif id(bucket) in self._dense_tables:
-            self._sparse.reduce_dense(bucket.views[0])
+            self._sparse.reduce_dense(bucket.views[0], bucket.plan.slots[0].name)
         else:
             self._reducer.average(bucket.buffer)
 

@@ -96,12 +96,14 @@ def sparse_engine_run(rank: int, config: dict, steps: int, model_kwargs: dict | 
             hook.remove()
         if engine.comm_stats is not None:
             per_step.append({**{op: s.bytes for op, s in engine.comm_stats.ops.items()},
+                             **{f"{op} calls": s.calls for op, s in engine.comm_stats.ops.items()},
                              "sparse_bytes": engine.comm_stats.sparse_bytes()})
         if save_dir is not None and step == steps // 2 - 1:
             engine.save_checkpoint(save_dir)
     params = {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
     return {"params": params, "comm": per_step, "skipped": engine.skipped_steps,
-            "dense_fallbacks": engine.strategy._sparse.dense_steps, "grad_norm": engine.get_global_grad_norm()}
+            "dense_fallbacks": engine.strategy._sparse.dense_steps, "regathers": engine.strategy._sparse.regathers,
+            "grad_norm": engine.get_global_grad_norm()}
 
 
 def reference_run(steps: int, world: int, per_rank: int, make_opt: Any, model_kwargs: dict | None = None,
@@ -404,3 +406,39 @@ def rscan_reference(steps: int, world: int, per_rank: int, sparse: bool, lr: flo
         for o in opts:
             o.step()
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+# counts of rows per rank at each step of protocol_run: the capacity a step's gather carries comes from
+# the step before (zero/sparse.py, Note: one gather per step), so step 2's 40 rows on rank 0 overflow it
+# and step 3's rank 1 with no gradient at all (-1) and step 4's all-empty table go through the same gather
+PROTOCOL_COUNTS = [(3, 5), (6, 4), (40, 2), (0, -1), (-1, -1), (7, 7)]
+
+
+def protocol_slices(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Rank ``rank``'s coalesced slices at ``step`` of PROTOCOL_COUNTS: rows of a 1000-row table, 3
+    values each, integers (so sums are exact whatever the order)."""
+    n = PROTOCOL_COUNTS[step][rank]
+    g = torch.Generator().manual_seed(10 * step + rank)
+    rows = torch.randperm(1000, generator=g)[:max(n, 0)].sort().values
+    values = torch.randint(-50, 50, (max(n, 0), 3), generator=g).float()
+    return rows, values, n >= 0
+
+
+def protocol_run(rank: int) -> list[dict[str, Any]]:
+    """The SparseReducer alone over the world group, through PROTOCOL_COUNTS: each step's reduced
+    slices and the collectives it took."""
+    from shardspeed import comm
+    from shardspeed.zero.sparse import RowSlices, SparseReducer
+
+    comm.init_distributed("gloo")
+    stats = comm.CommStats()
+    comm.add_observer(stats)
+    reducer = SparseReducer(comm.world_group(), comm.get_world_size(), torch.float32)
+    out = []
+    for step in range(len(PROTOCOL_COUNTS)):
+        stats.reset()
+        rows, values, used = protocol_slices(step, rank)
+        got = reducer.reduce_sparse(RowSlices(rows, values), 1000, used, key="emb")
+        out.append({"rows": None if got is None else got.rows, "values": None if got is None else got.values,
+                    "calls": {op: s.calls for op, s in stats.ops.items()}, "regathers": reducer.regathers})
+    return out

@@ -15,6 +15,8 @@ from tests.distributed.sparse_workloads import (
     hf_bert_run,
     integer_run,
     max_rel,
+    protocol_run,
+    protocol_slices,
     model_rel,
     publish_rows_with_a_poisoned_copy,
     reference_run,
@@ -56,7 +58,11 @@ def test_dense_table_equals_single_process_adamw(stage):
     dense_op = "all_reduce" if stage == 0 else "reduce_scatter"
     assert all(c[dense_op] < 1000 * 8 * 4 / 4 for c in comm)
     assert comm[EMPTY_STEP]["sparse_all_gather"] > 0  # rank 0 still sent rows rank 1 had none of
-    assert all(c["sparse_bytes"] == c["sparse_all_gather"] + c["sparse_sizes"] for c in comm)
+    assert all(c["sparse_bytes"] == c["sparse_all_gather"] + c.get("sparse_sizes", 0) for c in comm)
+    # one collective per step for the table (zero/sparse.py, Note: one gather per step): the counts travel
+    # with the rows, exchanged apart only at the first step
+    assert comm[0]["sparse_sizes calls"] == 1 and all("sparse_sizes" not in c for c in comm[1:])
+    assert sum(c["sparse_all_gather calls"] for c in comm) == steps + ranks[0]["regathers"]
 
 
 def _sparse_adam_and_adam(model):
@@ -106,10 +112,37 @@ def test_dense_fallback_when_slices_are_larger_than_the_table():
     for r in ranks:
         assert max_rel(r["params"], ref) < 1e-5
     comm = ranks[0]["comm"]
-    dense_steps = [c for c in comm if "sparse_all_gather" not in c]
-    assert 0 < ranks[0]["dense_fallbacks"] == len(dense_steps) < steps
     # a dense step all-reduces the table's 960 bytes on top of the other parameters' reduce-scatter
-    assert all(c["sparse_sizes"] > 0 and c["all_reduce"] >= 30 * 8 * 4 for c in dense_steps)
+    dense_steps = [c for c in comm if c.get("all_reduce", 0) >= 30 * 8 * 4]
+    assert 0 < ranks[0]["dense_fallbacks"] == len(dense_steps) < steps
+    # a gather that turned out too large is never larger than the table and each rank's 8-byte count
+    # (Note: fallback)
+    assert all(c.get("sparse_all_gather", 0) <= 30 * 8 * 4 + 8 * WORLD for c in comm)
+
+
+def test_one_gather_per_step_regathers_when_a_count_outgrows_the_capacity():
+    """The reducer alone through PROTOCOL_COUNTS (integer values: any order sums exactly): every step
+    equals the sum of both ranks' slices / 2; after the first, one gather a step, two where a count
+    outgrew the capacity the previous step set; a step where no rank's table got a gradient gives None."""
+    ranks = run_ranks(protocol_run, WORLD)
+    for a, b in zip(*ranks, strict=True):  # every rank the same result
+        assert (a["rows"] is None) == (b["rows"] is None)
+        assert a["rows"] is None or (torch.equal(a["rows"], b["rows"]) and torch.equal(a["values"], b["values"]))
+    for step, got in enumerate(ranks[0]):
+        parts = [protocol_slices(step, r) for r in range(WORLD)]
+        if not any(used for _, _, used in parts):
+            assert got["rows"] is None and got["calls"] == {"sparse_all_gather": 1}
+            continue
+        want = torch.zeros(1000, 3)
+        touched = torch.zeros(1000, dtype=torch.bool)
+        for rows, values, _ in parts:
+            want.index_add_(0, rows, values)
+            touched[rows] = True
+        assert torch.equal(got["rows"], touched.nonzero().view(-1))
+        assert torch.equal(got["values"], want[touched] / WORLD)
+        expect = {0: {"sparse_sizes": 1, "sparse_all_gather": 1}, 2: {"sparse_all_gather": 2}}
+        assert got["calls"] == expect.get(step, {"sparse_all_gather": 1}), step
+    assert [s["regathers"] for s in ranks[0]] == [0, 0, 1, 1, 1, 1]
 
 
 @pytest.mark.parametrize(("stage", "sparse"), [(0, True), (1, False), (2, True), (2, False)])
