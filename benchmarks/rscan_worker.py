@@ -182,19 +182,25 @@ def main() -> None:
         if m.stats is not None:
             m.stats.reset()
     turns: dict[str, list[float]] = {n: [] for n in names}
+    logged: dict[str, dict[str, int]] = {n: {} for n in names}  # op -> bytes, from shardspeed's comm log
     for r in range(args.rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
+            stats = modes[name].stats
+            if stats is not None:  # the comm log is one per process: both shardspeed modes write to it
+                stats.reset()
             dist.barrier()
             t0 = time.perf_counter()
             for i in range(args.warmup + r * per_round, args.warmup + (r + 1) * per_round):
                 losses[name].append(float(modes[name].step(*batch(i))))
             dist.barrier()
             turns[name].append((time.perf_counter() - t0) / per_round)
+            if stats is not None:
+                for op, s in stats.ops.items():
+                    logged[name][op] = logged[name].get(op, 0) + s.bytes
     for name, m in modes.items():
         if m.stats is not None:
-            total = sum(s.bytes for s in m.stats.ops.values())
-            per_op = {op: s.bytes / steps for op, s in m.stats.ops.items()}
-            bytes_per_step = total / steps
+            per_op = {op: b / steps for op, b in logged[name].items()}
+            bytes_per_step = sum(logged[name].values()) / steps
         else:
             # The byte estimate needs every rank's touched rows, counted after the timed loop from the
             # global batches every rank can rebuild, so neither a collective nor the counting lands in
