@@ -218,7 +218,8 @@ def main() -> None:
         dist.all_gather_object(walls, turns[name])
         turn_s = [max(w[t] for w in walls) for t in range(args.rounds)]
         if rank == 0:
-            row = {"mode": name, "tag": args.tag, "launch": launch, "world": world, "vocab": args.vocab, "queries": args.queries,
+            row = {"mode": name, "tag": args.tag, "launch": launch, "world": world, "vocab": args.vocab,
+                   "queries": args.queries,
                    "wall_step_s": sum(turn_s) / args.rounds, "turn_step_s": turn_s, "interleaved": names,
                    "bytes_per_step": bytes_per_step, "bytes_by_op": per_op, "losses": losses[name],
                    "dense_table_bytes": args.vocab * m.row_bytes, "torch": torch.__version__,

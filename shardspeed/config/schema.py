@@ -253,6 +253,10 @@ class PipelineConfig(Section):
         "1f1b", description="micro-batch order in train_batch: '1f1b' (PipeDream-flush: stage s holds at most "
         "p - s micro-batches' activations) or 'gpipe' (all forwards, then all backwards: every stage holds all "
         "m); both give the same gradients")
+    activation_stats: bool = Field(
+        False, description="count the bytes autograd saves per micro-batch for engine.pipe_stats()'s "
+        "peak_activation_bytes (a Python hook on every saved tensor: 2-3 % of a step); micro-batches held are "
+        "counted either way")
 
     @field_validator("schedule", mode="before")
     @classmethod

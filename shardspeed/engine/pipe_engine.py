@@ -124,7 +124,7 @@ class PipelineEngine(ShardspeedEngine):
         self.num_stages: int = model.num_stages
         self.p2p = PipeComm(topo.pp_group, self.device)
         self.pipe_schedule: str = config.pipeline.schedule
-        self._ledger = ActivationLedger()
+        self._ledger = ActivationLedger(config.pipeline.activation_stats)
         self._ledger_bound = 0
         self._last_rank = mpu.stage_to_global(self.num_stages - 1)
         self.data_iterator: Iterator[Any] | None = None
@@ -181,7 +181,9 @@ class PipelineEngine(ShardspeedEngine):
     def pipe_stats(self) -> dict[str, Any]:
         """What this stage held awaiting backward in the last ``train_batch`` (pipe_stats.py's note):
         ``peak_micro_batches`` (at most ``bound``: p - s with 1F1B, m with GPipe) and
-        ``peak_activation_bytes`` (what autograd saved for them, parameters left out)."""
+        ``peak_activation_bytes`` (what autograd saved for them, parameters left out; None unless the
+        config's ``"pipeline": {"activation_stats": true}`` asks for it: pipe_stats.py, Note: bytes on
+        request)."""
         ledger = self._ledger
         return {"schedule": self.pipe_schedule, "stage": self.stage_id, "peak_micro_batches": ledger.peak_micro_batches,
                 "bound": self._ledger_bound, "peak_activation_bytes": ledger.peak_bytes}

@@ -84,14 +84,15 @@ def _p4(rank):
         e = engine(stage)
         out["slices"] = _slices(e)
         out[stage] = _train(e)
-    plain = engine(1)
+    counted = {"activation_stats": True}  # bytes held, on request (pipe_stats.py, Note: bytes on request)
+    plain = engine(1, pipeline=counted)
     plain.train_batch(iter(pw.micro_batches(0, 0, 1, MICRO, GAS)))
-    recompute = engine(1, interval=1)
+    recompute = engine(1, interval=1, pipeline=counted)
     out["recompute"] = _train(recompute)
     out["held_bytes"] = (plain.pipe_stats()["peak_activation_bytes"], recompute.pipe_stats()["peak_activation_bytes"])
     # memory: what each stage holds awaiting backward, per schedule (m = 8 micro-batches)
     for schedule in ("1f1b", "gpipe"):
-        e = engine(0, gas=8, pipeline={"schedule": schedule})
+        e = engine(0, gas=8, pipeline={"schedule": schedule, **counted})
         e.train_batch(iter(pw.micro_batches(0, 0, 1, MICRO, 8)))
         out[schedule] = e.pipe_stats()
     return out

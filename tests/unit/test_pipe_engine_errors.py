@@ -68,9 +68,13 @@ def test_schedule_is_chosen_by_config_and_unknown_names_are_refused():
     # one stage (p = 1): 1F1B holds one micro-batch at a time, GPipe all m = 4, with equal bytes each
     stats = {}
     for name in ("1F1B", "GPipe"):  # as papers write them
-        engine = _engine(pipeline={"schedule": name})
+        engine = _engine(pipeline={"schedule": name, "activation_stats": True})
         engine.train_batch(iter(pw.micro_batches(0, 0, 1, 2, 4)))
         stats[name] = engine.pipe_stats()
     assert stats["1F1B"]["schedule"] == "1f1b" and stats["GPipe"]["schedule"] == "gpipe"
     assert [stats[n]["peak_micro_batches"] for n in stats] == [1, 4] == [stats[n]["bound"] for n in stats]
     assert stats["GPipe"]["peak_activation_bytes"] == 4 * stats["1F1B"]["peak_activation_bytes"] > 0
+    # bytes only on request (pipe_stats.py, Note: bytes on request); the count either way
+    engine = _engine(pipeline={"schedule": "gpipe"})
+    engine.train_batch(iter(pw.micro_batches(0, 0, 1, 2, 4)))
+    assert (engine.pipe_stats()["peak_micro_batches"], engine.pipe_stats()["peak_activation_bytes"]) == (4, None)
