@@ -4,7 +4,16 @@ import pytest
 import torch
 
 from tests.distributed.harness import run_ranks
-from tests.distributed.workloads import LOW_PRECISION_TOL, engine_run, max_rel_diff, model_rel_diff, reference_run
+from tests.distributed.workloads import (
+    LOW_PRECISION_TOL,
+    engine_run,
+    max_rel_diff,
+    micro_slices,
+    model_config,
+    model_rel_diff,
+    reference_run,
+    tiny_gpt,
+)
 
 pytestmark = pytest.mark.world_size(2)
 
@@ -170,3 +179,36 @@ def test_mpu_data_parallel_group_is_used():
         assert z0["norm_sq"] == pytest.approx(expected, rel=1e-4)
         assert torch.allclose(z0["head"], r0["head"], rtol=1e-5, atol=1e-7)
         assert torch.allclose(z1["head"], r1["head"], rtol=1e-5, atol=1e-7)
+
+
+def _hooks_and_model_zero_grad(rank: int, config: dict, steps: int) -> dict:
+    """engine_run with Hugging Face's ``model.zero_grad()`` (set to None) after every step, recording how
+    many gradient hooks each micro-batch's backward ran with."""
+    import shardspeed
+
+    model = tiny_gpt()
+    engine, _, _, _ = shardspeed.initialize(model=model, config=config)
+    hooks = []
+    for step in range(steps):
+        for x, y in micro_slices(step, engine.topo.dp_rank, engine.dp_world_size,
+                                 engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps(),
+                                 model_config()):
+            engine.backward(engine(x, y))
+            hooks.append(len(engine.strategy._hooks))
+            engine.step()
+        model.zero_grad()
+    names = dict(engine.module.named_parameters())
+    return {"params": {n: p.detach().float().clone() for n, p in names.items()}, "hooks": hooks, "n": len(names)}
+
+
+def test_gradient_hooks_only_on_the_boundary_micro_batch_and_model_zero_grad_between_steps():
+    """fp32: hooks only where a reduction overlaps backward (zero/stage0.py, Note: gradient hooks only
+    where needed); the gradients autograd makes anew after ``model.zero_grad()`` are linked after
+    backward. 4 micro-batches a step: equal to plain PyTorch."""
+    steps = 3
+    cfg = _config(train_batch_size=16)
+    ranks = run_ranks(_hooks_and_model_zero_grad, 2, cfg, steps)
+    ref = reference_run(steps, global_batch=16, lr=3e-3, weight_decay=0.01, clip=0.3)
+    for r in ranks:
+        assert r["hooks"] == [0, 0, 0, r["n"]] * steps
+        assert max_rel_diff(r["params"], ref["params"]) < 1e-5

@@ -128,3 +128,4 @@ def re_escape(s):
     import re
 
     return re.escape(s)
+
