@@ -16,9 +16,8 @@ from autograd into Python per parameter and backward: on stage 0 of the pipeline
 P = 2 (D = 1, 16 micro-batches) 736 calls a step, 5 ms of Python alone (cProfile) plus autograd's
 dispatch, on the path every micro-batch waits for. In fp32 training (gradients accumulate in place
 in the bucket views, which ``param.grad`` is) the hooks have work only when a reduction overlaps
-backward: the boundary
-micro-batch with more than one data-parallel rank. So they are registered for such micro-batches
-alone; on the others, ``finish_backward`` links any gradient autograd made anew (a ``param.grad``
+backward: the boundary micro-batch with more than one data-parallel rank. So they are registered
+for such micro-batches alone; on the others, ``finish_backward`` links any gradient autograd made anew (a ``param.grad``
 set to None by the user, say) into its view, as the hook would. Low-precision module gradients
 (added into fp32 views and freed as backward goes) and ``sparse=True`` tables keep their hooks.
 """
