@@ -22,7 +22,7 @@ from shardspeed.zero.planner.items import TIERS, Item
 from shardspeed.zero.planner.offload import OffloadLayout, apply_offload
 from shardspeed.zero.planner.settings import PlanSettings
 from shardspeed.zero.planner.spec import ModelSpec
-from shardspeed.zero.planner.windows import gathered_peak, prefetch_budget, reduction_peak
+from shardspeed.zero.planner.windows import ReductionPeak, gathered_peak, prefetch_budget, reduction_peak
 from shardspeed.zero.unit_layout import flat_layout
 
 
@@ -153,19 +153,27 @@ def _stages12(spec: ModelSpec, s: PlanSettings) -> tuple[list[Item], OffloadLayo
         items.append(_state("grad_shard", "fp32 gradient shard", shard * 4))
         # stage 2 borrows a full bucket per reduction, bounded by reduce_bucket_size (reducer.py)
         red = reduction_peak([b.padded for b in plans], s.bucket_numel, s.bucket_numel)  # backward order already
-        items.append(_temp("backward", "bucket", f"borrowed gradient buckets ({s.accum}, <= reduce_bucket_size "
-                           f"{s.bucket_numel:,} elements in flight)", red.backward * s.accum_bytes))
-        if s.reduce != s.accum:
-            items.append(_temp("backward", "wire", f"{s.reduce} copies of the buckets in flight",
-                               red.in_flight * s.reduce_bytes))
-        if red.after_backward:
-            items.append(_temp("step", "bucket", "gradient buckets pooled until step() returns",
-                               red.after_backward * s.accum_bytes))
+        items += _reduction_items(red, s, f"borrowed gradient buckets ({s.accum}, <= reduce_bucket_size "
+                                  f"{s.bucket_numel:,} elements in flight)", "buckets", "gradient buckets")
     items.append(_autograd_grad(spec, s))
     if s.optimizer.step_temp_bytes:
         items.append(_temp("step", "optim_temp", "optimizer step temporaries (this rank's shard)",
                            shard * s.optimizer.step_temp_bytes))
     return items, OffloadLayout([[b.shard] for b in plans])  # a master per bucket, in bucket order (sharded.py)
+
+
+def _reduction_items(red: ReductionPeak, s: PlanSettings, borrowed: str, noun: str, pooled: str) -> list[Item]:
+    """What the gradient reduction holds (reducer.py): the full-size ``noun`` borrowed in backward
+    (``borrowed`` describes them), their copies in the reduce dtype while in flight, and those pooled
+    until ``step()`` returns (``pooled``)."""
+    items = [_temp("backward", "bucket", borrowed, red.backward * s.accum_bytes)]
+    if s.reduce != s.accum:
+        items.append(_temp("backward", "wire", f"{s.reduce} copies of the {noun} in flight",
+                           red.in_flight * s.reduce_bytes))
+    if red.after_backward:
+        items.append(_temp("step", "bucket", f"{pooled} pooled until step() returns",
+                           red.after_backward * s.accum_bytes))
+    return items
 
 
 def _stage3(spec: ModelSpec, s: PlanSettings) -> tuple[list[Item], OffloadLayout]:
@@ -202,14 +210,8 @@ def _stage3(spec: ModelSpec, s: PlanSettings) -> tuple[list[Item], OffloadLayout
     # gradient buffers are borrowed per unit in backward order (units complete in reverse)
     order = [f for f, u in zip(full, units, strict=True) if any(p.trainable for p in u)][::-1]
     red = reduction_peak(order, s.bucket_numel, s.bucket_numel)
-    items.append(_temp("backward", "bucket", f"unit gradient buffers ({s.accum}, <= reduce_bucket_size "
-                       f"{s.bucket_numel:,} elements)", red.backward * s.accum_bytes))
-    if s.reduce != s.accum:
-        items.append(_temp("backward", "wire", f"{s.reduce} copies of the buffers in flight",
-                           red.in_flight * s.reduce_bytes))
-    if red.after_backward:
-        items.append(_temp("step", "bucket", "unit gradient buffers pooled until step() returns",
-                           red.after_backward * s.accum_bytes))
+    items += _reduction_items(red, s, f"unit gradient buffers ({s.accum}, <= reduce_bucket_size "
+                              f"{s.bucket_numel:,} elements)", "buffers", "unit gradient buffers")
     if oib:  # a unit's gradient shard lives from its reduction to its step (Note: optimizer in backward)
         items.append(_temp("backward", "grad_shard", "fp32 gradient shards of units being reduced",
                            red.in_flight // s.world * 4))
