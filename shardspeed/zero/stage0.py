@@ -90,11 +90,15 @@ class DataParallelStrategy(OrderedReduction, Strategy):
     def _link_module_grads(self) -> None:
         """What the hooks do in fp32 training, after backward (Note: gradient hooks only where needed)."""
         for p, view in self._links:
-            g = p.grad
-            if g is not view:
-                if g is not None and g.data_ptr() != view.data_ptr():
-                    view.add_(g)
-                p.grad = view
+            if p.grad is not view:
+                self._into_view(p, view)
+
+    def _into_view(self, p: torch.Tensor, view: torch.Tensor) -> None:
+        """A module gradient autograd made anew (not accumulated in place into ``view``) added into its
+        view; ``param.grad`` then is the view (fp32) or None (bf16/fp16: the view is the fp32 copy)."""
+        if p.grad is not None and p.grad.data_ptr() != view.data_ptr():
+            view.add_(p.grad)
+        p.grad = view if self.grads_in_module else None
 
     def _view(self, p: torch.Tensor) -> torch.Tensor:
         b, s = self._where[id(p)]
@@ -129,9 +133,7 @@ class DataParallelStrategy(OrderedReduction, Strategy):
             table.take(p.grad)
             p.grad = None
         elif p.grad is not view:
-            if p.grad is not None and p.grad.data_ptr() != view.data_ptr():
-                view.add_(p.grad)
-            p.grad = view if self.grads_in_module else None
+            self._into_view(p, view)
         if not self.reduce_enabled:
             return
         if bucket.launched:
