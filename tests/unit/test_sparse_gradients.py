@@ -77,6 +77,21 @@ def test_fused_adam_steps_sparse_gradients_as_sparse_adam(weight_decay):
     assert opt.state[ours[0]]["step"].item() == 4
 
 
+def test_fused_adam_maximize_on_a_sparse_gradient_is_sparse_adams():
+    torch.manual_seed(1)
+    table = torch.randn(10, 2)
+    ours, ref = table.clone().requires_grad_(), table.clone().requires_grad_()
+    opt = FusedAdam([ours], lr=0.1)
+    opt.param_groups[0]["maximize"] = True  # torch's Adam option, kept in the group
+    ref_opt = torch.optim.SparseAdam([ref], lr=0.1, maximize=True)
+    for step in range(3):
+        g = torch.sparse_coo_tensor(torch.tensor([[step, 4]]), torch.randn(2, 2), (10, 2))
+        ours.grad, ref.grad = g, g.clone()
+        opt.step()
+        ref_opt.step()
+    assert torch.equal(ours, ref)
+
+
 def _engine(model, config, **kw):
     config = {"train_batch_size": 3, "steps_per_print": None, "sparse_gradients": True, **config}
     return shardspeed.initialize(model=model, config=config, **kw)[0]
