@@ -32,6 +32,7 @@ PEAK_BF16_TFLOPS = 989.0  # H100/H200 SXM dense bf16
 TOL = 1e-5
 PARITY_STEPS, PARITY_BATCH, LR, WD = 4, 8, 3e-3, 0.01
 TINY = dict(vocab=64, seq=16, layers=2, hidden=32, heads=4)
+STATE_KEYS = ("parameters", "gradients", "master_parameters", "optimizer_states", "buffers")
 
 
 def _log(msg: str) -> None:
@@ -103,7 +104,8 @@ def _train_rank(model: dict, stage: int, bf16: bool, micro: int, warmup: int, st
     acc.synchronize()
     barrier()
     seconds = (time.perf_counter() - start) / steps
-    state = engine.memory_breakdown()
+    # model state at rest only: the breakdown also carries the step's high-water marks (peak_*, transient)
+    state = {k: v for k, v in engine.memory_breakdown().items() if k in STATE_KEYS}
     return {"params": params, "step_s": seconds, "tokens_per_s": micro * world * cfg.seq / seconds,
             "peak_bytes": acc.max_memory_allocated(), "state_bytes": sum(state.values()), "world": world}
 

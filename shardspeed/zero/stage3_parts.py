@@ -1,5 +1,5 @@
 """Pieces of stage 3 that do not hold its state: which parameters form a unit, external
-parameters, the recipe autograd keeps for a saved parameter view, and the output wrapper."""
+parameters, and the output wrapper."""
 
 from __future__ import annotations
 
@@ -30,14 +30,6 @@ class Stage3Options:
     max_reuse_distance: int | None = None  # None: the prefetch window
     optimizer_in_backward: bool = False
     param_offload: ParamOffload | None = None  # parameter shards on disk (swap_params.py)
-
-
-@dataclass(frozen=True, eq=False)
-class SavedParam:
-    param: torch.nn.Parameter
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    offset: int  # from the start of the parameter's data
 
 
 def unit_members(module: torch.nn.Module, z3: Stage3Options) -> list[tuple[torch.nn.Module, list]]:

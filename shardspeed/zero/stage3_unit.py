@@ -60,6 +60,7 @@ class Unit:
         self.refs = 0
         self.in_backward = False
         self.gathered = False
+        self.buffer: torch.Tensor | None = None  # the gathered flat form while gathered
         self.pending: tuple[torch.Tensor, Handle] | None = None
         self.grad_in: torch.Tensor | None = None
         self.written: list[bool] = []  # which parameters' gradients are in grad_in this backward

@@ -7,7 +7,7 @@ order stage 3 recorded in its first step, and written back when its masters were
 ``buffer_count`` buffers); ``acquire`` returns the shard for an all-gather, reading it now if no
 read-ahead did; ``release`` gives the buffer back once that all-gather has completed (gloo reads the
 input until then). ``store`` writes a new shard, assembled from the unit's masters right after they
-stepped (Stage3Strategy._publish_unit), and a later read of that unit first waits for the write.
+stepped (Stage3Strategy._publish), and a later read of that unit first waits for the write.
 The masters of such a unit are a separate fp32 copy even in fp32 training (where otherwise the
 shard is the master), so the optimizer never steps a tensor that lives on disk: either they stay in
 memory or ``offload_optimizer`` puts them in its own swap file with the optimizer state.
