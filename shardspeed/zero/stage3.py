@@ -10,21 +10,19 @@
   A forward pre-hook on every module that registers a unit's parameter (tied weights register in
   two) gathers the unit: one all-gather, whose output buffer every parameter then views (no copy);
   the forward post-hook releases it when no running module needs it. Gathers are reference
-  counted, so a module called twice or a parent holding its own parameters while children run is
-  handled; a module whose units are all held by a running forward skips both hooks (Note: nested
-  modules).
+  counted (a module called twice, a parent holding its own parameters while children run); a
+  module whose units a running forward holds skips both hooks (Note: nested modules).
 - For backward, the post-hook registers a gradient hook on the module's outputs that re-gathers
-  the unit before the module's own backward runs (Note: pre-backward without touching outputs). When every trainable
-  parameter of a unit has accumulated its gradient (autograd sums all uses first), the unit is
-  freed and its gradients (copied end to end into one flat buffer) are reduce-scattered into the
-  fp32 gradient shard (overlapping the rest of backward), in unit order so every rank issues the
-  same collectives.
+  the unit before the module's own backward runs (Note: pre-backward without touching outputs).
+  When every trainable parameter of a unit has accumulated its gradient (autograd sums all uses
+  first), the unit is freed and its gradients (copied end to end into one flat buffer) are
+  reduce-scattered into the fp32 gradient shard (overlapping the rest of backward), in unit order
+  so every rank issues the same collectives.
 - Units at most ``stage3_param_persistence_threshold`` elements stay gathered.
 - After the first step the order in which units were gathered is known; from then on the next
   units (up to the prefetch window, ``stage3_prefetch_bucket_size`` or, unset, an eighth of the
-  model: Note: default windows; and never more than
-  ``stage3_max_live_parameters`` gathered at once) are gathered asynchronously ahead of use,
-  forward and backward.
+  model: Note: default windows; never more than ``stage3_max_live_parameters`` gathered at once)
+  are gathered asynchronously ahead of use, forward and backward.
 
 [Note: optimizer in backward] With ``zero_optimization.optimizer_in_backward`` a unit's gradient
 shard exists only from the launch of its reduce-scatter until the optimizer has stepped that unit's
@@ -47,6 +45,7 @@ from typing import Any
 import torch
 
 from shardspeed.comm import Topology, all_gather, all_reduce
+from shardspeed.zero.init_touch import gather_chunks
 from shardspeed.zero.reducer import BufferPool, GradientReducer, zero_unwritten
 from shardspeed.zero.stage3_parts import (
     Stage3Options,
@@ -72,6 +71,7 @@ class Stage3Strategy(OrderedReduction, Strategy):
         self.units: list[Unit] = []
         self.unit_of: dict[int, tuple[int, int]] = {}  # id(param) -> (unit, position)
         self.module_units: dict[int, tuple[int, ...]] = {}
+        self._own: dict[int, tuple[torch.nn.Parameter, ...]] = {}  # a hooked module's own parameters
         self._saved = SavedUnits(self._gather_now)  # what autograd keeps of gathered parameters
         self._peak_transient = 0
         self._peak_gathered = 0  # the most parameter bytes gathered or being gathered at once
@@ -109,10 +109,13 @@ class Stage3Strategy(OrderedReduction, Strategy):
             ids = sorted({self.unit_of[id(p)][0] for p in used} | ({root_unit[id(m)]} if id(m) in root_unit else set()))
             if ids:
                 self.module_units[id(m)] = tuple(ids)
-                m.register_forward_pre_hook(self._pre_forward)
-                # always_call: a forward that raises still releases what its pre-hook took (and pops its frame)
+                self._own[id(m)] = tuple(m.parameters(recurse=False))
+                # first among the module's pre-hooks (another's may read the parameters, or raise: ours
+                # has pushed its frame by then); always_call: a forward that raises still releases
+                m.register_forward_pre_hook(self._pre_forward, prepend=True)
                 m.register_forward_hook(self._post_forward, always_call=True)
-        self._frames: list[tuple[int, bool]] = []  # (module, nested) per running hooked forward (Note: nested modules)
+        # per running hooked forward: (module, nested, units it took) (Note: nested modules)
+        self._frames: list[tuple[int, bool, list[int]]] = []
         # [Note: default windows] DeepSpeed's default prefetch window (5e7 elements) is sized for models
         # of billions of parameters; on a 50M-parameter model it is the whole model, gathered at once.
         # Unset, the window is an eighth of the model (at least its largest unit, at most 5e7): a few
@@ -146,17 +149,11 @@ class Stage3Strategy(OrderedReduction, Strategy):
 
     @torch.no_grad()
     def _full_flat(self, p: torch.nn.Parameter) -> torch.Tensor:
-        """``p`` whole and flat, in fp32. Built under zero.Init only per-parameter chunks exist
-        (param_shard.py): they are gathered once here, a parameter at a time, to cut the unit's shards."""
-        chunk = getattr(p, "ds_chunk", None)
-        if chunk is None:
+        """``p`` whole and flat, in fp32; under zero.Init gathered once from its chunks (param_shard.py)
+        on the engine's device, where the placeholders are (a model built with remote_device="cpu")."""
+        if getattr(p, "ds_chunk", None) is None:
             return p.data.reshape(-1).float()
-        # a model built on the host (zero.Init remote_device="cpu") trains on the engine's device,
-        # where the module's placeholders already are: the collective needs the chunk there too
-        chunk = chunk.to(p.device, non_blocking=True)
-        full = torch.empty(self.world * chunk.numel(), dtype=chunk.dtype, device=chunk.device)
-        all_gather(full, chunk.contiguous(), group=self.group)
-        return full[:p.ds_numel].float()
+        return gather_chunks(p, self.group, self.world, p.device).reshape(-1).float()
 
     def forward_context(self) -> Any:
         return self._saved.context()  # Note: saved parameters (stage3_saved.py)
@@ -254,11 +251,15 @@ class Stage3Strategy(OrderedReduction, Strategy):
         # Linear and LayerNorm children, inside the Block's unit) has nothing to gather, prefetch or
         # trace, and the holder's pre-backward hook covers its backward: one hooked call per unit, not
         # per module (GPT-2 small: 16 units, 88 modules), each ~0.1 ms of host time a GPU waits on. If
-        # a nested module's output bypasses the holder's (an auxiliary output kept aside), backward
-        # still gathers its unit: when it unpacks a saved parameter (SavedUnits), and before a gradient
-        # reaches a parameter (_before_grad), which autograd checks against the full shape.
-        nested = all(self.units[i].refs > 0 for i in ids)
-        self._frames.append((id(module), nested))
+        # its output bypasses the holder's (an auxiliary output kept aside), backward still gathers the
+        # unit when it unpacks a saved parameter (SavedUnits) and before a gradient reaches a parameter
+        # (_before_grad: autograd checks it against the full shape). A module with a frozen parameter
+        # is never nested: its backward may come after the unit's gradients are complete and the unit
+        # released (a frozen base before trainable adapters). Not covered: an aside output whose
+        # backward reads a trainable weight kept outside saved tensors (``ctx.w = w``).
+        nested = all(self.units[i].refs > 0 for i in ids) and all(p.requires_grad for p in self._own[id(module)])
+        taken: list[int] = []
+        self._frames.append((id(module), nested, taken))
         if nested:
             if self._deferred:
                 self._release_deferred(keep=ids)
@@ -267,6 +268,7 @@ class Stage3Strategy(OrderedReduction, Strategy):
         for i in ids:
             u = self.units[i]
             u.refs += 1
+            taken.append(i)  # released by the post-hook even if a later gather here raises
             if not self._trace_done and i not in self._position:
                 self._position[i] = len(self._trace)
                 self._trace.append(i)
@@ -275,14 +277,15 @@ class Stage3Strategy(OrderedReduction, Strategy):
                 self._prefetch(self._position[i], +1)
 
     def _post_forward(self, module: torch.nn.Module, args: Any, output: Any) -> Any:
-        # a frame is missing only when another pre-hook raised before ours ran: nothing was taken then
+        # a frame is missing only when a global pre-hook raised before ours ran: nothing was taken then
         if not self._frames or self._frames[-1][0] != id(module):
             return None
-        if self._frames.pop()[1]:
+        _, nested, taken = self._frames.pop()
+        if nested:
             return None
         ids = self.module_units[id(module)]
         grad = torch.is_grad_enabled()
-        for i in ids:
+        for i in taken:
             u = self.units[i]
             u.refs -= 1
             if u.refs == 0 and not u.persistent and not u.in_backward:
@@ -337,9 +340,7 @@ class Stage3Strategy(OrderedReduction, Strategy):
             self._prefetch(min(self._position.get(i, 0) for i in ids), -1)
 
     def _before_grad(self, ui: int, grad: torch.Tensor) -> None:
-        u = self.units[ui]
-        if not u.gathered:
-            self._gather_now(u)
+        self._gather_now(self.units[ui])  # returns at once when gathered
 
     def _on_grad(self, p: torch.Tensor) -> None:
         ui, pos = self.unit_of[id(p)]

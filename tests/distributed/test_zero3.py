@@ -99,28 +99,54 @@ def test_module_called_twice_and_external_parameter():
             assert z[0]["placeholder"] == 0  # at rest, stage 3 holds no full parameter
 
 
-class Aside(torch.nn.Module):
-    """A layer (one unit) whose children run inside it; one child's output leaves the layer only as
-    an auxiliary loss computed after the layer's output, so its backward runs before the layer's
-    own pre-backward hook fires. ``fail`` makes the forward raise halfway."""
+class Stash(torch.autograd.Function):
+    """``x @ w.T`` keeping ``w`` on ctx, outside autograd's saved tensors (as some custom kernels do)."""
 
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.w = w
+        return x @ w.t()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g @ ctx.w, None
+
+
+class FrozenStash(torch.nn.Linear):
     def __init__(self):
-        super().__init__()
-        self.inner, self.proj, self.side = (torch.nn.Linear(8, 8) for _ in range(3))
-        self.fail = False
+        super().__init__(8, 8, bias=False)
+        self.weight.requires_grad_(False)
 
     def forward(self, x):
-        out = torch.tanh(self.proj(torch.tanh(self.inner(x))))
+        return Stash.apply(x, self.weight)
+
+
+class Aside(torch.nn.Module):
+    """A layer (one unit) of children: a frozen first one whose backward reads its weight from ctx
+    after the layer's trainable gradients are complete, and two whose outputs leave the layer only
+    through an auxiliary loss computed after its output: on the output (its backward unpacks its
+    weight before the layer's own hook fires) or, ``detached``, on it detached (its weight's gradient
+    arrives before that hook). ``fail`` makes the forward raise halfway."""
+
+    def __init__(self, detached):
+        super().__init__()
+        self.base = FrozenStash()
+        self.inner, self.proj, self.side = (torch.nn.Linear(8, 8) for _ in range(3))
+        self.detached, self.fail = detached, False
+
+    def forward(self, x):
+        out = torch.tanh(self.proj(torch.tanh(self.inner(self.base(x)))))
         if self.fail:
             raise RuntimeError("planned failure")
-        self.aux = self.side(out.detach()).pow(2).mean()
+        self.aux = self.side(out.detach() if self.detached else out).pow(2).mean()
         return out
 
 
 class NestedModel(torch.nn.Module):
-    def __init__(self):
+    def __init__(self, detached):
         super().__init__()
-        self.layers = torch.nn.ModuleList([Aside(), Aside()])
+        # the last layer's aside output is the one whose backward runs before its layer's hook
+        self.layers = torch.nn.ModuleList([Aside(detached=not detached), Aside(detached=detached)])
         self.head = torch.nn.Linear(8, 3)
 
     def forward(self, x, y):
@@ -129,11 +155,12 @@ class NestedModel(torch.nn.Module):
         return torch.nn.functional.cross_entropy(self.head(x), y) + 0.1 * sum(la.aux for la in self.layers)
 
 
-def _nested_worker(rank, stage):
+def _nested_worker(rank, stage, detached):
     import shardspeed
 
     torch.manual_seed(0)
-    model = NestedModel()
+    model = NestedModel(detached)
+    shardspeed.zero.register_external_parameter(model.head, model.layers[0].inner.weight)  # head: two units
     cfg = {"train_batch_size": 4, "optimizer": ADAMW, "steps_per_print": None,
            "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}
     engine, *_ = shardspeed.initialize(model=model, config=cfg)
@@ -147,6 +174,19 @@ def _nested_worker(rank, stage):
             with pytest.raises(RuntimeError, match="planned failure"):
                 engine(x, y)
             model.layers[1].fail = False
+        if step == 2 and stage == 3:  # a gather that fails inside the head's pre-hook, at its first unit
+            st, first = engine.strategy, engine.strategy.module_units[id(model.head)][0]
+            gather = st._gather_now
+
+            def failing(u, first=first, gather=gather):
+                if u.index == first:
+                    raise RuntimeError("planned gather failure")
+                gather(u)
+
+            st._gather_now = failing
+            with pytest.raises(RuntimeError, match="planned gather failure"):
+                engine(x, y)
+            st._gather_now = gather
         torch.autograd.graph.register_multi_grad_hook = lambda *a, **k: hooks.append(1) or real(*a, **k)
         loss = engine(x, y)
         torch.autograd.graph.register_multi_grad_hook = real
@@ -161,15 +201,19 @@ def _nested_worker(rank, stage):
     return out
 
 
-def test_nested_modules_hook_once_per_unit_and_aside_outputs_and_failed_forwards_keep_parity():
+@pytest.mark.parametrize("detached", [False, True])  # an aside backward that unpacks a weight / only accumulates
+def test_nested_modules_hook_once_per_unit_and_aside_outputs_and_failed_forwards_keep_parity(detached):
     """[Note: nested modules]: children of a gathered layer run without hooks of their own (one
-    gradient hook per unit and forward, not one per module), and stay correct when a child's output
-    bypasses the layer's, when a child is called from outside its layer, and after a forward raised."""
-    z0 = run_ranks(_nested_worker, 2, 0)
-    z3 = run_ranks(_nested_worker, 2, 3)
+    gradient hook per unit and forward, not one per module) and stay correct when a child's output
+    bypasses the layer's, when a frozen child's backward comes after the layer's gradients, when a
+    child is called from outside its layer, and after a forward or a gather in a pre-hook raised."""
+    z0 = run_ranks(_nested_worker, 2, 0, detached)
+    z3 = run_ranks(_nested_worker, 2, 3, detached)
     for r in z3:
         assert max_rel_diff(r["params"], z0[0]["params"]) < 1e-5
-        assert r["hooks"] == 4 * 3  # layers[0], layers[1], head; their Linears hook nothing
+        # per forward: layers[0], layers[1], head and layers[1].base (frozen, so never nested; layers[0].base's
+        # output needs no gradient); the other Linears hook nothing
+        assert r["hooks"] == 4 * 4
         assert r["refs"] == [0] * len(r["refs"]) and r["frames"] == 0 and r["transient"] == 0
 
 
