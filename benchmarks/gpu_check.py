@@ -1,5 +1,7 @@
-"""One script for a lent GPU machine: environment, parity on CUDA/NCCL, bf16 step time and MFU, and
-stage-3 memory per rank, written to ``--out`` (markdown, with a JSON block) in under ~8 minutes.
+"""One script for a lent GPU machine: environment, parity on CUDA/NCCL, bf16 step time and MFU,
+stage-3 memory per rank, and stage 3's host time and memory per phase against FSDP2 (gpu_host.py),
+written to ``--out`` (markdown, with a JSON block) in under ~8 minutes. The lent image has torch but
+not pydantic: carry its wheels (RESULTS.md, "GPU check").
 
     python benchmarks/gpu_check.py --out gpu_check.md          # on the GPU machine
     python benchmarks/gpu_check.py --device cpu --quick         # here: the same logic, tiny sizes, gloo
@@ -215,6 +217,30 @@ def section_memory(ctx: dict) -> dict:
                                   "the peak adds activations and gathered units"}
 
 
+def section_host(ctx: dict) -> dict:
+    """gpu_host.py's modes in turn, ``rounds`` times, each in a fresh process: step time, host time per
+    phase and memory per phase of shardspeed ZeRO-3 / ZeRO-0 against FSDP2 and plain autocast (one
+    rank; RESULTS.md, "Stage 3 host time"). Ratios mean most within a round (these VMs drift)."""
+    import subprocess
+
+    script = os.path.join(ROOT, "benchmarks", "gpu_host.py")
+    env = {**os.environ, "DEV": ctx["device"]}
+    rows = []
+    for r in range(3):
+        for mode in ("ss3", "fsdp2", "ss0", "plain"):
+            if ctx["left"]() < 45:
+                rows.append({"round": r, "mode": mode, "error": "skipped: budget"})
+                continue
+            p = subprocess.run([sys.executable, script, mode], cwd=ROOT, env=env, capture_output=True, text=True,
+                               timeout=max(30.0, ctx["left"]()))
+            line = next((ln for ln in p.stdout.splitlines() if ln.startswith("{")), None)
+            row = {"round": r, **json.loads(line)} if line else {"round": r, "mode": mode,
+                                                                 "error": (p.stderr or p.stdout)[-500:]}
+            rows.append(row)
+            _log(f"  round {r} {mode}: {row.get('step_ms', row.get('error'))}")
+    return {"rows": rows, "note": "step_ms free-running; host_*_ms: time to return per phase, no sync inside"}
+
+
 def write_report(path: str, report: dict) -> None:
     lines = ["# shardspeed gpu_check", "", f"command: `{' '.join(sys.argv)}`", ""]
     for name, body in report.items():
@@ -239,15 +265,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="gpu_check.md", help="markdown report (a JSON block per section)")
     ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the logic, not the speed")
-    ap.add_argument("--budget", type=float, default=450.0, help="seconds for all sections together")
-    ap.add_argument("--sections", default="env,parity,speed,memory")
+    ap.add_argument("--budget", type=float, default=480.0, help="seconds for all sections together")
+    ap.add_argument("--sections", default="env,parity,speed,memory,host")
     args = ap.parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     gpus = torch.cuda.device_count() if device == "cuda" else 0
     start = time.perf_counter()
     ctx = {"device": device, "quick": args.quick, "worlds": [1, 2] if gpus >= 2 or device == "cpu" else [1],
            "left": lambda: args.budget - (time.perf_counter() - start)}
-    sections = {"env": section_env, "parity": section_parity, "speed": section_speed, "memory": section_memory}
+    sections = {"env": section_env, "parity": section_parity, "speed": section_speed, "memory": section_memory,
+                "host": section_host}
     report: dict[str, Any] = {}
     for name in args.sections.split(","):
         _log(f"== {name} ({ctx['left']():.0f} s left)")

@@ -2,13 +2,14 @@
 with fp32 masters, AdamW. Modes: ``ss0`` / ``ss3`` (shardspeed ZeRO-0 / 3), ``fsdp2`` (fully_shard per
 block and the root, MixedPrecisionPolicy(bf16, fp32 reduce)), ``plain`` (autocast bf16, fused AdamW).
 
-    python3 benchmarks/gpu_host.py ss3        # one JSON line: step_ms, host_*_ms, peak_MiB
+    python3 benchmarks/gpu_host.py ss3        # one JSON line: step_ms, host_*_ms, peak_MiB, peak_{phase}_MiB
 
 step_ms: 20 steps free-running after 5 warm-up, synchronised at both ends only. host_*_ms: the time
 each call (forward, backward, step) takes to return, with no synchronisation inside, then the time
 to drain the GPU: a phase whose host time is close to the step's is host-bound (the GPU waits on
 it). DEV=cpu runs the same logic on a tiny model (a check of the script, not a measurement).
-Run by the interleaved loop in RESULTS.md's "Stage 3 host time" section."""
+peak_fwd/bwd/step_MiB: the most allocated during each phase of one more step; rest_MiB: after it.
+gpu_check.py's ``host`` section runs the modes in turn (rounds), each in a fresh process."""
 
 import json
 import os
@@ -99,8 +100,28 @@ def main() -> None:
         ph["step"] += d - c
         ph["drain"] += e - d
     peak = torch.cuda.max_memory_allocated() / 2**20 if DEV == "cuda" else 0
+    # where the peak is: the most allocated during each phase of one more step, and at rest after it
+    phases = {}
+    cuda = DEV == "cuda"
+
+    def mark(name: str) -> None:
+        phases[f"peak_{name}_MiB"] = round(torch.cuda.max_memory_allocated() / 2**20) if cuda else 0
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    loss = fwd(x, y)
+    mark("fwd")
+    bwd(loss)
+    mark("bwd")
+    stp()
+    mark("step")
+    sync()
+    phases["rest_MiB"] = round(torch.cuda.memory_allocated() / 2**20) if DEV == "cuda" else 0
     print(json.dumps({"mode": MODE, "step_ms": round(free * 1e3, 2), "loss": float(loss),
-                      **{f"host_{k}_ms": round(v / n * 1e3, 2) for k, v in ph.items()}, "peak_MiB": round(peak)}))
+                      **{f"host_{k}_ms": round(v / n * 1e3, 2) for k, v in ph.items()}, "peak_MiB": round(peak),
+                      **phases}))
 
 
 if __name__ == "__main__":
