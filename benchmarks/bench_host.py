@@ -38,6 +38,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import OUT, ROOT, append_result, median, read_results  # noqa: E402
 
 MODES = ["plain", "shardspeed-0", "shardspeed-3", "fsdp2", "deepspeed-3"]
+# also selectable with --modes (stages 1-2: one unit-free gradient path each, as DeepSpeed's)
+ALL_MODES = ["plain", "shardspeed-0", "shardspeed-1", "shardspeed-2", "shardspeed-3", "fsdp2", "deepspeed-1",
+             "deepspeed-2", "deepspeed-3"]
 LR, WD, MICRO = 1e-3, 0.01, 2
 
 
@@ -69,13 +72,14 @@ def _build(mode: str, world: int):
             engine.backward(loss)
             engine.step()
             return loss
-    elif mode == "deepspeed-3":
+    elif mode.startswith("deepspeed"):
         import deepspeed
 
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config={
             "train_batch_size": MICRO * world, "train_micro_batch_size_per_gpu": MICRO, "steps_per_print": 10**9,
             "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": WD}}, "bf16": {"enabled": True},
-            "gradient_clipping": 0.0, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}})
+            "gradient_clipping": 0.0,
+            "zero_optimization": {"stage": int(mode[-1]), "stage3_param_persistence_threshold": 0}})
 
         def step(x, y):
             loss = engine(x, y)
@@ -143,7 +147,7 @@ def table(tag: str) -> str:
     rows = [r for r in read_results("host") if r["tag"] == tag]
     if not rows:
         return f"no rows tagged {tag!r} in {os.path.join(OUT, 'host.jsonl')}"
-    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+    modes = [m for m in ALL_MODES if any(r["mode"] == m for r in rows)]
     turns: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         turns.setdefault((r["launch"], r["turn"]), {})[r["mode"]] = r
