@@ -1,6 +1,8 @@
 """ZeRO stage 3 on real ranks: parity with plain PyTorch, zero.Init, hooks in awkward places,
 GatheredParameters, full state dicts."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -215,6 +217,56 @@ def test_nested_modules_hook_once_per_unit_and_aside_outputs_and_failed_forwards
         # output needs no gradient); the other Linears hook nothing
         assert r["hooks"] == 4 * 4
         assert r["refs"] == [0] * len(r["refs"]) and r["frames"] == 0 and r["transient"] == 0
+
+
+class Recurse(torch.nn.Module):
+    """Calls itself once per forward; another library's pre-hook raises on that inner call, and the
+    outer call catches it and goes on to use its own weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(8, 8))
+        self.depth = 0
+
+    def forward(self, x):
+        self.depth += 1
+        try:
+            if self.depth == 1:
+                with contextlib.suppress(RuntimeError):
+                    self(x)
+            return x @ self.w.t()
+        finally:
+            self.depth -= 1
+
+
+def _recurse_worker(rank, stage):
+    import shardspeed
+
+    torch.manual_seed(0)
+    model = Recurse()
+
+    def other_library(module, args):  # registered first, as a library set up before ours would be
+        if module.depth == 1:
+            raise RuntimeError("another library's pre-hook failed")
+
+    model.register_forward_pre_hook(other_library)
+    cfg = {"train_batch_size": 2, "optimizer": ADAMW, "steps_per_print": None,
+           "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}
+    engine, *_ = shardspeed.initialize(model=model, config=cfg)
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # without autograd a released unit is freed at once
+        out = engine(x)
+    return {"out": out, "frames": len(getattr(engine.strategy, "_frames", []))}
+
+
+def test_a_pre_hook_failing_on_a_recursive_call_leaves_the_outer_call_its_parameters():
+    """Our pre-hook runs before other libraries' (prepend): when theirs raises on a module's inner,
+    recursive call, the post-hook that still runs for it (always_call) pops the inner call's frame,
+    not the outer's, whose weight stays gathered."""
+    z0 = run_ranks(_recurse_worker, 2, 0)
+    z3 = run_ranks(_recurse_worker, 2, 3)
+    for r in z3:
+        assert torch.allclose(r["out"], z0[0]["out"], rtol=1e-6, atol=0) and r["frames"] == 0
 
 
 def _gathered_worker(rank, tmp):
