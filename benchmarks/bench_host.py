@@ -59,27 +59,20 @@ def _build(mode: str, world: int):
     import torch
 
     model, cfg = _model()
-    if mode.startswith("shardspeed"):
-        import shardspeed
+    if mode.startswith(("shardspeed", "deepspeed")):
+        # one DeepSpeed config for both engines; DeepSpeed also needs clipping off (its default is 1.0)
+        config = {"train_batch_size": MICRO * world, "train_micro_batch_size_per_gpu": MICRO,
+                  "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": WD}}, "bf16": {"enabled": True},
+                  "zero_optimization": {"stage": int(mode[-1]), "stage3_param_persistence_threshold": 0}}
+        if mode.startswith("shardspeed"):
+            import shardspeed
 
-        engine, *_ = shardspeed.initialize(model=model, config={
-            "train_batch_size": MICRO * world, "train_micro_batch_size_per_gpu": MICRO, "steps_per_print": None,
-            "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": WD}}, "bf16": {"enabled": True},
-            "zero_optimization": {"stage": int(mode[-1]), "stage3_param_persistence_threshold": 0}})
+            engine, *_ = shardspeed.initialize(model=model, config={**config, "steps_per_print": None})
+        else:
+            import deepspeed
 
-        def step(x, y):
-            loss = engine(x, y)
-            engine.backward(loss)
-            engine.step()
-            return loss
-    elif mode.startswith("deepspeed"):
-        import deepspeed
-
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config={
-            "train_batch_size": MICRO * world, "train_micro_batch_size_per_gpu": MICRO, "steps_per_print": 10**9,
-            "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": WD}}, "bf16": {"enabled": True},
-            "gradient_clipping": 0.0,
-            "zero_optimization": {"stage": int(mode[-1]), "stage3_param_persistence_threshold": 0}})
+            engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config={
+                **config, "steps_per_print": 10**9, "gradient_clipping": 0.0})
 
         def step(x, y):
             loss = engine(x, y)
