@@ -54,8 +54,8 @@ BASE_SEED = 1234
 
 def args_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--lib", required=True, help="shardspeed, deepspeed or torch; several, comma-separated: "
-                    "interleaved in one process group (run in DeepSpeed's venv)")
+    ap.add_argument("--lib", required=True, help="shardspeed, shardspeed_whole, deepspeed or torch; several, "
+                    "comma-separated: interleaved in one process group (run in DeepSpeed's venv)")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved: turns per library")
     ap.add_argument("--ms", default="4,8,16", help="micro-batches per step, in the order run")
     ap.add_argument("--micro", type=int, default=2, help="micro-batch size")
@@ -89,14 +89,15 @@ def global_batches(cfg: GPTConfig, m: int, steps: int):
 
 
 # -- the three libraries: (parts, step(batch) -> loss or None) for one m ---------------------------------------
-def setup_shardspeed(plan, loss_fn, p: int, m: int):
+def setup_shardspeed(plan, loss_fn, p: int, m: int, early_grads: bool = True):
     import shardspeed
     from shardspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
     module = PipelineModule(to_specs(plan, LayerSpec, TiedLayerSpec), num_stages=p, loss_fn=loss_fn,
                             seed_layers=True, base_seed=BASE_SEED, partition_method=PARTITION)
     cfg = {"train_micro_batch_size_per_gpu": ARGS.micro, "gradient_accumulation_steps": m,
-           "gradient_clipping": 0.0, "zero_optimization": {"stage": 0}, "steps_per_print": 10**9}
+           "gradient_clipping": 0.0, "zero_optimization": {"stage": 0}, "steps_per_print": 10**9,
+           "pipeline": {"early_grads": early_grads}}
     engine, _, _, _ = shardspeed.initialize(model=module, optimizer=optimizer(module.parameters()), config=cfg)
     return module.partitions(), lambda batch: float(engine.train_batch(iter(batch[2])))
 
@@ -157,7 +158,9 @@ def plan_as_specs(plan):
     return to_specs(plan, LayerSpec, TiedLayerSpec)
 
 
-SETUP = {"shardspeed": setup_shardspeed, "deepspeed": setup_deepspeed, "torch": setup_torch}
+SETUP = {"shardspeed": setup_shardspeed, "deepspeed": setup_deepspeed, "torch": setup_torch,
+         # the same engine with every gradient sent after its whole backward (schedule.py, Note: early gradient sends)
+         "shardspeed_whole": lambda plan, loss_fn, p, m: setup_shardspeed(plan, loss_fn, p, m, early_grads=False)}
 
 
 # -- the ideal: each stage alone --------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ import torch
 import torch.utils.checkpoint as torch_checkpoint
 
 from shardspeed.accelerator import get_accelerator
+from shardspeed.activation.wgrad import WeightGradQueue, recording_queue
 from shardspeed.comm import Topology, all_gather, topology_from_mpu
 from shardspeed.config import ShardspeedConfig, load_config
 from shardspeed.tensor_parallel import get_rng_tracker, model_parallel_seed
@@ -126,14 +127,19 @@ class _Timed:
 
     def __init__(self, function: Any, s: _Settings, tracker_states: dict[str, torch.Tensor]):
         self.function, self.s, self.calls, self.tracker_states = function, s, 0, tracker_states
+        self.wgrads: WeightGradQueue | None = None
 
     def __call__(self, *args: Any) -> Any:
         self.calls += 1
         if self.calls == 1:
-            return self.function(*args)
+            self.wgrads = recording_queue()
+            with self.wgrads.recording() if self.wgrads is not None else contextlib.nullcontext():
+                return self.function(*args)  # (re-entered: this region's saved-tensor hooks are its own)
         start = _boundary(self.s)
         try:
-            with _tracker_states(self.tracker_states):
+            # a forward that deferred weight gradients defers them again (wgrad.py, Note: recomputed regions)
+            with _tracker_states(self.tracker_states), (
+                    self.wgrads.recording() if self.wgrads is not None else contextlib.nullcontext()):
                 return self.function(*args)
         finally:  # torch stops a recomputation early (by raising) once it has what backward needs
             _account(self.s, "recompute", start)

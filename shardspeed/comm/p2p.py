@@ -273,6 +273,19 @@ class PipeComm:
         for handle, _keep in sending:
             handle.wait()
 
+    def send_now(self, op: SendTensors) -> None:
+        """Post one headerless tensor message outside a tick (a gradient sent as soon as the
+        backward has it: activation/wgrad.py). It finishes like a tick's sends (Note: sends finish in the
+        next tick); no earlier send is waited for, since nothing here takes a receive buffer."""
+        start = time.perf_counter()
+        outgoing = [t.contiguous() for t in op.tensors if t.numel()]
+        sends = [self._isend(t, op.peer, op.tag, _KIND_TENSORS) for t in outgoing]
+        nbytes = _nbytes(op.tensors)
+        if sends:
+            self._sending.append((Handle("send", nbytes, 2, sends, start, self.group), outgoing))
+        elif nbytes:
+            report("send", nbytes, time.perf_counter() - start, 2)
+
     def release(self, obj: Any) -> None:
         """Give a received structure's (or gradient list's) buffers back to the pool."""
         for t in leaves(obj):

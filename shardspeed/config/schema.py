@@ -253,6 +253,11 @@ class PipelineConfig(Section):
         "1f1b", description="micro-batch order in train_batch: '1f1b' (PipeDream-flush: stage s holds at most "
         "p - s micro-batches' activations) or 'gpipe' (all forwards, then all backwards: every stage holds all "
         "m); both give the same gradients")
+    early_grads: bool = Field(
+        True, description="1f1b only: the backwards whose input gradient the previous stage waits for in its "
+        "cool-down send it before computing the weight gradients (schedule.py, Note: early gradient sends; "
+        "shorter by (p - 1) x one stage's weight-gradient time per batch, same results); false: every backward "
+        "computes all its gradients before sending")
     activation_stats: bool = Field(
         False, description="count the bytes autograd saves per micro-batch for engine.pipe_stats()'s "
         "peak_activation_bytes (a Python hook on every saved tensor: 2-3 % of a step); micro-batches held are "

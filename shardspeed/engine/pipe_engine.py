@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from shardspeed.activation.wgrad import WeightGradQueue
 from shardspeed.comm import all_reduce, broadcast, broadcast_object
 from shardspeed.comm.p2p import (
     PipeComm,
@@ -73,9 +74,6 @@ from shardspeed.pipe.schedule import (
     TrainSchedule,
 )
 
-# config "pipeline": {"schedule": ...} -> the train schedule (the config's Literal rejects other names)
-_TRAIN_SCHEDULES: dict[str, type[PipeSchedule]] = {"1f1b": TrainSchedule, "gpipe": GPipeSchedule}
-
 _USE_TRAIN_BATCH = ("the pipeline engine runs forward, backward and the optimizer step itself, over all stages "
                     "and micro-batches: call engine.train_batch(data_iter) (engine.eval_batch(data_iter) to evaluate)")
 
@@ -94,6 +92,7 @@ class _Batch:
     labels: dict[int, Any] = field(default_factory=dict)
     outputs: dict[int, Any] = field(default_factory=dict)
     out_grads: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    split: set[int] = field(default_factory=set)  # micro-batches whose backward sends its gradient itself
     in_grads: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     losses: dict[int, torch.Tensor] = field(default_factory=dict)  # live, for backward
     results: list[Any] = field(default_factory=list)  # detached losses (or outputs), in micro-batch order
@@ -124,6 +123,8 @@ class PipelineEngine(ShardspeedEngine):
         self.num_stages: int = model.num_stages
         self.p2p = PipeComm(topo.pp_group, self.device)
         self.pipe_schedule: str = config.pipeline.schedule
+        self._early_grads: bool = config.pipeline.early_grads
+        self._wgrads = WeightGradQueue()
         self._ledger = ActivationLedger(config.pipeline.activation_stats)
         self._ledger_bound = 0
         self._last_rank = mpu.stage_to_global(self.num_stages - 1)
@@ -169,7 +170,10 @@ class PipelineEngine(ShardspeedEngine):
         self.module.train()
         m = self.batch.gradient_accumulation_steps
         b = _Batch(m, train=True, data=self._data(data_iter, "train_batch"))
-        schedule = _TRAIN_SCHEDULES[self.pipe_schedule](m, self.num_stages, self.stage_id)
+        p, s = self.num_stages, self.stage_id
+        schedule = GPipeSchedule(m, p, s) if self.pipe_schedule == "gpipe" else TrainSchedule(
+            m, p, s, early_grads=self._early_grads)
+        b.split = {mb for mb, _ in schedule.early_grad_sends()}
         self._ledger.start_batch(self.module.parameters())
         self._ledger_bound = schedule.max_in_flight()
         self._run(schedule, b)
@@ -285,7 +289,8 @@ class PipelineEngine(ShardspeedEngine):
             if isinstance(c, ForwardPass):
                 self._forward(c.mb, b)
             elif isinstance(c, BackwardPass):
-                self._backward(c.mb, b)
+                send_to = self.mpu.stage_to_global(schedule.peer(SendGrad(c.mb, c.chunk))) if c.send_grad else None
+                self._backward(c.mb, b, send_to)
         for c in tick:
             if isinstance(c, ReduceTiedGrads):
                 with self.timers("reduce_wait"):
@@ -321,7 +326,8 @@ class PipelineEngine(ShardspeedEngine):
 
     def _forward(self, mb: int, b: _Batch) -> None:
         held = self._ledger.forward(mb) if b.train else contextlib.nullcontext()
-        with torch.set_grad_enabled(b.train), self.timers("forward"), self.strategy.forward_context(), held:
+        split = self._wgrads.recording() if b.train and mb in b.split else contextlib.nullcontext()
+        with torch.set_grad_enabled(b.train), self.timers("forward"), self.strategy.forward_context(), held, split:
             out = self.module(b.inputs[mb])
         if not self.is_last_stage():
             self._check_output(out)
@@ -351,9 +357,13 @@ class PipelineEngine(ShardspeedEngine):
             raise TypeError(f"pipeline stage {self.stage_id} (layers {layers.start}..{layers.stop - 1}) returned "
                             f"a {type(out).__name__} that cannot go to stage {self.stage_id + 1}: {e}") from None
 
-    def _backward(self, mb: int, b: _Batch) -> None:
+    def _backward(self, mb: int, b: _Batch, send_to: int | None = None) -> None:
+        """Back-propagate ``mb``. With ``send_to`` (a global rank), the backward splits: input
+        gradients, sent to ``send_to`` at once, then the weight gradients (Note: early gradient sends
+        in schedule.py; activation/wgrad.py)."""
         self.strategy.begin_backward(b.backwards == b.micro_batches - 1)
         b.backwards += 1
+        grads: list[torch.Tensor] = []
         with self.timers("backward"):
             if self.is_last_stage():
                 scale = self.loss_scale / b.micro_batches
@@ -363,14 +373,19 @@ class PipelineEngine(ShardspeedEngine):
                 grads = b.out_grads.pop(mb)
                 if outs:  # a stage whose outputs need no gradient still joins the reductions below
                     torch.autograd.backward(outs, grads)
-                self.p2p.release(grads)
+            x = b.inputs.pop(mb)
+            if not self.is_first_stage():
+                # received leaves that needed grad, in leaf order: what the previous stage waits for
+                in_grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves(x) if t.requires_grad]
+                if send_to is not None:
+                    self.p2p.send_now(SendTensors(send_to, in_grads, mb))
+                else:
+                    b.in_grads[mb] = in_grads
+            self._wgrads.compute()
+            self.p2p.release(grads)  # after the weight gradients: a queued output gradient may be this buffer
             self.strategy.finish_backward()
         self._ledger.backward_done(mb)
-        x = b.inputs.pop(mb)
         if not self.is_first_stage():
-            # received leaves that needed grad, in leaf order: what the previous stage waits for
-            b.in_grads[mb] = [t.grad if t.grad is not None else torch.zeros_like(t)
-                              for t in leaves(x) if t.requires_grad]
             self.p2p.release(x)
 
     def _pipe_step(self) -> None:

@@ -17,12 +17,16 @@ The engine runs every tick of every stage in this order:
    non-blocking p2p operations (``isend``/``irecv``), then waited on. A ``Send*`` always carries a
    tensor computed in an *earlier* tick, and a ``Recv*`` always feeds this tick's compute.
 3. The compute, at most one per tick: ``ForwardPass(mb, chunk)`` or ``BackwardPass(mb, chunk)``.
+   A ``BackwardPass`` with ``send_grad=True`` also sends its input gradient to the previous virtual
+   stage, in the middle of the compute (Note: early gradient sends).
 4. In the last tick only, after the compute: ``ReduceTiedGrads()``, ``ReduceGrads()``,
    ``OptimizerStep()`` (train schedules), on every stage at the same tick.
 
 Pairing: ``SendActivation(mb, c)`` on rank r at tick t appears exactly when the matching
 ``RecvActivation(mb, c')`` is at tick t on the rank that holds the next virtual stage (and likewise
-``SendGrad``/``RecvGrad`` towards the previous virtual stage). A rank receives at most one message per
+``SendGrad``/``RecvGrad`` towards the previous virtual stage), except that a gradient sent early
+has no ``SendGrad``: the ``BackwardPass(send_grad=True)`` that computes it, in an earlier tick,
+sends it. A rank receives at most one message per
 tick (its compute needs one input), so between two ranks there is at most one message per
 direction per tick and the order of posting inside the batch does not matter. Because every
 message of a tick has its partner in the same tick, and nothing in the batch waits on a compute of
@@ -34,6 +38,26 @@ stages would run one after the other. With "communicate, then compute" every sta
 parallel in every tick. Data is sent in the tick its consumer uses it ("just in time"): the sender
 keeps its outputs for its own backward anyway, so this costs no memory, and the receiver never
 holds a received tensor across ticks.
+
+[Note: early gradient sends]
+A 1F1B stage ends its batch with backwards and nothing else (its cool-down): backward ``mb`` of stage
+s - 1 waits for stage s's backward ``mb`` to send the input gradient. That gradient needs only half
+of stage s's backward (dY W per linear layer); the other half, the weights' gradients (dY^T X), can
+follow the send. So ``TrainSchedule`` marks the backwards whose gradient the previous stage will be
+idle waiting for: on stage s > 0, micro-batches ``mb >= m - (p - s)``, the p - s backwards that feed
+stage s - 1's cool-down (its last forward pairs with backward ``m - (p - s)``, all its later
+operations are backwards). Those run as ``BackwardPass(send_grad=True)``: input gradient, send, then
+the weight gradients (activation/wgrad.py), and the ``SendGrad`` of the later tick is dropped. Each
+of the p - 1 hand-overs of the cool-down gets shorter by one stage's weight-gradient time, (p - 1) W
+per batch (about a third of a stage's forward + backward each); the steady state, where every stage
+is busy, is unchanged, and so is what every stage holds. Marking more backwards gains nothing (the
+upstream stage is busy with a forward when their gradient arrives: tested against a timing model)
+and costs each one its weight products after, not beside, the input products.
+
+Ordering: once stage s runs the first of these backwards it has received every activation from stage
+s - 1 (its last forward comes before it), so from then on the two exchange gradients only, in one
+direction, and an early send cannot overtake another message between them: posting order is the
+same on both sides, which NCCL's in-order p2p needs. Only ``TrainSchedule`` (one chunk) sends early.
 
 [Note: chunks and virtual stages]
 With v chunks per rank (interleaved 1F1B) the model is cut into V = v * p virtual stages; chunk c of
@@ -79,9 +103,14 @@ class ForwardPass(_OnMicroBatch):
     """Run local chunk ``chunk`` forward on micro-batch ``mb``'s input (received or loaded)."""
 
 
+@dataclass(frozen=True)
 class BackwardPass(_OnMicroBatch):
     """Back-propagate micro-batch ``mb`` through local chunk ``chunk`` (from the loss on the last
-    virtual stage, from the received output gradient elsewhere)."""
+    virtual stage, from the received output gradient elsewhere). ``send_grad``: send the input
+    gradient to the previous virtual stage as soon as it is computed, before the weight gradients
+    (Note: early gradient sends)."""
+
+    send_grad: bool = False
 
 
 class SendActivation(_OnMicroBatch):
@@ -242,11 +271,17 @@ class PipeSchedule:
 
     num_pipe_buffers = max_in_flight  # DeepSpeed's name
 
+    def early_grad_sends(self) -> frozenset[tuple[int, int]]:
+        """(micro-batch, local chunk) of the backwards that send their input gradient themselves,
+        mid-compute (Note: early gradient sends). None here; ``TrainSchedule`` marks its cool-down."""
+        return frozenset()
+
     def steps(self) -> Iterator[list[PipeInstruction]]:
         placed, p, v = self._placed(), self.stages, self.chunks
         last_vs, me = v * p - 1, self.stage_id
         total = self.num_ticks()
         loaded: set[int] = set()
+        early = self.early_grad_sends()  # my backwards that send their gradient themselves
         for tick in range(total):
             cmds: list[PipeInstruction] = []
             op = placed[me].get(tick)
@@ -261,7 +296,7 @@ class PipeSchedule:
                 kind, mb, c = other
                 vs = c * p + r
                 src = vs - 1 if kind == "F" else vs + 1  # the virtual stage that produced its input
-                if 0 <= src <= last_vs and src % p == me:
+                if 0 <= src <= last_vs and src % p == me and not (kind == "B" and (mb, src // p) in early):
                     cmds.append((SendActivation if kind == "F" else SendGrad)(mb, src // p))
             if op:
                 kind, mb, c = op
@@ -270,7 +305,7 @@ class PipeSchedule:
                     cmds.append(RecvActivation(mb, c))
                 if kind == "B" and vs < last_vs:
                     cmds.append(RecvGrad(mb, c))
-                cmds.append((ForwardPass if kind == "F" else BackwardPass)(mb, c))
+                cmds.append(ForwardPass(mb, c) if kind == "F" else BackwardPass(mb, c, (mb, c) in early))
             if self._train and tick == total - 1:
                 cmds += [ReduceTiedGrads(), ReduceGrads(), OptimizerStep()]
             yield cmds
@@ -286,10 +321,20 @@ class PipeSchedule:
 
 class TrainSchedule(PipeSchedule):
     """1F1B (PipeDream-flush): after p - s - 1 warm-up forwards, stage s alternates one forward and
-    one backward, so it holds at most p - s micro-batches' activations. ``2 (m + p - 1)`` ticks."""
+    one backward, so it holds at most p - s micro-batches' activations. ``2 (m + p - 1)`` ticks.
+    ``early_grads``: the cool-down's backwards send their input gradient before computing the weight
+    gradients (Note: early gradient sends); off, every gradient goes in the tick that receives it."""
 
-    def __init__(self, micro_batches: int, stages: int, stage_id: int):
+    def __init__(self, micro_batches: int, stages: int, stage_id: int, early_grads: bool = True):
         super().__init__(micro_batches, stages, stage_id)
+        self.early_grads = early_grads
+
+    def early_grad_sends(self) -> frozenset[tuple[int, int]]:
+        """Stage s > 0: the last p - s micro-batches (Note: early gradient sends)."""
+        if self.is_first_stage or not self.early_grads:
+            return frozenset()
+        m, p, s = self.micro_batches, self.stages, self.stage_id
+        return frozenset((mb, 0) for mb in range(max(0, m - (p - s)), m))
 
 
 class GPipeSchedule(PipeSchedule):

@@ -139,3 +139,35 @@ def test_fp16_overflow_in_one_stage_skips_everywhere_and_bad_outputs_are_named()
     assert ("TypeError: pipeline stage 0 (layers 0..1) returned a dict that cannot go to stage 1: "
             "output['why'] is a str") in results[0]["error"]
     assert results[1]["error"].startswith("CollectiveError: pipeline receive from rank 0 of 512 bytes"), results[1]
+
+
+def _early_grads(rank):
+    from shardspeed import comm
+
+    comm.init_distributed()
+    out = {}
+    for early in (True, False):
+        engine = _engine(1, pipeline={"early_grads": early})
+        events: list = []
+        send_now = engine.p2p.send_now
+        engine.p2p.send_now = lambda op, f=send_now, ev=events: (ev.append(("send", op.tag)), f(op))[1]
+        name, weight = next((n, p) for n, p in engine.module.named_parameters() if n.endswith("fc1.weight"))
+        weight.register_post_accumulate_grad_hook(lambda p, ev=events, n=name: ev.append(("wgrad", n)))
+        losses = [float(engine.train_batch(iter(pw.micro_batches(step, 0, 1, MICRO, GAS)))) for step in range(2)]
+        out[early] = (events, losses, _global_state(engine))
+    return out
+
+
+def test_the_cool_downs_gradient_is_sent_before_the_weight_gradients_with_the_same_results():
+    # P=2, m=4: stage 1's last backward (Note: early gradient sends in schedule.py) sends its input gradient
+    # between its input and weight halves; every other gradient travels in its tick, and the results do not change
+    results = run_ranks(_early_grads, 2)
+    first, last = results[0], results[1]
+    w0, w1 = first[True][0][0][1], last[True][0][0][1]
+    assert first[True][0] == [("wgrad", w0)] * 8  # stage 0 has nobody to send to: whole backwards
+    assert last[True][0] == ([("wgrad", w1)] * 3 + [("send", 3), ("wgrad", w1)]) * 2
+    assert first[False][0] == [("wgrad", w0)] * 8 and last[False][0] == [("wgrad", w1)] * 8
+    for r in results:
+        assert r[True][1] == r[False][1]
+        for k, v in r[True][2].items():
+            torch.testing.assert_close(v, r[False][2][k], rtol=1e-6, atol=1e-7)

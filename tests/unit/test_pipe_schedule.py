@@ -45,6 +45,8 @@ def check(make, m, p, v=1, train=True):
     last_vs = v * p - 1
     when = {}  # ("F" | "B", mb, virtual stage) -> tick
     messages = collections.Counter()  # (tick, src rank, dst rank, kind, mb) seen from each side
+    early = {}  # (src rank, dst rank, mb) -> tick of the BackwardPass that sends the gradient itself
+    posted = collections.defaultdict(list)  # (src, dst) -> [(when, what, mb)] in posting order, per side
     in_flight = []
     for s, (sched, stage_ticks) in enumerate(zip(scheds, ticks)):
         held = most = 0
@@ -72,6 +74,11 @@ def check(make, m, p, v=1, train=True):
                 needs = (key[0] == "F" and vs > 0) or (key[0] == "B" and vs < last_vs)
                 kind = RecvActivation if key[0] == "F" else RecvGrad
                 assert (kind(c.mb, c.chunk) in recvs) == needs and len(recvs) == needs, (s, t, cmds)
+                if isinstance(c, BackwardPass) and c.send_grad:  # Note: early gradient sends
+                    assert vs > 0, f"stage {s} has nobody to send a gradient to: {c}"
+                    peer = sched.peer(SendGrad(c.mb, c.chunk))
+                    early[(s, peer, c.mb)] = t
+                    posted[("send", s, peer)].append(((t, 1), "grad", c.mb))
             for c in cmds:
                 if isinstance(c, COMM):
                     peer = sched.peer(c)
@@ -80,6 +87,7 @@ def check(make, m, p, v=1, train=True):
                     src, dst = (s, peer) if sending else (peer, s)
                     what = "act" if isinstance(c, SendActivation | RecvActivation) else "grad"
                     messages[(t, src, dst, what, c.mb, "send" if sending else "recv")] += 1
+                    posted[("send" if sending else "recv", src, dst)].append(((t, 0), what, c.mb))
                 if isinstance(c, SendActivation):  # produced by this rank's own earlier forward
                     assert when.get(("F", c.mb, c.chunk * p + s), t) < t
                 if isinstance(c, SendGrad):
@@ -97,7 +105,16 @@ def check(make, m, p, v=1, train=True):
     # pairing: every send meets its receive on the peer at the same tick, and nothing else
     sends = collections.Counter({k[:-1]: n for k, n in messages.items() if k[-1] == "send"})
     recvs = collections.Counter({k[:-1]: n for k, n in messages.items() if k[-1] == "recv"})
+    for (src, dst, mb), t in early.items():  # a gradient sent early is received in a later tick
+        (got,) = [k for k in recvs if k[1:] == (src, dst, "grad", mb)]
+        assert got[0] > t, (src, dst, mb, t, got)
+        del recvs[got]
     assert sends == recvs and max(sends.values(), default=1) == 1
+    # both ends of every link post its messages in one order (NCCL matches p2p in posting order)
+    for (side, src, dst), seq in posted.items():
+        if side == "send":
+            other = [(w, mb) for _, w, mb in sorted(posted[("recv", src, dst)])]
+            assert [(w, mb) for _, w, mb in sorted(seq)] == other, (src, dst, sorted(seq))
     # every operation once, after what it depends on
     kinds = ("F", "B") if train else ("F",)
     assert set(when) == {(k, i, vs) for k in kinds for i in range(m) for vs in range(v * p)}
@@ -160,7 +177,8 @@ def test_interleaved_shortens_the_bubble():
 
 
 def test_small_example_reads_as_documented():
-    # p = 2, m = 2: stage 0 runs F0 F1 B0 B1, stage 1 runs F0 B0 F1 B1; data moves in its consumer's tick
+    # p = 2, m = 2: stage 0 runs F0 F1 B0 B1, stage 1 runs F0 B0 F1 B1; data moves in its consumer's tick,
+    # except the gradient stage 1's last backward sends as soon as it has it
     assert list(TrainSchedule(micro_batches=2, stages=2, stage_id=0)) == [
         [LoadMicroBatch(0), ForwardPass(0)],
         [LoadMicroBatch(1), SendActivation(0), ForwardPass(1)],
@@ -174,9 +192,11 @@ def test_small_example_reads_as_documented():
         [LoadMicroBatch(0), RecvActivation(0), ForwardPass(0)],
         [BackwardPass(0)],
         [LoadMicroBatch(1), SendGrad(0), RecvActivation(1), ForwardPass(1)],
-        [BackwardPass(1)],
-        [SendGrad(1), ReduceTiedGrads(), ReduceGrads(), OptimizerStep()],
+        [BackwardPass(1, send_grad=True)],  # stage 0's cool-down waits for it: sent mid-backward
+        [ReduceTiedGrads(), ReduceGrads(), OptimizerStep()],
     ]
+    assert list(TrainSchedule(2, 2, 1, early_grads=False))[-2:] == [
+        [BackwardPass(1)], [SendGrad(1), ReduceTiedGrads(), ReduceGrads(), OptimizerStep()]]
     assert InterleavedSchedule(4, 2, 1, chunks=2).peer(SendActivation(0, chunk=0)) == 0  # chunk 0 -> rank 0 chunk 1
 
 
@@ -191,3 +211,71 @@ def test_bad_arguments_say_what_is_wrong():
         GPipeSchedule(0, 2, 0)
     with pytest.raises(TypeError, match="not a send or a receive"):
         TrainSchedule(2, 2, 0).peer(ForwardPass(0))
+
+
+def test_1f1b_sends_early_the_gradients_the_cool_down_waits_for():
+    for p, m in CASES:
+        for s in range(p):
+            marked = TrainSchedule(m, p, s).early_grad_sends()
+            assert marked == ({(mb, 0) for mb in range(max(0, m - (p - s)), m)} if s else set()), (p, m, s)
+            assert TrainSchedule(m, p, s, early_grads=False).early_grad_sends() == frozenset()
+            assert GPipeSchedule(m, p, s).early_grad_sends() == frozenset()
+        total, held = check(lambda s, m=m, p=p: TrainSchedule(m, p, s, early_grads=False), m, p)
+        assert total == 2 * (m + p - 1) and held == [min(p - s, m) for s in range(p)]
+
+
+class _AllEarly(TrainSchedule):
+    """Every backward with somebody to send to splits (for the timing model: it gains nothing more)."""
+
+    def early_grad_sends(self):
+        return frozenset() if self.is_first_stage else frozenset((mb, 0) for mb in range(self.micro_batches))
+
+
+def batch_time(scheds, f, bi, w):
+    """A timing model of the engine running these ticks: each stage in tick order; a tick posts its
+    sends when it starts, waits for its receives' sends, then computes (forward f, backward bi + w, the
+    gradient sent after bi when ``send_grad``). Returns when the last stage finishes."""
+    p = len(scheds)
+    ticks = [list(s) for s in scheds]
+    clock, pos, started = [0.0] * p, [0] * p, [False] * p
+    sent = {}  # (what, mb, src, dst) -> time posted
+    while any(pos[s] < len(ticks[s]) for s in range(p)):
+        moved = False
+        for s, sched in enumerate(scheds):
+            if pos[s] == len(ticks[s]):
+                continue
+            cmds = ticks[s][pos[s]]
+            if not started[s]:
+                for c in cmds:
+                    if isinstance(c, SendActivation | SendGrad):
+                        sent[(type(c).__name__[4:], c.mb, s, sched.peer(c))] = clock[s]
+                started[s] = True
+            waits = [("Activation" if isinstance(c, RecvActivation) else "Grad", c.mb, sched.peer(c), s)
+                     for c in cmds if isinstance(c, RecvActivation | RecvGrad)]
+            if any(k not in sent for k in waits):
+                continue
+            clock[s] = max([clock[s]] + [sent[k] for k in waits])
+            for c in cmds:
+                if isinstance(c, ForwardPass):
+                    clock[s] += f
+                elif isinstance(c, BackwardPass):
+                    clock[s] += bi
+                    if c.send_grad:
+                        sent[("Grad", c.mb, s, sched.peer(SendGrad(c.mb)))] = clock[s]
+                    clock[s] += w
+            pos[s], started[s], moved = pos[s] + 1, False, True
+        assert moved, "the timing model deadlocked"
+    return max(clock)
+
+
+@pytest.mark.parametrize("f,bi,w", [(1.0, 1.0, 1.0), (1.0, 1.3, 0.7)])
+def test_early_gradients_shorten_each_cool_down_hand_over_by_one_weight_gradient(f, bi, w):
+    # the 1F1B batch with every backward whole is m (f + bi + w) + (p - 1)(f + bi + w) on this model; the early
+    # sends take (p - 1) w off it, and splitting every other backward too takes nothing more off
+    for p in (2, 3, 4, 8):
+        for m in (1, 2, 4, 8, 16, 32):
+            whole = batch_time([TrainSchedule(m, p, s, early_grads=False) for s in range(p)], f, bi, w)
+            early = batch_time([TrainSchedule(m, p, s) for s in range(p)], f, bi, w)
+            assert whole == pytest.approx((m + p - 1) * (f + bi + w)), (p, m)
+            assert whole - early == pytest.approx((p - 1) * w), (p, m)
+            assert batch_time([_AllEarly(m, p, s) for s in range(p)], f, bi, w) == pytest.approx(early), (p, m)

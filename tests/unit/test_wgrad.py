@@ -1,0 +1,159 @@
+"""The split backward (shardspeed/activation/wgrad.py): a forward under ``WeightGradQueue.recording()``
+gives, after ``backward()`` and ``compute()``, exactly autograd's gradients; before ``compute()`` the
+input's gradient is there and the linear weights' are not (nor have their hooks run); regions it cannot
+replay (torch's own checkpoint, ``save_on_cpu``) are left to autograd; a Hugging Face model built from
+its config, trained the way its users call it, gets the same gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint as torch_checkpoint
+from torch import nn
+
+from shardspeed.activation.wgrad import WeightGradQueue
+from shardspeed.checkpointing import checkpoint
+
+
+class Tied(nn.Module):
+    """Linear layers with and without bias, a weight used twice, a functional call with keywords."""
+
+    def __init__(self):
+        super().__init__()
+        self.ln = nn.LayerNorm(6)
+        self.a = nn.Linear(6, 12)
+        self.b = nn.Linear(12, 6, bias=False)
+        self.w = nn.Parameter(torch.randn(6, 6) * 0.3)
+
+    def forward(self, x):
+        h = self.b(torch.tanh(self.a(self.ln(x))))
+        return F.linear(input=F.linear(h, self.w), weight=self.w) + h
+
+
+def grads(model, x, run, loss=lambda y: y.square().sum()):
+    """x's and every parameter's gradient after ``run(model, x)`` and backward."""
+    model.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_()
+    loss(run(model, x)).backward()
+    return [x.grad] + [p.grad for p in model.parameters()]
+
+
+def split(model, x, wrap=lambda m, x: m(x), loss=lambda y: y.square().sum()):
+    """Forward under recording, backward (the input half), then ``compute()``; returns (x's gradient
+    and which parameters had a gradient before compute(), the gradients after, queued entries)."""
+    q = WeightGradQueue()
+    model.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_()
+    with q.recording():
+        y = wrap(model, x)
+    loss(y).backward()
+    before = [x.grad.clone()] + [p.grad is not None for p in model.parameters()]
+    queued = len(q)
+    q.compute()
+    return before, [x.grad] + [p.grad for p in model.parameters()], queued
+
+
+def assert_same(got, want):
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape", [(6,), (3, 6), (2, 5, 6)])
+def test_split_backward_gives_autograds_gradients_and_leaves_weights_to_compute(shape):
+    torch.manual_seed(0)
+    model, x = Tied(), torch.randn(shape)
+    want = grads(model, x, lambda m, x: m(x))
+    before, after, queued = split(model, x)
+    assert queued == 4  # a, b, and the tied weight twice
+    torch.testing.assert_close(before[0], want[0], rtol=1e-6, atol=1e-7)  # the input's gradient comes first
+    names = [n for n, _ in model.named_parameters()]
+    assert dict(zip(names, before[1:], strict=True)) == {
+        "w": False, "ln.weight": True, "ln.bias": True, "a.weight": False, "a.bias": False, "b.weight": False}
+    assert_same(after, want)
+
+
+def test_weight_gradients_accumulate_and_run_their_hooks_in_compute():
+    torch.manual_seed(0)
+    model, x = Tied(), torch.randn(4, 6)
+    calls = []
+    for name, p in model.named_parameters():
+        p.register_post_accumulate_grad_hook(lambda p, n=name: calls.append(n))
+    q = WeightGradQueue()
+    for _ in range(2):  # two micro-batches: the second adds to the first's .grad, as autograd would
+        with q.recording():
+            y = model(x)
+        y.sum().backward()
+        assert sorted(calls) == ["ln.bias", "ln.weight"]  # nothing of a, b, w before compute()
+        q.compute()
+        assert sorted(calls) == ["a.bias", "a.weight", "b.weight", "ln.bias", "ln.weight", "w"]  # w once, summed
+        calls.clear()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    model(x).sum().backward()
+    model(x).sum().backward()
+    assert_same(got, [p.grad for p in model.parameters()])
+
+
+def test_no_grad_frozen_and_non_leaf_weights_pass_through():
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 4)
+    q = WeightGradQueue()
+    with q.recording(), torch.no_grad():
+        lin(torch.randn(2, 4))
+    lin.bias.requires_grad_(False)  # a frozen bias: the layer keeps autograd's backward
+    with q.recording():
+        y = lin(torch.randn(2, 4)) + F.linear(torch.randn(2, 4), lin.weight * 2)  # a computed weight
+    y.sum().backward()
+    assert len(q) == 0 and lin.weight.grad is not None
+
+
+def test_checkpointed_regions_recompute_through_the_queue_and_foreign_ones_are_left_alone():
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.LayerNorm(6), nn.Linear(6, 12), nn.GELU(), nn.Linear(12, 6)), torch.randn(3, 5, 6)
+    want = grads(model, x, lambda m, x: m(x))
+    # shardspeed.checkpointing: the recomputation records again (Note: recomputed regions)
+    _, after, queued = split(model, x, lambda m, x: checkpoint(m, x))
+    assert queued == 2
+    assert_same(after, want)
+    # torch's checkpoint called directly (as Hugging Face models do) and save_on_cpu: autograd's backward
+    _, after, queued = split(model, x, lambda m, x: torch_checkpoint.checkpoint(m, x, use_reentrant=False))
+    assert queued == 0
+    assert_same(after, want)
+
+    def offloaded(m, x):
+        with torch.autograd.graph.save_on_cpu():
+            return m(x)
+
+    _, after, queued = split(model, x, offloaded)
+    assert queued == 0
+    assert_same(after, want)
+
+
+def test_bf16_gradients_equal_autograds():
+    torch.manual_seed(0)
+    model, x = Tied().to(torch.bfloat16), torch.randn(2, 5, 6, dtype=torch.bfloat16)
+    want = grads(model, x, lambda m, x: m(x), loss=lambda y: y.float().square().sum())
+    _, after, queued = split(model, x, loss=lambda y: y.float().square().sum())
+    assert queued == 4
+    for g, w in zip(after, want, strict=True):
+        assert torch.equal(g, w)
+
+
+def test_a_hugging_face_model_from_its_config_gets_the_same_gradients():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16)
+    model = transformers.LlamaForCausalLM(cfg)
+    ids = torch.randint(0, 64, (2, 8))
+    model.zero_grad(set_to_none=True)
+    model(input_ids=ids, labels=ids).loss.backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    q = WeightGradQueue()
+    model.zero_grad(set_to_none=True)
+    with q.recording():
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert len(q) == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer and the head
+    q.compute()
+    for (name, p), w in zip(model.named_parameters(), want, strict=True):
+        torch.testing.assert_close(p.grad, w, rtol=1e-5, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
