@@ -8,6 +8,8 @@ P local ranks (1 thread each), m = 4, 8, 16 micro-batches per step, in one comma
 Per run: step time (pipe_worker.py, Note: what a step time holds), the ideal step time from each
 stage's measured forward+backward time (Note: the ideal step time), ratios to the ideal and to the
 peers, and the loss at step 1 and at the last step, which must agree across the three libraries.
+A fourth run, shardspeed with ``"pipeline": {"early_grads": false}``, takes its turns beside them to
+show what the early gradient sends of the 1F1B cool-down change (schedule.py, Note: early gradient sends).
 The head is untied here (``tied=False``): ``torch.distributed.pipelining`` has no way to keep a weight
 shared by two stages equal.
 
@@ -33,9 +35,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import OUT, ROOT, median, read_results  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pipe_worker.py")
-LIBS = ["shardspeed", "deepspeed", "torch"]
+LIBS = ["shardspeed", "shardspeed_whole", "deepspeed", "torch"]
 NAMES = {"shardspeed": "shardspeed PipelineEngine", "deepspeed": "DeepSpeed PipelineEngine",
+         "shardspeed_whole": "shardspeed, early_grads off",  # schedule.py, Note: early gradient sends
          "torch": "torch.distributed.pipelining Schedule1F1B"}
+PEERS = ("shardspeed_whole", "deepspeed", "torch")  # the paired-ratio columns
 
 
 def launch(libs: list[str], p: int, ms: list[int], rep: int, tag: str, ds_venv: str, extra: list[str]) -> str | None:
@@ -89,8 +93,9 @@ def summarize(tag: str, pending: dict[str, str]) -> tuple[str, dict]:
     rows = [r for r in read_results("pipe") if r["tag"] == tag]
     out: dict = {"tag": tag, "configs": []}
     lines = ["| P | m | bubble | run | s/step, loop (per rep) | s/step, median turn | ideal s | median turn / ideal | "
-             "ideal, slowest stage s | vs DeepSpeed, paired | vs torch 1F1B, paired | loss @1 | loss @last |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "ideal, slowest stage s | vs early_grads off, paired | vs DeepSpeed, paired | vs torch 1F1B, paired | "
+             "loss @1 | loss @last |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p, m in sorted({(r["p"], r["m"]) for r in rows}):
         mine = [r for r in rows if r["p"] == p and r["m"] == m]
         ideals = [ideal(r) for r in mine]
@@ -104,7 +109,7 @@ def summarize(tag: str, pending: dict[str, str]) -> tuple[str, dict]:
         spread = max(abs(a - b) for la in losses.values() for lb in losses.values()
                      for a, b in zip(la, lb, strict=True))
         parts = sorted({tuple(r["parts"]) for r in mine})
-        paired = {lib: {peer: _paired(by_lib[lib], by_lib[peer]) for peer in ("deepspeed", "torch") if peer in by_lib}
+        paired = {lib: {peer: _paired(by_lib[lib], by_lib[peer]) for peer in PEERS if peer in by_lib}
                   for lib in by_lib}
         cfg = {"p": p, "m": m, "bubble": (p - 1) / (m + p - 1), "ideal_s": ideal_s, "ideal_slowest_s": slow_s,
                "step_s": steps, "median_turn_s": turns, "paired_ratio": paired, "losses": losses,
@@ -116,14 +121,14 @@ def summarize(tag: str, pending: dict[str, str]) -> tuple[str, dict]:
         for lib in LIBS:
             if lib not in steps:
                 why = pending.get(lib, "no rows")
-                lines.append(f"| {p} | {m} | {cfg['bubble']:.3f} | {NAMES[lib]} | not yet ({why}) | | | | | | | | |")
+                lines.append(f"| {p} | {m} | {cfg['bubble']:.3f} | {NAMES[lib]} | not yet ({why}) | | | | | | | | | |")
                 continue
             reps = " / ".join(f"{r['step_s']:.3f}" for r in by_lib[lib])
-            vs = {peer: (f"{v:.3f}" if (v := paired[lib].get(peer)) is not None else "-")
-                  for peer in ("deepspeed", "torch")}
+            vs = {peer: (f"{v:.3f}" if (v := paired[lib].get(peer)) is not None else "-") for peer in PEERS}
             lines.append(f"| {p} | {m} | {cfg['bubble']:.3f} | {NAMES[lib]} | {steps[lib]:.3f} ({reps}) | "
                          f"{turns[lib]:.3f} | {ideal_s:.3f} | {turns[lib] / ideal_s:.3f} | {slow_s:.3f} | "
-                         f"{vs['deepspeed']} | {vs['torch']} | {losses[lib][0]:.6f} | {losses[lib][-1]:.6f} |")
+                         f"{vs['shardspeed_whole']} | {vs['deepspeed']} | {vs['torch']} | {losses[lib][0]:.6f} | "
+                         f"{losses[lib][-1]:.6f} |")
     return "\n".join(lines), out
 
 
