@@ -5,7 +5,8 @@
 One round trip is what a P = 2 pipeline's steady state does per micro-batch: stage 0 sends an
 activation (a 2 x 128 x 256 fp32 tensor that needs grad, 256 KiB: the pipeline benchmark's
 micro-batch) and receives its gradient, each in its own tick; stage 1 receives the activation (a
-header, then the payload: comm/p2p.py, Note: one tick, two phases) and sends the gradient. "bare" is
+header and the payload it predicted: comm/p2p.py, Notes: one tick, two phases; predicted layouts)
+and sends the gradient. "bare" is
 the same two tensors with one isend/irecv each and no header. Both alternate three times; rank 0
 prints ms per round trip. ``--profile RANK`` adds a cProfile of that rank's exchanges.
 """

@@ -227,6 +227,8 @@ def interleaved(libs: list[str], plan, loss_fn, cfg: GPTConfig, p: int, m: int) 
     stage = Stage(plan, loss_fn, parts[libs[0]], cfg)
     losses = {lib: [runs[lib][1](data[k]) for k in range(ARGS.warmup)] for lib in libs}
     walls: dict[str, list[float]] = {lib: [] for lib in libs}
+    cpus: dict[str, list[float]] = {lib: [] for lib in libs}  # this process's CPU seconds (all its threads)
+    mains: dict[str, list[float]] = {lib: [] for lib in libs}  # the main thread's alone
     fb: list[float] = []
     opt: list[float] = []
     order = [*libs, "ideal"]
@@ -238,11 +240,13 @@ def interleaved(libs: list[str], plan, loss_fn, cfg: GPTConfig, p: int, m: int) 
                 opt += o
                 continue
             dist.barrier()
-            t0 = time.perf_counter()
+            t0, c0, m0 = time.perf_counter(), time.process_time(), time.thread_time()
             for k in range(ARGS.warmup + r * per_round, ARGS.warmup + (r + 1) * per_round):
                 losses[lib].append(runs[lib][1](data[k]))
             dist.barrier()
             walls[lib].append(time.perf_counter() - t0)
+            cpus[lib].append(time.process_time() - c0)
+            mains[lib].append(time.thread_time() - m0)
     cal = {"fb_s": statistics.median(fb), "opt_s": statistics.median(opt),
            "params": sum(q.numel() for q in stage.params)}
     cals = [None] * p
@@ -252,11 +256,16 @@ def interleaved(libs: list[str], plan, loss_fn, cfg: GPTConfig, p: int, m: int) 
         last = torch.tensor([v if v is not None else float("nan") for v in losses[lib]], dtype=torch.float64)
         dist.broadcast(last, src=p - 1)
         step_s = sum(walls[lib]) / (ARGS.rounds * per_round)
+        # CPU seconds per step, summed over ranks: on fewer cores than ranks, this is what the step time follows
+        cpu = torch.tensor([sum(cpus[lib]), sum(mains[lib])], dtype=torch.float64) / (ARGS.rounds * per_round)
+        dist.all_reduce(cpu)
         rows.append({"lib": lib, "p": p, "m": m, "step_s": step_s, "losses": last.tolist(), "parts": parts[lib],
                      "round_step_s": [w / per_round for w in walls[lib]], "interleaved": libs,
+                     "cpu_s_per_step_all_ranks": float(cpu[0]), "main_thread_cpu_s_per_step_all_ranks": float(cpu[1]),
                      "load_avg": os.getloadavg()[0], "stages": cals})
         if dist.get_rank() == 0:
             print(f"{lib} P={p} m={m}: {step_s:.3f} s/step (rounds {[round(w / per_round, 3) for w in walls[lib]]})"
+                  f", cpu {float(cpu[0]):.3f} s/step over ranks (main threads {float(cpu[1]):.3f})"
                   f", loss {last[0]:.6f} -> {last[-1]:.6f}, parts {parts[lib]}", flush=True)
     return rows
 

@@ -15,6 +15,20 @@ small message and no structure is too big. A header is sent with every structure
 hundred bytes against activations of kilobytes to megabytes), which is what lets shapes change
 per micro-batch; nothing has to be warmed up or invalidated.
 
+[Note: predicted layouts]
+Sending the payload only once the receiver has read the header costs a round trip per structure: a
+gloo send of a large tensor moves once the peer has posted its receive, which it can only do after
+the header. Consecutive micro-batches almost always have one layout, so each side remembers the
+layout of the last structure on each link (sender: last sent to a peer; receiver: last received
+from it; both change at the same messages, so they agree). The receiver posts, with the header
+receive, receives for that predicted layout's tensors (``_KIND_PREDICTED``); the sender, who knows
+the prediction, sends its tensors there at once when the layout is the same. When it is not, the
+sender fills the predicted receives with fillers of the predicted shapes and sends the real tensors
+in phase B, into buffers the header sized, as without a prediction; the receiver returns the filled
+buffers to the pool. So shapes still change freely per micro-batch; what a change costs is the old
+round trip plus the fillers' bytes. The header is always sent: it is what tells the receiver its
+prediction held.
+
 [Note: gradients]
 A leaf "needs grad" when it is floating point and requires grad on the sender. The receiver gets
 exactly those leaves as leaves requiring grad, and after its backward sends back one gradient per
@@ -23,13 +37,14 @@ sender knows the shapes and dtypes of what it sent, so gradients travel without 
 
 [Note: one tick, two phases]
 All messages of one pipeline tick are exchanged together (``PipeComm.exchange``). Phase A posts
-every header send and receive (and the header overflow), and every headerless tensor message
-(gradients); it waits only for the header receives, which peers' phase A posts match. Phase B
-posts the structures' payloads, whose receive buffers are now known, and everything is waited
-on. No wait in phase A depends on a peer's phase B, so two ranks sending to each other in the
-same tick (interleaved schedules with two stages) cannot deadlock. Messages carry tags
-(``tag << 2 | kind``), so gloo matches them by tag; within a tag, gloo keeps the posting order
-(measured). For NCCL, which ignores tags, both sides post in the same order: headers, tensor
+every header send and receive (and the header overflow), each followed by its predicted payload
+(Note: predicted layouts), and every headerless tensor message (gradients); it waits only for the
+header receives, which peers' phase A posts match. Phase B posts the payloads that were not
+predicted, whose receive buffers are now known, and everything is waited on. No wait in phase A
+depends on a peer's phase B, so two ranks sending to each other in the same tick (interleaved
+schedules with two stages) cannot deadlock. Messages carry tags (``tag << 3 | kind``), so gloo
+matches them by tag; within a tag, gloo keeps the posting order (measured). For NCCL, which ignores
+tags, both sides post in the same order: headers (each with its predicted payload), tensor
 messages, then payloads, each in the order the tick lists them.
 
 [Note: receive buffers]
@@ -68,7 +83,8 @@ _TENSOR, _TUPLE, _LIST, _DICT, _NONE = range(5)
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
            torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128]
 _DTYPE_CODE = {d: i for i, d in enumerate(_DTYPES)}
-_KIND_HEADER, _KIND_OVERFLOW, _KIND_PAYLOAD, _KIND_TENSORS = range(4)
+_KIND_HEADER, _KIND_OVERFLOW, _KIND_PAYLOAD, _KIND_TENSORS, _KIND_PREDICTED = range(5)
+_KIND_BITS = 3
 
 
 class TensorSpec(NamedTuple):
@@ -266,6 +282,10 @@ class PipeComm:
         # sends of the last exchange still in flight, with the tensors they read (Note: sends finish
         # in the next tick)
         self._sending: list[tuple[Handle, list[Any]]] = []
+        # the layout of the last structure sent to / received from each peer (Note: predicted layouts)
+        self._sent_layout: dict[int, Layout] = {}
+        self._recv_layout: dict[int, Layout] = {}
+        self.predicted = 0  # structures received into predicted buffers (for tests and stats)
 
     def flush(self) -> None:
         """Wait for the sends still in flight (the engine calls it before a batch returns)."""
@@ -301,25 +321,43 @@ class PipeComm:
         keep: list[Any] = []  # what the sends read, alive until they are waited on
         sent = received = 0
         slots: dict[int, torch.Tensor] = {}
-        payloads: dict[int, list[torch.Tensor]] = {}
+        payloads: dict[int, list[torch.Tensor]] = {}  # sent in phase B: the receiver could not predict them
         results: list[Any] = [None] * len(ops)
-        # phase A: headers (and overflow), then headerless tensor messages
+        # phase A: headers (and overflow), each with the payload the receiver predicts (or fillers)
         for i, op in enumerate(ops):
             if isinstance(op, SendObj):
                 codes, tensors = encode(op.obj)
-                payloads[i] = [t.contiguous() for t in tensors]
-                head = torch.tensor(codes, dtype=torch.int64, device=self.device)
-                slot = torch.zeros(HEADER_SLOT, dtype=torch.int64, device=self.device)
-                slot[0] = len(codes)
-                slot[1:1 + min(len(codes), HEADER_SLOT - 1)] = head[:HEADER_SLOT - 1]
-                sends.append(self._isend(slot, op.peer, op.tag, _KIND_HEADER))
-                keep += [slot, head]
+                tensors = [t.contiguous() for t in tensors]
+                head = torch.tensor([len(codes), *codes[:HEADER_SLOT - 1]] + [0] * max(0, HEADER_SLOT - 1 - len(codes)),
+                                    dtype=torch.int64, device=self.device)
+                sends.append(self._isend(head, op.peer, op.tag, _KIND_HEADER))
+                keep.append(head)
                 if len(codes) > HEADER_SLOT - 1:
-                    sends.append(self._isend(head[HEADER_SLOT - 1:], op.peer, op.tag, _KIND_OVERFLOW))
+                    rest = torch.tensor(codes[HEADER_SLOT - 1:], dtype=torch.int64, device=self.device)
+                    sends.append(self._isend(rest, op.peer, op.tag, _KIND_OVERFLOW))
+                    keep.append(rest)
                 sent += 8 * (HEADER_SLOT + max(0, len(codes) - HEADER_SLOT + 1))
+                guess = self._sent_layout.get(op.peer)  # what the receiver has posted (Note: predicted layouts)
+                if guess is None or guess.codes != codes:
+                    payloads[i] = tensors
+                    if guess is not None:  # the receiver's predicted buffers take fillers of their own shapes
+                        tensors = [torch.empty(s.shape, dtype=s.dtype, device=self.device) for s in guess.specs]
+                    self._sent_layout[op.peer] = Layout(codes)
+                sends += [self._isend(t, op.peer, op.tag, _KIND_PREDICTED) for t in tensors
+                          if t.numel() and guess is not None]
+                keep += tensors
+                sent += _nbytes(tensors) if guess is not None else 0
             elif isinstance(op, RecvObj):
                 slots[i] = torch.empty(HEADER_SLOT, dtype=torch.int64, device=self.device)
-        header_works = [self._irecv(slots[i], ops[i].peer, ops[i].tag, _KIND_HEADER) for i in slots]
+        header_works: dict[int, Any] = {}
+        guessed: dict[int, tuple[Layout, list[torch.Tensor], list[Any]]] = {}
+        for i in slots:
+            peer, tag = ops[i].peer, ops[i].tag
+            header_works[i] = self._irecv(slots[i], peer, tag, _KIND_HEADER)
+            guess = self._recv_layout.get(peer)
+            if guess is not None:
+                bufs = [self.pool.take(s) for s in guess.specs]
+                guessed[i] = (guess, bufs, [self._irecv(b, peer, tag, _KIND_PREDICTED) for b in bufs if b.numel()])
         for i, op in enumerate(ops):
             if isinstance(op, SendTensors):
                 outgoing = [t.contiguous() for t in op.tensors if t.numel()]
@@ -331,18 +369,29 @@ class PipeComm:
                 recvs += [self._irecv(b, op.peer, op.tag, _KIND_TENSORS) for b in bufs if b.numel()]
                 received += _nbytes(bufs)
                 results[i] = bufs
-        layouts: dict[int, Layout] = {}
-        for (i, slot), work in zip(slots.items(), header_works, strict=True):
-            self._wait(work, ops[i].peer, HEADER_SLOT * 8)
+        layouts: dict[int, Layout] = {}  # receives whose payload comes in phase B
+        fillers: list[torch.Tensor] = []  # predicted buffers that got fillers: back to the pool once received
+        for i, slot in slots.items():
+            peer = ops[i].peer
+            self._wait(header_works[i], peer, HEADER_SLOT * 8)
             n = int(slot[0])
             codes = slot[1:1 + min(n, HEADER_SLOT - 1)].tolist()
             if n > HEADER_SLOT - 1:
                 rest = torch.empty(n - HEADER_SLOT + 1, dtype=torch.int64, device=self.device)
-                self._wait(self._irecv(rest, ops[i].peer, ops[i].tag, _KIND_OVERFLOW), ops[i].peer, rest.numel() * 8)
+                self._wait(self._irecv(rest, peer, ops[i].tag, _KIND_OVERFLOW), peer, rest.numel() * 8)
                 codes += rest.tolist()
-            layouts[i] = Layout(codes)
             received += 8 * (HEADER_SLOT + max(0, n - HEADER_SLOT + 1))
-        # phase B: the structures' payloads, into buffers the headers sized
+            guess, bufs, works = guessed.get(i, (None, [], []))
+            recvs += works
+            received += _nbytes(bufs)
+            if guess is not None and guess.codes == codes:
+                self.predicted += 1
+                results[i] = guess.build([b.detach().requires_grad_(s.needs_grad)
+                                          for b, s in zip(bufs, guess.specs, strict=True)])
+            else:
+                fillers += bufs
+                layouts[i] = self._recv_layout[peer] = Layout(codes)
+        # phase B: the payloads nobody could predict, into buffers the headers sized
         for i, tensors in payloads.items():
             sends += [self._isend(t, ops[i].peer, ops[i].tag, _KIND_PAYLOAD) for t in tensors if t.numel()]
             keep += tensors
@@ -357,6 +406,8 @@ class PipeComm:
         # the header receives, already waited, are not in ``recvs``. The sends are waited on at the
         # next exchange or flush(): nothing here needs them done, and the next tick's compute overlaps them.
         Handle("recv", received, 2, recvs, start, self.group).wait()
+        for b in fillers:
+            self.pool.give(b)
         if received and not recvs:
             report("recv", received, time.perf_counter() - start, 2)
         if sends:
@@ -375,7 +426,7 @@ class PipeComm:
             raise
 
     def _isend(self, t: torch.Tensor, peer: int, tag: int, kind: int) -> Any:
-        return dist.isend(t, dst=peer, group=self.group, tag=tag << 2 | kind)
+        return dist.isend(t, dst=peer, group=self.group, tag=tag << _KIND_BITS | kind)
 
     def _irecv(self, t: torch.Tensor, peer: int, tag: int, kind: int) -> Any:
-        return dist.irecv(t, src=peer, group=self.group, tag=tag << 2 | kind)
+        return dist.irecv(t, src=peer, group=self.group, tag=tag << _KIND_BITS | kind)

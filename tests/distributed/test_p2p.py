@@ -78,6 +78,7 @@ def _chain(rank):
         for v in range(3):
             pc.exchange([SendObj(1, same(v), 200 + v)])
     elif rank == 1:
+        hits = pc.predicted
         first = pc.exchange([RecvObj(0, 200)])[0]
         before = pc.pool.allocated
         second = pc.exchange([RecvObj(0, 201)])[0]
@@ -88,6 +89,9 @@ def _chain(rank):
         before = pc.pool.allocated
         third = pc.exchange([RecvObj(0, 202)])[0]
         out["reuse"] = (grew, pc.pool.allocated - before, intact, torch.equal(third["ids"], same(2)["ids"]))
+        # the first of three equal layouts follows another layout; the next two arrive where predicted
+        out["predicted"] = (hits, pc.predicted - hits)
+    out["predicted_total"] = pc.predicted
     pc.flush()  # the last sends are in flight until the next exchange or a flush, as the engine does
     out["bytes"] = {op: s.bytes for op, s in stats.ops.items()}
     comm.remove_observer(stats)
@@ -100,6 +104,8 @@ def test_structures_round_trip_over_three_ranks():
         assert r["ok"] and all(r["ok"]), (rank, r["ok"])
     assert len(results[0]["grads"]) == 12 and all(results[0]["grads"])
     assert results[1]["reuse"] == (2, 0, True, True)
+    # every structure of the chain has a new layout: none predicted (Note: predicted layouts in p2p.py)
+    assert results[1]["predicted"] == (0, 2) and results[2]["predicted_total"] == 0
     # every byte is reported: rank 1 received what rank 0 sent plus rank 2's nothing, and the
     # headers; rank 2 received what rank 1 sent it
     from shardspeed.comm.p2p import leaves
