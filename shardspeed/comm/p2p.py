@@ -373,6 +373,11 @@ class PipeComm:
         fillers: list[torch.Tensor] = []  # predicted buffers that got fillers: back to the pool once received
         for i, slot in slots.items():
             peer = ops[i].peer
+            guess, bufs, works = guessed.get(i, (None, [], []))
+            for work in works:
+                # the sender posts something into every predicted receive in its phase A, and those bytes
+                # come after its header: waiting for them first leaves the header received, one wake-up
+                self._wait(work, peer, _nbytes(bufs))
             self._wait(header_works[i], peer, HEADER_SLOT * 8)
             n = int(slot[0])
             codes = slot[1:1 + min(n, HEADER_SLOT - 1)].tolist()
@@ -380,10 +385,7 @@ class PipeComm:
                 rest = torch.empty(n - HEADER_SLOT + 1, dtype=torch.int64, device=self.device)
                 self._wait(self._irecv(rest, peer, ops[i].tag, _KIND_OVERFLOW), peer, rest.numel() * 8)
                 codes += rest.tolist()
-            received += 8 * (HEADER_SLOT + max(0, n - HEADER_SLOT + 1))
-            guess, bufs, works = guessed.get(i, (None, [], []))
-            recvs += works
-            received += _nbytes(bufs)
+            received += 8 * (HEADER_SLOT + max(0, n - HEADER_SLOT + 1)) + _nbytes(bufs)
             if guess is not None and guess.codes == codes:
                 self.predicted += 1
                 results[i] = guess.build([b.detach().requires_grad_(s.needs_grad)
@@ -403,7 +405,7 @@ class PipeComm:
             results[i] = layout.build([b.detach().requires_grad_(s.needs_grad)
                                        for b, s in zip(bufs, layout.specs, strict=True)])
         # one report per direction and tick. A gloo Work waited twice never returns (measured), so
-        # the header receives, already waited, are not in ``recvs``. The sends are waited on at the
+        # the header and predicted receives, already waited, are not in ``recvs``. The sends are waited on at the
         # next exchange or flush(): nothing here needs them done, and the next tick's compute overlaps them.
         Handle("recv", received, 2, recvs, start, self.group).wait()
         for b in fillers:
@@ -417,7 +419,7 @@ class PipeComm:
         return results
 
     def _wait(self, work: Any, peer: int, nbytes: int) -> None:
-        """Wait for one header receive; a lost peer becomes the comm layer's error, naming it."""
+        """Wait for one receive of phase A; a lost peer becomes the comm layer's error, naming it."""
         try:
             work.wait()
         except RuntimeError as e:
