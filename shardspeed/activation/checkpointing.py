@@ -38,7 +38,7 @@ import torch
 import torch.utils.checkpoint as torch_checkpoint
 
 from shardspeed.accelerator import get_accelerator
-from shardspeed.activation.wgrad import WeightGradQueue, recording_queue
+from shardspeed.activation.wgrad import recording_session
 from shardspeed.comm import Topology, all_gather, topology_from_mpu
 from shardspeed.config import ShardspeedConfig, load_config
 from shardspeed.tensor_parallel import get_rng_tracker, model_parallel_seed
@@ -127,19 +127,22 @@ class _Timed:
 
     def __init__(self, function: Any, s: _Settings, tracker_states: dict[str, torch.Tensor]):
         self.function, self.s, self.calls, self.tracker_states = function, s, 0, tracker_states
-        self.wgrads: WeightGradQueue | None = None
+        self.wgrads: Any = None  # the recording of a forward that defers weight gradients (wgrad.py)
+
+    def _recording(self) -> Any:
+        w = self.wgrads
+        return w.queue.recording(replay=w) if w is not None else contextlib.nullcontext()
 
     def __call__(self, *args: Any) -> Any:
         self.calls += 1
         if self.calls == 1:
-            self.wgrads = recording_queue()
-            with self.wgrads.recording() if self.wgrads is not None else contextlib.nullcontext():
-                return self.function(*args)  # (re-entered: this region's saved-tensor hooks are its own)
+            self.wgrads = recording_session()
+            with self._recording():  # re-entered: this region's saved-tensor hooks are its own
+                return self.function(*args)
         start = _boundary(self.s)
         try:
             # a forward that deferred weight gradients defers them again (wgrad.py, Note: recomputed regions)
-            with _tracker_states(self.tracker_states), (
-                    self.wgrads.recording() if self.wgrads is not None else contextlib.nullcontext()):
+            with _tracker_states(self.tracker_states), self._recording():
                 return self.function(*args)
         finally:  # torch stops a recomputation early (by raising) once it has what backward needs
             _account(self.s, "recompute", start)

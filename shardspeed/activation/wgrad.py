@@ -12,11 +12,24 @@ through ``_InputGradFirst``: its backward returns the input's gradient only and 
 ``(x, dY, w, b)``. ``compute()`` then runs the queued products and gives them to autograd on the
 leaves (``torch.autograd.backward(weights, grads)``), so they accumulate exactly as autograd's own
 would: into ``.grad`` (the engine's flat buffers), through each leaf's tensor hooks and its
-AccumulateGrad with its post-accumulate hooks (the strategy's reduction hooks). A weight used twice
-(tied within one stage) gets the sum of its products as one root. The graph itself has no edge to
-the leaves (the function takes their detached values): autograd visits the AccumulateGrad of an
-input whose gradient is None and still runs its post-accumulate hooks, which would tell a ZeRO
-bucket the weight was done before ``compute()``.
+AccumulateGrad with its post-accumulate hooks (the strategy's reduction hooks). A weight used by two
+recorded linears gets the sum of its products as one root. The graph itself has no edge to the
+leaves (the function takes their detached values): autograd visits the AccumulateGrad of an input
+whose gradient is None and still runs its post-accumulate hooks, which would tell a ZeRO bucket the
+weight was done before ``compute()``.
+
+[Note: other uses]
+A weight's gradient must reach its AccumulateGrad once per backward (a ZeRO bucket counts the
+calls), so a weight is deferred only if every use of it in the forward is a recorded linear. The
+recording sees every torch function the forward calls: a parameter passed to anything else (an
+embedding lookup with the same table, ``x @ w.T``, a penalty in the loss, a linear it may not split)
+is "used otherwise" and keeps autograd's backward, and so do linears whose input carries no gradient
+(nothing to split, and the weight would get nothing), weights that are not ``nn.Parameter`` (a
+received activation used as a weight goes back with the input gradient), and complex, 1-D or
+frozen ones. A use that comes *after* the weight was deferred cannot be undone: the forward raises,
+naming the operation, with the config switch that turns splitting off. So does a backward run inside
+the forward (``autograd.grad`` in the model), whose weight products would land in the queue, and a
+double backward through a split linear.
 
 Only the forward of a micro-batch that will split records, and ``compute()`` empties the queue in
 the same backward, so nothing is deferred across micro-batches: a stage holds what 1F1B holds, plus,
@@ -28,8 +41,10 @@ mode is active, and torch's non-reentrant checkpoint checks that the recomputati
 the same shapes: a linear that recorded in forward must record again. ``shardspeed.checkpointing``
 does that (its recomputation re-enters the queue that was recording, ``recording_queue()``). Inside
 any other region that installs saved-tensor hooks (torch's own checkpoint called directly, as
-Hugging Face models do, or ``save_on_cpu``), linears are left alone: correct, only not split. Which
-regions are ours is told by the saved-tensor hooks on top when ``recording()`` was entered. Linear
+Hugging Face models do, or ``save_on_cpu``), linears are left alone, as other uses (Note: other
+uses). Which regions are ours is told by the saved-tensor hooks on top when ``recording()`` was
+entered. A recomputation decides per weight as its forward did (it shares the forward's decisions),
+so it saves the same tensors even when the region alone would decide otherwise. Linear
 layers written as other ops (``x @ w.T``, ``torch.addmm``: GPT-2's ``Conv1D``) keep autograd's
 one-node backward too.
 """
@@ -45,7 +60,9 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-_local = threading.local()  # .queues: the queues recording in this thread, innermost last
+_local = threading.local()  # .sessions: the recordings open in this thread, innermost last
+
+_EARLY_GRADS_OFF = 'set "pipeline": {"early_grads": false} in the config to keep every backward whole'
 
 
 def _top_hooks() -> Any:
@@ -62,21 +79,37 @@ class _InputGradFirst(torch.autograd.Function):
                 leaves: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
         ctx.queue, ctx.leaves = queue, leaves
         ctx.save_for_backward(x, w)
-        return F.linear(x, w, b)
+        return F.linear(x, w, b)  # under the caller's autocast, if any: the product's dtype is grad_out's
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+        if torch.is_grad_enabled():
+            raise RuntimeError("a double backward (create_graph=True) through a linear layer whose weight gradient "
+                               f"was deferred (activation/wgrad.py) is not supported; {_EARLY_GRADS_OFF}")
         x, w = ctx.saved_tensors
-        gx = grad_out.matmul(w) if ctx.needs_input_grad[1] else None
+        gx = grad_out.matmul(w.to(grad_out.dtype)).to(x.dtype)
         ctx.queue.defer(x, grad_out, *ctx.leaves)
         return None, gx, None, None, None
 
 
+def _params_in(args: Any) -> Iterator[torch.nn.Parameter]:
+    for a in args:
+        if isinstance(a, torch.nn.Parameter):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            yield from (t for t in a if isinstance(t, torch.nn.Parameter))
+
+
 class _Recording(TorchFunctionMode):
-    def __init__(self, queue: WeightGradQueue):
+    """One forward's recording. ``decided`` maps a parameter (by id) to whether its linear uses are
+    deferred; a recomputation shares it, so it decides as the forward did (Note: recomputed regions)."""
+
+    def __init__(self, queue: WeightGradQueue, decided: dict[int, bool] | None = None):
         super().__init__()
         self.queue = queue
         self.hooks = _top_hooks()  # the saved-tensor hooks of this region (Note: recomputed regions)
+        self.decided: dict[int, bool] = {} if decided is None else decided
+        self.conflict: str | None = None
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -84,20 +117,36 @@ class _Recording(TorchFunctionMode):
             x = args[0] if args else kwargs["input"]
             w = args[1] if len(args) > 1 else kwargs["weight"]
             b = args[2] if len(args) > 2 else kwargs.get("bias")
-            if _leaf_param(w) and (b is None or _leaf_param(b)):
-                return _InputGradFirst.apply(self.queue, x, w.detach(), None if b is None else b.detach(), (w, b))
+            # checks and detach() with torch function handling off: an outer recording (this one's forward,
+            # around a checkpointed region) would take them for uses of the weight
+            with torch._C.DisableTorchFunction():
+                split = (_splittable(x, w, b) and self.decided.setdefault(id(w), True)
+                         and (b is None or self.decided.setdefault(id(b), True)))
+                detached = (w.detach(), None if b is None else b.detach()) if split else None
+            if detached is not None:
+                return _InputGradFirst.apply(self.queue, x, *detached, (w, b))
+        if getattr(func, "__name__", "") != "__get__":  # reading .shape or .requires_grad is not a use
+            for p in _params_in((*args, *kwargs.values())):
+                # any other use keeps the parameter's gradient in autograd's backward (Note: other uses)
+                if self.decided.setdefault(id(p), False) and self.conflict is None:
+                    self.conflict = f"a {tuple(p.shape)} parameter"
+                    self.conflict_op = getattr(func, "__qualname__", str(func))
         return func(*args, **kwargs)
 
 
-def _leaf_param(t: Any) -> bool:
-    return torch.is_tensor(t) and t.is_leaf and t.requires_grad
+def _splittable(x: Any, w: Any, b: Any) -> bool:
+    """Module weights of a real floating dtype, on an input that carries a gradient (else there is no
+    backward to split, and the weight's gradient would be lost)."""
+    return (torch.is_tensor(x) and x.requires_grad and isinstance(w, torch.nn.Parameter) and w.requires_grad
+            and w.dim() == 2 and w.is_floating_point()
+            and (b is None or (isinstance(b, torch.nn.Parameter) and b.requires_grad and b.dim() == 1)))
 
 
-def recording_queue() -> WeightGradQueue | None:
-    """The queue recording in this thread's forward, if any (``shardspeed.checkpointing`` replays it
-    in the recomputation: Note: recomputed regions)."""
-    queues = getattr(_local, "queues", None)
-    return queues[-1] if queues else None
+def recording_session() -> Any:
+    """The recording open in this thread's forward, if any (``shardspeed.checkpointing`` replays it in
+    the recomputation: Note: recomputed regions)."""
+    sessions = getattr(_local, "sessions", None)
+    return sessions[-1] if sessions else None
 
 
 class WeightGradQueue:
@@ -107,21 +156,37 @@ class WeightGradQueue:
         self._queued: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
 
     @contextlib.contextmanager
-    def recording(self) -> Iterator[None]:
-        """Linear layers run inside defer their weight gradients to ``compute()``."""
-        queues = _local.__dict__.setdefault("queues", [])
-        queues.append(self)
+    def recording(self, replay: Any = None) -> Iterator[None]:
+        """Linear layers run inside defer their weight gradients to ``compute()``. ``replay``: a
+        forward's session, whose decisions a recomputation of part of it repeats."""
+        session = _Recording(self, None if replay is None else replay.decided)
+        sessions = _local.__dict__.setdefault("sessions", [])
+        sessions.append(session)
+        queued = len(self._queued)
         try:
-            with _Recording(self):
+            with session:
                 yield
         finally:
-            queues.pop()
+            sessions.pop()
+        if len(self._queued) != queued:  # a backward ran inside this forward (autograd.grad in the model)
+            self._queued = self._queued[:queued]
+            raise RuntimeError("a backward ran inside a forward whose linear layers defer their weight gradients "
+                               f"(autograd.grad in the model or loss?): those gradients would be misplaced; "
+                               f"{_EARLY_GRADS_OFF}")
+        if session.conflict is not None:
+            raise RuntimeError(f"{session.conflict} was used by F.linear, which deferred its weight gradient "
+                               f"(activation/wgrad.py), and later in the same forward by {session.conflict_op}: "
+                               f"its gradient would be counted twice by the engine's hooks; {_EARLY_GRADS_OFF}")
 
     def defer(self, x: torch.Tensor, grad_out: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:
         self._queued.append((x, grad_out, w, b))
 
     def __len__(self) -> int:
         return len(self._queued)
+
+    def clear(self) -> None:
+        """Drop what is queued (a backward that failed half-way)."""
+        self._queued = []
 
     def compute(self) -> None:
         """The queued weight (and bias) gradients, accumulated by autograd into their leaves."""
@@ -131,11 +196,12 @@ class WeightGradQueue:
         def add(leaf: torch.Tensor, g: torch.Tensor) -> None:
             grads[id(leaf)] = (leaf, grads[id(leaf)][1] + g) if id(leaf) in grads else (leaf, g)
 
-        for x, gy, w, b in queued:
-            gy2 = gy.reshape(-1, gy.shape[-1])
-            add(w, gy2.t().mm(x.reshape(-1, x.shape[-1])).view_as(w))
-            if b is not None:
-                add(b, gy2.sum(0).view_as(b))
+        with torch.no_grad():  # the products are gradients, not part of any graph
+            for x, gy, w, b in queued:
+                gy2 = gy.reshape(-1, gy.shape[-1])
+                add(w, gy2.t().mm(x.reshape(-1, x.shape[-1]).to(gy.dtype)).to(w.dtype))
+                if b is not None:
+                    add(b, gy2.sum(0).to(b.dtype))
         if grads:
             leaves, gs = zip(*grads.values(), strict=True)
             torch.autograd.backward(list(leaves), list(gs))

@@ -9,25 +9,30 @@ so every structure travels with a small header that describes it.
 ``encode`` flattens a structure depth-first into int64 codes plus its tensors (the leaves):
 ``tensor: [TENSOR, dtype, needs_grad, ndim, *shape]``, ``tuple/list: [kind, n, *children]``,
 ``dict: [DICT, n, (len(key), *utf8 bytes of key, child) * n]``, ``None: [NONE]``. On the wire a
-header is a fixed slot of ``HEADER_SLOT`` int64 (512 bytes): ``[length, *codes]``; codes beyond
-the slot follow in a second message whose length the slot announced, so the usual case costs one
-small message and no structure is too big. A header is sent with every structure (it is a few
-hundred bytes against activations of kilobytes to megabytes), which is what lets shapes change
-per micro-batch; nothing has to be warmed up or invalidated.
+header is a fixed slot of ``HEADER_SLOT`` int64 (512 bytes): ``[length, check, *codes]`` (check:
+Note: predicted layouts); codes beyond the slot follow in a second message whose length the slot
+announced, so the usual case costs one small message and no structure is too big. A header is
+sent with every structure (it is a few hundred bytes against activations of kilobytes to
+megabytes), which is what lets shapes change per micro-batch; nothing has to be warmed up.
 
 [Note: predicted layouts]
 Sending the payload only once the receiver has read the header costs a round trip per structure: a
 gloo send of a large tensor moves once the peer has posted its receive, which it can only do after
-the header. Consecutive micro-batches almost always have one layout, so each side remembers the
-layout of the last structure on each link (sender: last sent to a peer; receiver: last received
-from it; both change at the same messages, so they agree). The receiver posts, with the header
-receive, receives for that predicted layout's tensors (``_KIND_PREDICTED``); the sender, who knows
-the prediction, sends its tensors there at once when the layout is the same. When it is not, the
-sender fills the predicted receives with fillers of the predicted shapes and sends the real tensors
-in phase B, into buffers the header sized, as without a prediction; the receiver returns the filled
-buffers to the pool. So shapes still change freely per micro-batch; what a change costs is the old
-round trip plus the fillers' bytes. The header is always sent: it is what tells the receiver its
-prediction held.
+the header. Consecutive micro-batches almost always have one layout, so both ends of a link keep
+the last layout on it and how many structures in a row had it (``_Link``; the sender for what it
+sent to a peer, the receiver for what it received from it: they change at the same messages). Once
+a layout came twice in a row, the receiver posts, with the header receive, receives for it
+(``_KIND_PREDICTED``), and the sender, who knows that prediction, sends its tensors there at once
+when the layout is the same again. When it is not, the sender fills the predicted receives with
+fillers of the predicted shapes and sends the real tensors in phase B, into buffers the header
+sized, as without a prediction; the receiver gives the filled buffers back to the pool. So shapes
+still change freely per micro-batch: a layout that changes every time is never predicted and costs
+what it did before, and a change after a run of equal ones costs the fillers' bytes once. The
+header is always sent: it tells the receiver whether its prediction held, and its ``check`` (a
+fingerprint of the layout the sender believes was predicted, 0 for none) must equal the receiver's,
+so ends that fell out of step (an exchange that failed part-way) raise instead of reading fillers
+as data. The receiver waits for the predicted payload before its header: the sender posts both in
+its phase A, header first, so one wake-up finds both.
 
 [Note: gradients]
 A leaf "needs grad" when it is floating point and requires grad on the sender. The receiver gets
@@ -237,6 +242,35 @@ class RecvTensors:
 Op = SendObj | RecvObj | SendTensors | RecvTensors
 
 
+class _Link:
+    """The layouts seen on one link in one direction (Note: predicted layouts): the last one, and how
+    many structures in a row had it. Sender and receiver each keep one and update it at the same
+    messages."""
+
+    def __init__(self, codes: list[int]):
+        self.layout, self.repeats = Layout(codes), 1
+
+    def guess(self) -> Layout | None:
+        """The layout the receiver posts ahead: the last one, once it came twice in a row."""
+        return self.layout if self.repeats >= 2 else None
+
+    def saw(self, codes: list[int]) -> None:
+        if codes == self.layout.codes:
+            self.repeats += 1
+        else:
+            self.layout, self.repeats = Layout(codes), 1
+
+
+def _checksum(layout: Layout | None) -> int:
+    """A layout's fingerprint in the header (0: no prediction), so both ends check they predicted alike."""
+    if layout is None:
+        return 0
+    h = 1469598103934665603
+    for c in layout.codes:
+        h = ((h ^ (c & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 61)
+    return h or 1
+
+
 class BufferPool:
     """Receive buffers by (dtype, shape), reused once given back (Note: receive buffers)."""
 
@@ -283,8 +317,8 @@ class PipeComm:
         # in the next tick)
         self._sending: list[tuple[Handle, list[Any]]] = []
         # the layout of the last structure sent to / received from each peer (Note: predicted layouts)
-        self._sent_layout: dict[int, Layout] = {}
-        self._recv_layout: dict[int, Layout] = {}
+        self._sent_layout: dict[int, _Link] = {}
+        self._recv_layout: dict[int, _Link] = {}
         self.predicted = 0  # structures received into predicted buffers (for tests and stats)
 
     def flush(self) -> None:
@@ -296,7 +330,9 @@ class PipeComm:
     def send_now(self, op: SendTensors) -> None:
         """Post one headerless tensor message outside a tick (a gradient sent as soon as the
         backward has it: activation/wgrad.py). It finishes like a tick's sends (Note: sends finish in the
-        next tick); no earlier send is waited for, since nothing here takes a receive buffer."""
+        next tick), except that its receive may be posted a tick or more later (schedule.py, Note: the
+        tick contract): the next ``exchange`` waits until then. No earlier send is waited for here,
+        since nothing here takes a receive buffer."""
         start = time.perf_counter()
         outgoing = [t.contiguous() for t in op.tensors if t.numel()]
         sends = [self._isend(t, op.peer, op.tag, _KIND_TENSORS) for t in outgoing]
@@ -323,41 +359,49 @@ class PipeComm:
         slots: dict[int, torch.Tensor] = {}
         payloads: dict[int, list[torch.Tensor]] = {}  # sent in phase B: the receiver could not predict them
         results: list[Any] = [None] * len(ops)
-        # phase A: headers (and overflow), each with the payload the receiver predicts (or fillers)
+        # phase A: headers, each with the payload the receiver predicts (or fillers), then overflow
         for i, op in enumerate(ops):
             if isinstance(op, SendObj):
                 codes, tensors = encode(op.obj)
                 tensors = [t.contiguous() for t in tensors]
-                head = torch.tensor([len(codes), *codes[:HEADER_SLOT - 1]] + [0] * max(0, HEADER_SLOT - 1 - len(codes)),
+                link = self._sent_layout.get(op.peer)
+                guess = link.guess() if link is not None else None  # what the receiver has posted
+                cap = HEADER_SLOT - 2
+                head = torch.tensor([len(codes), _checksum(guess), *codes[:cap]] + [0] * max(0, cap - len(codes)),
                                     dtype=torch.int64, device=self.device)
                 sends.append(self._isend(head, op.peer, op.tag, _KIND_HEADER))
                 keep.append(head)
-                if len(codes) > HEADER_SLOT - 1:
-                    rest = torch.tensor(codes[HEADER_SLOT - 1:], dtype=torch.int64, device=self.device)
-                    sends.append(self._isend(rest, op.peer, op.tag, _KIND_OVERFLOW))
-                    keep.append(rest)
-                sent += 8 * (HEADER_SLOT + max(0, len(codes) - HEADER_SLOT + 1))
-                guess = self._sent_layout.get(op.peer)  # what the receiver has posted (Note: predicted layouts)
+                sent += 8 * (HEADER_SLOT + max(0, len(codes) - cap))
                 if guess is None or guess.codes != codes:
                     payloads[i] = tensors
-                    if guess is not None:  # the receiver's predicted buffers take fillers of their own shapes
-                        tensors = [torch.empty(s.shape, dtype=s.dtype, device=self.device) for s in guess.specs]
-                    self._sent_layout[op.peer] = Layout(codes)
-                sends += [self._isend(t, op.peer, op.tag, _KIND_PREDICTED) for t in tensors
-                          if t.numel() and guess is not None]
+                    # the receiver's predicted buffers take fillers of their own shapes
+                    tensors = [torch.empty(s.shape, dtype=s.dtype, device=self.device) for s in guess.specs] if (
+                        guess is not None) else []
+                sends += [self._isend(t, op.peer, op.tag, _KIND_PREDICTED) for t in tensors if t.numel()]
                 keep += tensors
-                sent += _nbytes(tensors) if guess is not None else 0
+                sent += _nbytes(tensors)
+                if len(codes) > cap:  # after the predicted payload, where the receiver posts it (NCCL's order)
+                    rest = torch.tensor(codes[cap:], dtype=torch.int64, device=self.device)
+                    sends.append(self._isend(rest, op.peer, op.tag, _KIND_OVERFLOW))
+                    keep.append(rest)
+                if link is None:
+                    self._sent_layout[op.peer] = _Link(codes)
+                else:
+                    link.saw(codes)
             elif isinstance(op, RecvObj):
                 slots[i] = torch.empty(HEADER_SLOT, dtype=torch.int64, device=self.device)
         header_works: dict[int, Any] = {}
         guessed: dict[int, tuple[Layout, list[torch.Tensor], list[Any]]] = {}
+        links: dict[int, _Link | None] = {}
         for i in slots:
             peer, tag = ops[i].peer, ops[i].tag
             header_works[i] = self._irecv(slots[i], peer, tag, _KIND_HEADER)
-            guess = self._recv_layout.get(peer)
+            link = self._recv_layout.get(peer)
+            guess = link.guess() if link is not None else None
             if guess is not None:
                 bufs = [self.pool.take(s) for s in guess.specs]
                 guessed[i] = (guess, bufs, [self._irecv(b, peer, tag, _KIND_PREDICTED) for b in bufs if b.numel()])
+            links[i] = link
         for i, op in enumerate(ops):
             if isinstance(op, SendTensors):
                 outgoing = [t.contiguous() for t in op.tensors if t.numel()]
@@ -372,27 +416,35 @@ class PipeComm:
         layouts: dict[int, Layout] = {}  # receives whose payload comes in phase B
         fillers: list[torch.Tensor] = []  # predicted buffers that got fillers: back to the pool once received
         for i, slot in slots.items():
-            peer = ops[i].peer
+            peer, link = ops[i].peer, links[i]
             guess, bufs, works = guessed.get(i, (None, [], []))
             for work in works:
                 # the sender posts something into every predicted receive in its phase A, and those bytes
                 # come after its header: waiting for them first leaves the header received, one wake-up
                 self._wait(work, peer, _nbytes(bufs))
             self._wait(header_works[i], peer, HEADER_SLOT * 8)
-            n = int(slot[0])
-            codes = slot[1:1 + min(n, HEADER_SLOT - 1)].tolist()
-            if n > HEADER_SLOT - 1:
-                rest = torch.empty(n - HEADER_SLOT + 1, dtype=torch.int64, device=self.device)
+            n, check, cap = int(slot[0]), int(slot[1]), HEADER_SLOT - 2
+            if check != _checksum(guess):
+                raise RuntimeError(f"pipeline p2p: rank {peer} and this rank disagree about the layout of the last "
+                                   "structures between them (Note: predicted layouts in comm/p2p.py); an earlier "
+                                   "exchange must have failed part-way. Restart the batch's ranks together")
+            codes = slot[2:2 + min(n, cap)].tolist()
+            if n > cap:
+                rest = torch.empty(n - cap, dtype=torch.int64, device=self.device)
                 self._wait(self._irecv(rest, peer, ops[i].tag, _KIND_OVERFLOW), peer, rest.numel() * 8)
                 codes += rest.tolist()
-            received += 8 * (HEADER_SLOT + max(0, n - HEADER_SLOT + 1)) + _nbytes(bufs)
+            received += 8 * (HEADER_SLOT + max(0, n - cap)) + _nbytes(bufs)
+            if link is None:
+                link = self._recv_layout[peer] = _Link(codes)
+            else:
+                link.saw(codes)
             if guess is not None and guess.codes == codes:
                 self.predicted += 1
                 results[i] = guess.build([b.detach().requires_grad_(s.needs_grad)
                                           for b, s in zip(bufs, guess.specs, strict=True)])
             else:
                 fillers += bufs
-                layouts[i] = self._recv_layout[peer] = Layout(codes)
+                layouts[i] = link.layout
         # phase B: the payloads nobody could predict, into buffers the headers sized
         for i, tensors in payloads.items():
             sends += [self._isend(t, ops[i].peer, ops[i].tag, _KIND_PAYLOAD) for t in tensors if t.numel()]

@@ -255,9 +255,10 @@ class PipelineConfig(Section):
         "m); both give the same gradients")
     early_grads: bool = Field(
         True, description="1f1b only: the backwards whose input gradient the previous stage waits for in its "
-        "cool-down send it before computing the weight gradients (schedule.py, Note: early gradient sends; "
-        "shorter by (p - 1) x one stage's weight-gradient time per batch, same results); false: every backward "
-        "computes all its gradients before sending")
+        "cool-down send it before computing the weight gradients of their F.linear / nn.Linear layers "
+        "(schedule.py, Note: early gradient sends; activation/wgrad.py): shorter by (p - 1) x one stage's "
+        "weight-gradient time per batch, the same gradients (equal in fp32 in the tests; the products are the same, "
+        "in another order); false: every backward computes all its gradients before sending")
     activation_stats: bool = Field(
         False, description="count the bytes autograd saves per micro-batch for engine.pipe_stats()'s "
         "peak_activation_bytes (a Python hook on every saved tensor: 2-3 % of a step); micro-batches held are "

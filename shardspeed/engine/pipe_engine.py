@@ -16,7 +16,9 @@ the last tick the reductions and the step. A stage keeps, per micro-batch in fli
 backward starts from) until that micro-batch's backward; received buffers go back to the pool then.
 The last stage's loss is scaled by the fp16 loss scale and 1/gradient_accumulation_steps, as in the
 data-parallel engine, so gradients accumulate over micro-batches to what one step of the whole
-batch would give.
+batch would give. A ``BackwardPass(send_grad=True)`` (the 1F1B cool-down: schedule.py, Note: early
+gradient sends) posts the input gradient between the two halves of its backward, whose forward
+recorded its linear layers for that (activation/wgrad.py); the schedule then has no ``SendGrad`` for it.
 
 [Note: reductions at the end of a batch]
 The strategy sees each backward as ``begin_backward(boundary)`` / ``finish_backward()``, boundary
@@ -249,6 +251,7 @@ class PipelineEngine(ShardspeedEngine):
 
     # -- executing ticks ----------------------------------------------------------------------------------
     def _run(self, schedule: PipeSchedule, b: _Batch) -> None:
+        self._wgrads.clear()  # anything a failed batch left queued belongs to a graph nobody will finish
         for tick in schedule:
             self._tick(schedule, tick, b)
         self.p2p.flush()  # the last tick's sends: nothing left in flight once the batch returns
@@ -326,8 +329,14 @@ class PipelineEngine(ShardspeedEngine):
 
     def _forward(self, mb: int, b: _Batch) -> None:
         held = self._ledger.forward(mb) if b.train else contextlib.nullcontext()
-        split = self._wgrads.recording() if b.train and mb in b.split else contextlib.nullcontext()
-        with torch.set_grad_enabled(b.train), self.timers("forward"), self.strategy.forward_context(), held, split:
+        if b.train and mb in b.split:  # the loss too (the last stage's loss_fn may use a weight: activation/wgrad.py)
+            with self._wgrads.recording():
+                self._forward_and_loss(mb, b, held)
+        else:
+            self._forward_and_loss(mb, b, held)
+
+    def _forward_and_loss(self, mb: int, b: _Batch, held: Any) -> None:
+        with torch.set_grad_enabled(b.train), self.timers("forward"), self.strategy.forward_context(), held:
             out = self.module(b.inputs[mb])
         if not self.is_last_stage():
             self._check_output(out)

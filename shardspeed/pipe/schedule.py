@@ -26,11 +26,15 @@ Pairing: ``SendActivation(mb, c)`` on rank r at tick t appears exactly when the 
 ``RecvActivation(mb, c')`` is at tick t on the rank that holds the next virtual stage (and likewise
 ``SendGrad``/``RecvGrad`` towards the previous virtual stage), except that a gradient sent early
 has no ``SendGrad``: the ``BackwardPass(send_grad=True)`` that computes it, in an earlier tick,
-sends it. A rank receives at most one message per
-tick (its compute needs one input), so between two ranks there is at most one message per
-direction per tick and the order of posting inside the batch does not matter. Because every
-message of a tick has its partner in the same tick, and nothing in the batch waits on a compute of
-the same tick, the batched p2p of a tick can never deadlock.
+sends it. A rank receives at most one message per tick (its compute needs one input), so between
+two ranks there is at most one message per direction per tick and the order of posting inside the
+batch does not matter. Because every message of a tick has its partner in the same tick, and
+nothing in the batch waits on a compute of the same tick, the batched p2p of a tick can never
+deadlock. An early gradient is the exception, and it cannot deadlock either: its receive is posted
+in a later tick of the previous stage, and the sender's next exchange first waits for its earlier
+sends, so stage s may wait for stage s - 1 to reach that tick; stage s - 1 gets there without waiting
+for stage s again (it only receives from s in its cool-down, and this gradient is what it waits for),
+and stage 0 sends no gradients, so the waits end there.
 
 Why sends lag their compute by at least one tick: if a tick's sends went out *after* its compute,
 the receiver's compute in that tick would wait for the sender's, and within one tick a chain of p

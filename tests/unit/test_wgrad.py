@@ -157,3 +157,80 @@ def test_a_hugging_face_model_from_its_config_gets_the_same_gradients():
     q.compute()
     for (name, p), w in zip(model.named_parameters(), want, strict=True):
         torch.testing.assert_close(p.grad, w, rtol=1e-5, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_what_cannot_split_is_left_to_autograd():
+    torch.manual_seed(0)
+    lin, table = nn.Linear(4, 4), torch.randn(4, 4, requires_grad=True)  # a leaf that is not a parameter
+    x = torch.randn(2, 4, requires_grad=True)
+    emb = nn.Embedding(5, 4)
+
+    def model(lin, x):
+        frozen_input = lin(x.detach())  # no gradient flows to the input: nothing to split, W must still get its own
+        received = F.linear(x, table)  # a received activation used as a weight: its gradient goes back with x's
+        tied = F.linear(x + emb(torch.tensor([1, 2])), emb.weight)  # the embedding was used first: autograd keeps it
+        return frozen_input.sum() + received.sum() + tied.sum()
+
+    q = WeightGradQueue()
+    with q.recording():
+        y = model(lin, x)
+    y.backward()
+    assert len(q) == 0 and lin.weight.grad is not None and table.grad is not None
+    got = [lin.weight.grad.clone(), table.grad.clone(), emb.weight.grad.clone(), x.grad.clone()]
+    for t in (lin.weight, lin.bias, table, emb.weight, x):
+        t.grad = None
+    model(lin, x).backward()
+    assert_same(got, [lin.weight.grad, table.grad, emb.weight.grad, x.grad])
+
+
+def test_uses_it_cannot_handle_fail_at_the_forward_and_say_how_to_turn_it_off():
+    lin = nn.Linear(4, 4)
+    x = torch.randn(2, 4, requires_grad=True)
+    q = WeightGradQueue()
+    said = (r'a \(4, 4\) parameter was used by F.linear, which deferred its weight gradient .* and later in the same '
+            r'forward by .*square.*"early_grads": false')
+    with pytest.raises(RuntimeError, match=said):
+        with q.recording():
+            (lin(x).sum() + lin.weight.square().sum())  # a weight penalty after the layer: counted twice otherwise
+    with pytest.raises(RuntimeError, match=r"a backward ran inside a forward .*\(autograd\.grad in the model"):
+        with q.recording():
+            torch.autograd.grad(lin(x).sum(), x)
+    assert len(q) == 0
+    with q.recording():
+        y = lin(x)
+    with pytest.raises(RuntimeError, match=r"double backward \(create_graph=True\)"):
+        torch.autograd.grad(y.square().sum(), x, create_graph=True)
+
+
+def test_autocast_gradients_match_autograds():
+    torch.manual_seed(0)
+    model, x = Tied(), torch.randn(2, 5, 6)
+
+    def run(m, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return m(x)
+
+    want = grads(model, x, run, loss=lambda y: y.float().square().sum())
+    _, after, queued = split(model, x, run, loss=lambda y: y.float().square().sum())
+    assert queued == 4
+    for g, w in zip(after, want, strict=True):
+        assert g.dtype == w.dtype
+        torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-2)
+
+
+def test_a_recomputed_region_decides_as_its_forward_did():
+    # the tied weight is used before the checkpointed region (so not deferred there); recomputing the region
+    # alone must not defer it either, or the recomputation would save different tensors
+    torch.manual_seed(0)
+    emb, lin = nn.Embedding(7, 6), nn.Linear(6, 6)
+
+    def run(m, x):
+        h = x + emb(torch.tensor([1, 2, 3]))
+        return checkpoint(lambda h: F.linear(lin(h), emb.weight), h)
+
+    x = torch.randn(3, 6)
+    holder = nn.ModuleList([emb, lin])
+    want = grads(holder, x, run)
+    _, after, queued = split(holder, x, run)
+    assert queued == 1  # lin only
+    assert_same(after, want)
