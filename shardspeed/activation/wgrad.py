@@ -109,7 +109,8 @@ class _Recording(TorchFunctionMode):
         self.queue = queue
         self.hooks = _top_hooks()  # the saved-tensor hooks of this region (Note: recomputed regions)
         self.decided: dict[int, bool] = {} if decided is None else decided
-        self.conflict: str | None = None
+        self.conflict: str | None = None  # a deferred weight used otherwise afterwards, and by what
+        self.conflict_op = ""
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
