@@ -177,6 +177,10 @@ class Layout:
         obj, _ = self._build(0, it)
         return obj
 
+    def received(self, bufs: Sequence[torch.Tensor]) -> Any:
+        """The structure over receive buffers: leaves that needed grad on the sender require it here."""
+        return self.build([b.detach().requires_grad_(s.needs_grad) for b, s in zip(bufs, self.specs, strict=True)])
+
     def _build(self, i: int, it: Any) -> tuple[Any, int]:
         kind = self.codes[i]
         if kind == _TENSOR:
@@ -254,11 +258,17 @@ class _Link:
         """The layout the receiver posts ahead: the last one, once it came twice in a row."""
         return self.layout if self.repeats >= 2 else None
 
-    def saw(self, codes: list[int]) -> None:
-        if codes == self.layout.codes:
-            self.repeats += 1
+    @staticmethod
+    def record(links: dict[int, _Link], peer: int, codes: list[int]) -> _Link:
+        """Count one more structure of layout ``codes`` on the link to or from ``peer``."""
+        link = links.get(peer)
+        if link is None:
+            link = links[peer] = _Link(codes)
+        elif codes == link.layout.codes:
+            link.repeats += 1
         else:
-            self.layout, self.repeats = Layout(codes), 1
+            link.layout, link.repeats = Layout(codes), 1
+        return link
 
 
 def _checksum(layout: Layout | None) -> int:
@@ -334,8 +344,7 @@ class PipeComm:
         tick contract): the next ``exchange`` waits until then. No earlier send is waited for here,
         since nothing here takes a receive buffer."""
         start = time.perf_counter()
-        outgoing = [t.contiguous() for t in op.tensors if t.numel()]
-        sends = [self._isend(t, op.peer, op.tag, _KIND_TENSORS) for t in outgoing]
+        sends, outgoing = self._post_tensors(op)
         nbytes = _nbytes(op.tensors)
         if sends:
             self._sending.append((Handle("send", nbytes, 2, sends, start, self.group), outgoing))
@@ -384,15 +393,11 @@ class PipeComm:
                     rest = torch.tensor(codes[cap:], dtype=torch.int64, device=self.device)
                     sends.append(self._isend(rest, op.peer, op.tag, _KIND_OVERFLOW))
                     keep.append(rest)
-                if link is None:
-                    self._sent_layout[op.peer] = _Link(codes)
-                else:
-                    link.saw(codes)
+                _Link.record(self._sent_layout, op.peer, codes)
             elif isinstance(op, RecvObj):
                 slots[i] = torch.empty(HEADER_SLOT, dtype=torch.int64, device=self.device)
         header_works: dict[int, Any] = {}
         guessed: dict[int, tuple[Layout, list[torch.Tensor], list[Any]]] = {}
-        links: dict[int, _Link | None] = {}
         for i in slots:
             peer, tag = ops[i].peer, ops[i].tag
             header_works[i] = self._irecv(slots[i], peer, tag, _KIND_HEADER)
@@ -401,11 +406,10 @@ class PipeComm:
             if guess is not None:
                 bufs = [self.pool.take(s) for s in guess.specs]
                 guessed[i] = (guess, bufs, [self._irecv(b, peer, tag, _KIND_PREDICTED) for b in bufs if b.numel()])
-            links[i] = link
         for i, op in enumerate(ops):
             if isinstance(op, SendTensors):
-                outgoing = [t.contiguous() for t in op.tensors if t.numel()]
-                sends += [self._isend(t, op.peer, op.tag, _KIND_TENSORS) for t in outgoing]
+                works, outgoing = self._post_tensors(op)
+                sends += works
                 keep += outgoing
                 sent += _nbytes(op.tensors)
             elif isinstance(op, RecvTensors):
@@ -416,7 +420,7 @@ class PipeComm:
         layouts: dict[int, Layout] = {}  # receives whose payload comes in phase B
         fillers: list[torch.Tensor] = []  # predicted buffers that got fillers: back to the pool once received
         for i, slot in slots.items():
-            peer, link = ops[i].peer, links[i]
+            peer = ops[i].peer
             guess, bufs, works = guessed.get(i, (None, [], []))
             for work in works:
                 # the sender posts something into every predicted receive in its phase A, and those bytes
@@ -434,14 +438,10 @@ class PipeComm:
                 self._wait(self._irecv(rest, peer, ops[i].tag, _KIND_OVERFLOW), peer, rest.numel() * 8)
                 codes += rest.tolist()
             received += 8 * (HEADER_SLOT + max(0, n - cap)) + _nbytes(bufs)
-            if link is None:
-                link = self._recv_layout[peer] = _Link(codes)
-            else:
-                link.saw(codes)
+            link = _Link.record(self._recv_layout, peer, codes)
             if guess is not None and guess.codes == codes:
                 self.predicted += 1
-                results[i] = guess.build([b.detach().requires_grad_(s.needs_grad)
-                                          for b, s in zip(bufs, guess.specs, strict=True)])
+                results[i] = guess.received(bufs)
             else:
                 fillers += bufs
                 layouts[i] = link.layout
@@ -454,8 +454,7 @@ class PipeComm:
             bufs = [self.pool.take(s) for s in layout.specs]
             recvs += [self._irecv(b, ops[i].peer, ops[i].tag, _KIND_PAYLOAD) for b in bufs if b.numel()]
             received += _nbytes(bufs)
-            results[i] = layout.build([b.detach().requires_grad_(s.needs_grad)
-                                       for b, s in zip(bufs, layout.specs, strict=True)])
+            results[i] = layout.received(bufs)
         # one report per direction and tick. A gloo Work waited twice never returns (measured), so
         # the header and predicted receives, already waited, are not in ``recvs``. The sends are waited on at the
         # next exchange or flush(): nothing here needs them done, and the next tick's compute overlaps them.
@@ -469,6 +468,11 @@ class PipeComm:
         elif sent:
             report("send", sent, time.perf_counter() - start, 2)
         return results
+
+    def _post_tensors(self, op: SendTensors) -> tuple[list[Any], list[torch.Tensor]]:
+        """Post a headerless tensor message: (its works, the tensors they read)."""
+        outgoing = [t.contiguous() for t in op.tensors if t.numel()]
+        return [self._isend(t, op.peer, op.tag, _KIND_TENSORS) for t in outgoing], outgoing
 
     def _wait(self, work: Any, peer: int, nbytes: int) -> None:
         """Wait for one receive of phase A; a lost peer becomes the comm layer's error, naming it."""
