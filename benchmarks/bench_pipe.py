@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 
@@ -79,14 +81,40 @@ def _paired(a: list[dict], b: list[dict]) -> float | None:
     """Median over the turns of (a's s/step / b's s/step), turn by turn of the same launch: the two ran
     seconds apart, so load from outside cancels. Without turns (``--separate``): the ratio of the
     median step times; None when either has no rows."""
+    ratios = _turn_ratios(a, b)
+    if ratios:
+        return median(ratios)
+    return median([r["step_s"] for r in a]) / median([r["step_s"] for r in b]) if a and b else None
+
+
+# Student's t, 97.5 % quantile, by degrees of freedom (two-sided 95 %); 1.96 beyond the table
+_T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 12: 2.18,
+         15: 2.13, 20: 2.09, 25: 2.06, 30: 2.04, 40: 2.02, 60: 2.00, 120: 1.98}
+
+
+def _turn_ratios(a: list[dict], b: list[dict]) -> list[float]:
+    """a's s/step over b's, turn by turn of the same launches (interleaved runs only)."""
     ratios = []
     for ra in a:
         rb = next((r for r in b if r["rep"] == ra["rep"] and "round_step_s" in r), None)
         if rb is not None and "round_step_s" in ra:
             ratios += [x / y for x, y in zip(ra["round_step_s"], rb["round_step_s"], strict=True)]
-    if ratios:
-        return median(ratios)
-    return median([r["step_s"] for r in a]) / median([r["step_s"] for r in b]) if a and b else None
+    return ratios
+
+
+def paired_interval(a: list[dict], b: list[dict]) -> tuple[float, float, float, int] | None:
+    """(geometric mean, low, high, turns) of the turn-by-turn ratio a/b, with a 95 % confidence interval
+    from Student's t over the log ratios; None with fewer than 3 turns. The turns of one launch are
+    seconds apart and in a rotated order, so they are treated as independent pairs; what the interval
+    does not cover is a difference between launches (the reps)."""
+    logs = [math.log(r) for r in _turn_ratios(a, b)]
+    n = len(logs)
+    if n < 3:
+        return None
+    mean, sd = statistics.fmean(logs), statistics.stdev(logs)
+    t = next((v for df, v in sorted(_T975.items()) if df >= n - 1), 1.96)
+    half = t * sd / math.sqrt(n)
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half), n
 
 
 def summarize(tag: str, pending: dict[str, str]) -> tuple[str, dict]:
@@ -111,9 +139,11 @@ def summarize(tag: str, pending: dict[str, str]) -> tuple[str, dict]:
         parts = sorted({tuple(r["parts"]) for r in mine})
         paired = {lib: {peer: _paired(by_lib[lib], by_lib[peer]) for peer in PEERS if peer in by_lib}
                   for lib in by_lib}
+        intervals = {peer: paired_interval(by_lib["shardspeed"], by_lib[peer]) for peer in PEERS
+                     if "shardspeed" in by_lib and peer in by_lib}
         cfg = {"p": p, "m": m, "bubble": (p - 1) / (m + p - 1), "ideal_s": ideal_s, "ideal_slowest_s": slow_s,
                "step_s": steps, "median_turn_s": turns, "paired_ratio": paired, "losses": losses,
-               "max_loss_diff": spread, "parts": [list(x) for x in parts],
+               "max_loss_diff": spread, "parts": [list(x) for x in parts], "shardspeed_vs_peer_ci95": intervals,
                "load_avg": [r.get("load_avg") for r in mine],
                "stage_fb_s": [median([r["stages"][s]["fb_s"] for r in mine]) for s in range(p)],
                "stage_opt_s": [median([r["stages"][s]["opt_s"] for r in mine]) for s in range(p)]}
@@ -179,6 +209,10 @@ def main() -> None:
         print(f"P={cfg['p']} m={cfg['m']}: partition {cfg['parts']}, stage fwd+bwd s "
               f"{[round(v, 4) for v in cfg['stage_fb_s']]}, optimizer s {[round(v, 4) for v in cfg['stage_opt_s']]}, "
               f"losses agree to {cfg['max_loss_diff']:.2e}")
+        for peer, ci in cfg["shardspeed_vs_peer_ci95"].items():
+            if ci is not None:
+                print(f"    shardspeed / {NAMES[peer]}, turn by turn: geometric mean {ci[0]:.3f}, 95% CI "
+                      f"{ci[1]:.3f}-{ci[2]:.3f} ({ci[3]} turns)")
     print(f"raw: {os.path.join(OUT, 'pipe.jsonl')}, summary: {os.path.join(OUT, 'pipe_summary.json')}")
 
 

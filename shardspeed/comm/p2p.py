@@ -11,9 +11,10 @@ so every structure travels with a small header that describes it.
 ``dict: [DICT, n, (len(key), *utf8 bytes of key, child) * n]``, ``None: [NONE]``. On the wire a
 header is a fixed slot of ``HEADER_SLOT`` int64 (512 bytes): ``[length, check, *codes]`` (check:
 Note: predicted layouts); codes beyond the slot follow in a second message whose length the slot
-announced, so the usual case costs one small message and no structure is too big. A header is
-sent with every structure (it is a few hundred bytes against activations of kilobytes to
-megabytes), which is what lets shapes change per micro-batch; nothing has to be warmed up.
+announced (in phase B: Note: one tick, two phases), so the usual case costs one small message and
+no structure is too big. A header is sent with every structure (it is a few hundred bytes against
+activations of kilobytes to megabytes), which is what lets shapes change per micro-batch; nothing
+has to be warmed up.
 
 [Note: predicted layouts]
 Sending the payload only once the receiver has read the header costs a round trip per structure: a
@@ -42,15 +43,24 @@ sender knows the shapes and dtypes of what it sent, so gradients travel without 
 
 [Note: one tick, two phases]
 All messages of one pipeline tick are exchanged together (``PipeComm.exchange``). Phase A posts
-every header send and receive (and the header overflow), each followed by its predicted payload
-(Note: predicted layouts), and every headerless tensor message (gradients); it waits only for the
-header receives, which peers' phase A posts match. Phase B posts the payloads that were not
+every header send and receive, each followed by its predicted payload (Note: predicted layouts),
+and every headerless tensor message (gradients); it waits only for the header receives, which
+peers' phase A posts match. Phase B posts the header overflows, then the payloads that were not
 predicted, whose receive buffers are now known, and everything is waited on. No wait in phase A
 depends on a peer's phase B, so two ranks sending to each other in the same tick (interleaved
 schedules with two stages) cannot deadlock. Messages carry tags (``tag << 3 | kind``), so gloo
-matches them by tag; within a tag, gloo keeps the posting order (measured). For NCCL, which ignores
-tags, both sides post in the same order: headers (each with its predicted payload), tensor
-messages, then payloads, each in the order the tick lists them.
+matches them by tag; within a tag, gloo keeps the posting order (measured).
+
+NCCL ignores tags and matches by posting order, and a call posted alone blocks its stream (one per
+pair of ranks) until the other end's matching call runs. So both ends post in one order: headers
+(each with its predicted payload), tensor messages, overflows, payloads, each in the order the tick
+lists them. In the ticks of 1F1B and GPipe, where structures cross a link in one direction and
+gradients in the other, the two ends' calls on a link then form one sequence with every send facing
+its receive, and ungrouped calls cannot wait on each other; the overflow goes in phase B for this,
+since the receiver can post its receive only after reading the header, behind its own tensor
+messages. Two ranks sending each other structures in one tick (interleaved with two stages, which
+the engine does not run) cross: each direction still matches, but NCCL would have to run the tick's
+calls grouped. tests/distributed/test_p2p_order.py records both ends of every link and checks this.
 
 [Note: receive buffers]
 Received tensors live in buffers from a pool keyed by (dtype, shape). The pipeline engine owns
@@ -367,8 +377,9 @@ class PipeComm:
         sent = received = 0
         slots: dict[int, torch.Tensor] = {}
         payloads: dict[int, list[torch.Tensor]] = {}  # sent in phase B: the receiver could not predict them
+        overflow: dict[int, torch.Tensor] = {}  # header codes beyond the slot, sent first in phase B
         results: list[Any] = [None] * len(ops)
-        # phase A: headers, each with the payload the receiver predicts (or fillers), then overflow
+        # phase A: headers, each with the payload the receiver predicts (or fillers)
         for i, op in enumerate(ops):
             if isinstance(op, SendObj):
                 codes, tensors = encode(op.obj)
@@ -389,10 +400,8 @@ class PipeComm:
                 sends += [self._isend(t, op.peer, op.tag, _KIND_PREDICTED) for t in tensors if t.numel()]
                 keep += tensors
                 sent += _nbytes(tensors)
-                if len(codes) > cap:  # after the predicted payload, where the receiver posts it (NCCL's order)
-                    rest = torch.tensor(codes[cap:], dtype=torch.int64, device=self.device)
-                    sends.append(self._isend(rest, op.peer, op.tag, _KIND_OVERFLOW))
-                    keep.append(rest)
+                if len(codes) > cap:  # phase B's, first: the receiver posts it once it read the header
+                    overflow[i] = torch.tensor(codes[cap:], dtype=torch.int64, device=self.device)
                 _Link.record(self._sent_layout, op.peer, codes)
             elif isinstance(op, RecvObj):
                 slots[i] = torch.empty(HEADER_SLOT, dtype=torch.int64, device=self.device)
@@ -417,8 +426,8 @@ class PipeComm:
                 recvs += [self._irecv(b, op.peer, op.tag, _KIND_TENSORS) for b in bufs if b.numel()]
                 received += _nbytes(bufs)
                 results[i] = bufs
-        layouts: dict[int, Layout] = {}  # receives whose payload comes in phase B
-        fillers: list[torch.Tensor] = []  # predicted buffers that got fillers: back to the pool once received
+        codes_of: dict[int, list[int]] = {}  # the layout each header announced
+        unread: dict[int, tuple[torch.Tensor, Any]] = {}  # header overflows, received in phase B
         for i, slot in slots.items():
             peer = ops[i].peer
             guess, bufs, works = guessed.get(i, (None, [], []))
@@ -432,20 +441,29 @@ class PipeComm:
                 raise RuntimeError(f"pipeline p2p: rank {peer} and this rank disagree about the layout of the last "
                                    "structures between them (Note: predicted layouts in comm/p2p.py); an earlier "
                                    "exchange must have failed part-way. Restart the batch's ranks together")
-            codes = slot[2:2 + min(n, cap)].tolist()
-            if n > cap:
+            codes_of[i] = slot[2:2 + min(n, cap)].tolist()
+            if n > cap:  # posted here, after this tick's tensor messages, as the sender posts it (NCCL's order)
                 rest = torch.empty(n - cap, dtype=torch.int64, device=self.device)
-                self._wait(self._irecv(rest, peer, ops[i].tag, _KIND_OVERFLOW), peer, rest.numel() * 8)
-                codes += rest.tolist()
-            received += 8 * (HEADER_SLOT + max(0, n - cap)) + _nbytes(bufs)
-            link = _Link.record(self._recv_layout, peer, codes)
+                unread[i] = (rest, self._irecv(rest, peer, ops[i].tag, _KIND_OVERFLOW))
+        # phase B: header overflows, then the payloads nobody could predict, into buffers the headers sized
+        for i, rest in overflow.items():
+            sends.append(self._isend(rest, ops[i].peer, ops[i].tag, _KIND_OVERFLOW))
+            keep.append(rest)
+        for i, (rest, work) in unread.items():
+            self._wait(work, ops[i].peer, rest.numel() * 8)
+            codes_of[i] += rest.tolist()
+        layouts: dict[int, Layout] = {}  # receives whose payload comes in phase B
+        fillers: list[torch.Tensor] = []  # predicted buffers that got fillers: back to the pool once received
+        for i, codes in codes_of.items():
+            guess, bufs, _ = guessed.get(i, (None, [], []))
+            received += 8 * (HEADER_SLOT + max(0, len(codes) - (HEADER_SLOT - 2))) + _nbytes(bufs)
+            link = _Link.record(self._recv_layout, ops[i].peer, codes)
             if guess is not None and guess.codes == codes:
                 self.predicted += 1
                 results[i] = guess.received(bufs)
             else:
                 fillers += bufs
                 layouts[i] = link.layout
-        # phase B: the payloads nobody could predict, into buffers the headers sized
         for i, tensors in payloads.items():
             sends += [self._isend(t, ops[i].peer, ops[i].tag, _KIND_PAYLOAD) for t in tensors if t.numel()]
             keep += tensors
