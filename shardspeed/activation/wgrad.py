@@ -211,9 +211,9 @@ class WeightGradQueue:
                 if leaf is not None:
                     uses[id(leaf)] = uses.get(id(leaf), 0) + 1
         partial: dict[int, torch.Tensor] = {}  # id(leaf) -> the sum of its products so far (a shared weight)
-        for k in range(len(queued)):  # in backward order, which is the order the reduction buckets fill
-            x, gy, w, b = queued[k]
-            queued[k] = None  # type: ignore[call-overload]  # this linear's tensors go once its products are made
+        queued.reverse()  # popped from the end: backward order, the order the reduction buckets fill
+        while queued:  # each linear's tensors go once its products are made
+            x, gy, w, b = queued.pop()
             with torch.no_grad():  # the products are gradients, not part of any graph
                 gy2 = gy.reshape(-1, gy.shape[-1])
                 products = [(w, gy2.t().mm(x.reshape(-1, x.shape[-1]).to(gy.dtype)).to(w.dtype))]
