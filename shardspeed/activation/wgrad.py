@@ -63,6 +63,7 @@ one-node backward too.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import threading
 from collections.abc import Iterator
@@ -205,11 +206,9 @@ class WeightGradQueue:
         """The queued weight (and bias) gradients, accumulated by autograd into their leaves, one linear
         at a time (Note: one product at a time)."""
         queued, self._queued = self._queued, []
-        uses: dict[int, int] = {}  # id(leaf) -> products still to come for it
-        for _, _, w, b in queued:
-            for leaf in (w, b):
-                if leaf is not None:
-                    uses[id(leaf)] = uses.get(id(leaf), 0) + 1
+        # id(leaf) -> products still to come for it (a comprehension: a loop variable would keep the last
+        # entry's tensors alive)
+        uses = collections.Counter(id(leaf) for entry in queued for leaf in entry[2:] if leaf is not None)
         partial: dict[int, torch.Tensor] = {}  # id(leaf) -> the sum of its products so far (a shared weight)
         queued.reverse()  # popped from the end: backward order, the order the reduction buckets fill
         while queued:  # each linear's tensors go once its products are made

@@ -4,6 +4,8 @@ input's gradient is there and the linear weights' are not (nor have their hooks 
 replay (torch's own checkpoint, ``save_on_cpu``) are left to autograd; a Hugging Face model built from
 its config, trained the way its users call it, gets the same gradients."""
 
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -91,6 +93,24 @@ def test_weight_gradients_accumulate_and_run_their_hooks_in_compute():
     model(x).sum().backward()
     model(x).sum().backward()
     assert_same(got, [p.grad for p in model.parameters()])
+
+
+def test_each_linear_is_handed_to_autograd_with_its_tensors_already_dropped():
+    # Note: one product at a time: a linear's queued input and output gradient are gone before its
+    # weight's hooks run, and the next linear's are still there (not every product made first)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Tanh(), nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 4))  # inputs nobody else holds
+    q = WeightGradQueue()
+    with q.recording():
+        y = model(torch.randn(3, 6, requires_grad=True))
+    y.square().sum().backward()
+    refs = [(weakref.ref(e[0]), weakref.ref(e[1])) for e in q._queued]  # backward order: model[3], model[1]
+    seen = []
+    for name, m in (("last", model[3]), ("first", model[1])):
+        m.weight.register_post_accumulate_grad_hook(
+            lambda p, n=name: seen.append((n, [r() is not None for pair in refs for r in pair])))
+    q.compute()
+    assert seen == [("last", [False, False, True, True]), ("first", [False, False, False, False])]
 
 
 def test_no_grad_frozen_and_non_leaf_weights_pass_through():
