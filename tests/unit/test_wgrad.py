@@ -113,6 +113,38 @@ def test_each_linear_is_handed_to_autograd_with_its_tensors_already_dropped():
     assert seen == [("last", [False, False, True, True]), ("first", [False, False, False, False])]
 
 
+@pytest.mark.parametrize("hooked", [None, "a.weight"])
+def test_a_gradient_nothing_watches_is_added_in_place_and_the_watched_ones_go_through_autograd(monkeypatch, hooked):
+    # Note: in place where nothing watches: with .grad already there (gradient accumulation, the engine's
+    # flat buffers) and no hooks, the products are added into the same .grad tensors without autograd;
+    # a leaf with a hook is still given to autograd, alone, and its hook runs once
+    torch.manual_seed(0)
+    model, x = Tied(), torch.randn(4, 6)
+    start = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        p.grad = start[n].clone()
+    held = {n: p.grad for n, p in model.named_parameters()}
+    hook_calls = []
+    if hooked:
+        model.get_parameter(hooked).register_post_accumulate_grad_hook(lambda p: hook_calls.append(p))
+    q = WeightGradQueue()
+    with q.recording():
+        y = model(x)
+    y.square().sum().backward()
+    roots = []
+    backward = torch.autograd.backward
+    monkeypatch.setattr(torch.autograd, "backward", lambda r, g: (roots.append(list(r)), backward(r, g))[1])
+    q.compute()
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert [[names[id(r)] for r in rs] for rs in roots] == ([[hooked]] if hooked else [])
+    assert len(hook_calls) == (1 if hooked else 0)
+    monkeypatch.undo()
+    assert all(p.grad is held[n] for n, p in model.named_parameters())  # the tensors that were there, as autograd
+    want = {n: g + start[n] for n, g in zip(held, grads(model, x, lambda m, x: m(x))[1:], strict=True)}
+    for n, got in held.items():
+        torch.testing.assert_close(got, want[n], rtol=1e-6, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+
+
 def test_no_grad_frozen_and_non_leaf_weights_pass_through():
     torch.manual_seed(0)
     lin = nn.Linear(4, 4)
