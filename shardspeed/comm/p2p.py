@@ -35,6 +35,20 @@ so ends that fell out of step (an exchange that failed part-way) raise instead o
 as data. The receiver waits for the predicted payload before its header: the sender posts both in
 its phase A, header first, so one wake-up finds both.
 
+[Note: receives posted ahead]
+A gloo send moves once its receive is posted; posted at the start of the receiver's tick, the
+activation crosses while the receiver waits, after its previous compute. ``post_ahead(RecvObj)``
+posts a structure's header receive and its predicted payload receives right away, for the exchange
+that will ask for it, so the bytes cross while this rank computes (measured at P = 2: a stage waited
+2-8 ms per micro-batch on this, ~45 ms of a 1.25 s step). The exchange that lists the receive uses
+what was posted (one pending receive per peer, for the tag it was posted with, else it raises). It
+must be the next structure on that link, so the layout the receiver predicts is the one the sender
+predicts when it sends (Note: predicted layouts), and the caller must keep NCCL's per-link order
+(Note: one tick, two phases): nothing may be posted on the link between this post and the exchange's
+place for it (engine/pipe_ahead.py plans that from the schedule). Its predicted buffers come from the
+pool while this tick's sends are in flight, so buffers an in-flight send reads are skipped (a stage
+may forward a received tensor, and an inference stage gives its inputs back right after sending).
+
 [Note: gradients]
 A leaf "needs grad" when it is floating point and requires grad on the sender. The receiver gets
 exactly those leaves as leaves requiring grad, and after its backward sends back one gradient per
@@ -43,7 +57,8 @@ sender knows the shapes and dtypes of what it sent, so gradients travel without 
 
 [Note: one tick, two phases]
 All messages of one pipeline tick are exchanged together (``PipeComm.exchange``). Phase A posts
-every header send and receive, each followed by its predicted payload (Note: predicted layouts),
+every header send and receive, each followed by its predicted payload (Note: predicted layouts; a
+receive posted ahead was posted in this place's stead, Note: receives posted ahead),
 and every headerless tensor message (gradients); it waits only for the header receives, which
 peers' phase A posts match. Phase B posts the header overflows, then the payloads that were not
 predicted, whose receive buffers are now known, and everything is waited on. No wait in phase A
@@ -256,6 +271,15 @@ class RecvTensors:
 Op = SendObj | RecvObj | SendTensors | RecvTensors
 
 
+class _PostedRecv(NamedTuple):
+    """A structure's receives once posted: the header slot and its work, and, when the layout was
+    predicted, (layout, payload buffers, their works)."""
+    tag: int
+    slot: torch.Tensor
+    header: Any
+    guessed: tuple[Layout, list[torch.Tensor], list[Any]] | None
+
+
 class _Link:
     """The layouts seen on one link in one direction (Note: predicted layouts): the last one, and how
     many structures in a row had it. Sender and receiver each keep one and update it at the same
@@ -300,10 +324,14 @@ class BufferPool:
         self._lent: dict[int, torch.Tensor] = {}  # data_ptr -> buffer
         self.allocated = 0  # buffers made (not reused), for tests and memory counts
 
-    def take(self, spec: TensorSpec) -> torch.Tensor:
-        free = self._free.get((spec.dtype, spec.shape))
-        if free:
-            buf = free.pop()
+    def take(self, spec: TensorSpec, busy: frozenset[int] = frozenset()) -> torch.Tensor:
+        """A buffer for ``spec``; none whose storage is in ``busy`` (read by a send in flight)."""
+        free = self._free.get((spec.dtype, spec.shape), [])
+        k = len(free) - 1
+        while k >= 0 and free[k].data_ptr() in busy:
+            k -= 1
+        if k >= 0:
+            buf = free.pop(k)
         else:
             buf = torch.empty(spec.shape, dtype=spec.dtype, device=self.device)
             self.allocated += 1
@@ -340,6 +368,7 @@ class PipeComm:
         self._sent_layout: dict[int, _Link] = {}
         self._recv_layout: dict[int, _Link] = {}
         self.predicted = 0  # structures received into predicted buffers (for tests and stats)
+        self._ahead: dict[int, _PostedRecv] = {}  # peer -> a receive posted ahead (Note: receives posted ahead)
 
     def flush(self) -> None:
         """Wait for the sends still in flight (the engine calls it before a batch returns)."""
@@ -366,6 +395,31 @@ class PipeComm:
         for t in leaves(obj):
             self.pool.give(t)
 
+    def post_ahead(self, op: RecvObj) -> None:
+        """Post ``op``'s receives now, for the exchange that will list it (Note: receives posted ahead)."""
+        if op.peer in self._ahead:
+            raise RuntimeError(f"pipeline p2p: a receive from rank {op.peer} is already posted ahead (tag "
+                               f"{self._ahead[op.peer].tag}); only the next structure on a link can be")
+        busy = frozenset(t.untyped_storage().data_ptr() for _, keep in self._sending for t in keep
+                         if torch.is_tensor(t))
+        self._ahead[op.peer] = self._post_recv(op, busy)
+
+    def pending_ahead(self) -> list[tuple[int, int]]:
+        """(peer, tag) of the receives posted ahead that no exchange has taken yet."""
+        return [(peer, r.tag) for peer, r in self._ahead.items()]
+
+    def _post_recv(self, op: RecvObj, busy: frozenset[int] = frozenset()) -> _PostedRecv:
+        """Post a structure's header receive and, when its layout is predicted, its payload receives."""
+        slot = torch.empty(HEADER_SLOT, dtype=torch.int64, device=self.device)
+        header = self._irecv(slot, op.peer, op.tag, _KIND_HEADER)
+        link = self._recv_layout.get(op.peer)
+        guess = link.guess() if link is not None else None
+        if guess is None:
+            return _PostedRecv(op.tag, slot, header, None)
+        bufs = [self.pool.take(s, busy) for s in guess.specs]
+        works = [self._irecv(b, op.peer, op.tag, _KIND_PREDICTED) for b in bufs if b.numel()]
+        return _PostedRecv(op.tag, slot, header, (guess, bufs, works))
+
     def exchange(self, ops: Sequence[Op]) -> list[Any]:
         """Run one tick's messages (Note: one tick, two phases). Returns, per op, the received
         structure or tensor list, None for sends."""
@@ -375,7 +429,6 @@ class PipeComm:
         recvs: list[Any] = []
         keep: list[Any] = []  # what the sends read, alive until they are waited on
         sent = received = 0
-        slots: dict[int, torch.Tensor] = {}
         payloads: dict[int, list[torch.Tensor]] = {}  # sent in phase B: the receiver could not predict them
         overflow: dict[int, torch.Tensor] = {}  # header codes beyond the slot, sent first in phase B
         results: list[Any] = [None] * len(ops)
@@ -403,18 +456,17 @@ class PipeComm:
                 if len(codes) > cap:  # phase B's, first: the receiver posts it once it read the header
                     overflow[i] = torch.tensor(codes[cap:], dtype=torch.int64, device=self.device)
                 _Link.record(self._sent_layout, op.peer, codes)
-            elif isinstance(op, RecvObj):
-                slots[i] = torch.empty(HEADER_SLOT, dtype=torch.int64, device=self.device)
-        header_works: dict[int, Any] = {}
-        guessed: dict[int, tuple[Layout, list[torch.Tensor], list[Any]]] = {}
-        for i in slots:
-            peer, tag = ops[i].peer, ops[i].tag
-            header_works[i] = self._irecv(slots[i], peer, tag, _KIND_HEADER)
-            link = self._recv_layout.get(peer)
-            guess = link.guess() if link is not None else None
-            if guess is not None:
-                bufs = [self.pool.take(s) for s in guess.specs]
-                guessed[i] = (guess, bufs, [self._irecv(b, peer, tag, _KIND_PREDICTED) for b in bufs if b.numel()])
+        posted: dict[int, _PostedRecv] = {}
+        for i, op in enumerate(ops):
+            if isinstance(op, RecvObj):
+                ahead = self._ahead.pop(op.peer, None)
+                if ahead is not None and ahead.tag != op.tag:
+                    raise RuntimeError(f"pipeline p2p: the receive from rank {op.peer} posted ahead was for tag "
+                                       f"{ahead.tag}, and this exchange receives tag {op.tag} from it first")
+                posted[i] = ahead if ahead is not None else self._post_recv(op)
+        slots = {i: r.slot for i, r in posted.items()}
+        header_works = {i: r.header for i, r in posted.items()}
+        guessed = {i: r.guessed for i, r in posted.items() if r.guessed is not None}
         for i, op in enumerate(ops):
             if isinstance(op, SendTensors):
                 works, outgoing = self._post_tensors(op)

@@ -10,8 +10,9 @@ last batch held awaiting backward (pipe_stats.py).
 [Note: one batch, as executed]
 Each tick runs in the order the schedule's contract fixes: load (the first stage keeps the inputs,
 the last the labels; both call ``next()`` on their own iterator, DeepSpeed's convention, so the
-i-th item is micro-batch i on both), one batch of p2p messages (comm/p2p.py), the compute, and in
-the last tick the reductions and the step. A stage keeps, per micro-batch in flight, its input
+i-th item is micro-batch i on both), one batch of p2p messages (comm/p2p.py), then the receives of
+later ticks that may go now (pipe_ahead.py: they cross while this stage computes), the compute, and
+in the last tick the reductions and the step. A stage keeps, per micro-batch in flight, its input
 (received tensors are autograd leaves: their ``.grad`` is what goes back) and its output (what
 backward starts from) until that micro-batch's backward; received buffers go back to the pool then.
 The last stage's loss is scaled by the fp16 loss scale and 1/gradient_accumulation_steps, as in the
@@ -57,6 +58,7 @@ from shardspeed.comm.p2p import (
 from shardspeed.config import ConfigError
 from shardspeed.data import RepeatingLoader
 from shardspeed.engine.engine import ShardspeedEngine
+from shardspeed.engine.pipe_ahead import receives_ahead
 from shardspeed.engine.pipe_stats import ActivationLedger
 from shardspeed.engine.pipe_tied import TiedWeights
 from shardspeed.pipe.schedule import (
@@ -252,13 +254,16 @@ class PipelineEngine(ShardspeedEngine):
     # -- executing ticks ----------------------------------------------------------------------------------
     def _run(self, schedule: PipeSchedule, b: _Batch) -> None:
         self._wgrads.clear()  # anything a failed batch left queued belongs to a graph nobody will finish
-        for tick in schedule:
-            self._tick(schedule, tick, b)
+        ticks = list(schedule)
+        for tick, ahead in zip(ticks, receives_ahead(schedule, ticks), strict=True):
+            self._tick(schedule, tick, b, ahead)
         self.p2p.flush()  # the last tick's sends: nothing left in flight once the batch returns
         assert not (b.inputs or b.outputs or b.out_grads or b.in_grads or b.losses), "pipeline state left over"
+        assert not self.p2p.pending_ahead(), f"receives posted ahead and never used: {self.p2p.pending_ahead()}"
 
-    def _tick(self, schedule: PipeSchedule, tick: list[Any], b: _Batch) -> None:
-        """One tick, in the schedule's contract order: load, messages, compute, reductions."""
+    def _tick(self, schedule: PipeSchedule, tick: list[Any], b: _Batch, ahead: list[RecvActivation]) -> None:
+        """One tick, in the schedule's contract order: load, messages, compute, reductions; ``ahead``:
+        receives of later ticks to post before the compute (pipe_ahead.py)."""
         for c in tick:
             if isinstance(c, LoadMicroBatch):
                 self._load(c.mb, b)
@@ -288,6 +293,8 @@ class PipelineEngine(ShardspeedEngine):
                     if isinstance(c, SendActivation):
                         del b.outputs[c.mb]
                         self.p2p.release(b.inputs.pop(c.mb, None))  # it may alias the output: freed after the send
+        for c in ahead:  # they move while this tick computes (comm/p2p.py, Note: receives posted ahead)
+            self.p2p.post_ahead(RecvObj(self.mpu.stage_to_global(schedule.peer(c)), c.mb))
         for c in tick:
             if isinstance(c, ForwardPass):
                 self._forward(c.mb, b)

@@ -130,3 +130,66 @@ def test_structures_round_trip_over_three_ranks():
     # (the mutual tick and the reuse checks are between ranks 0 and 1 only)
     assert b1["send"] - b2["recv"] == b0["recv"], (b0, b1, b2)
     assert b0["send"] == b1["recv"], (b0, b1, b2)
+
+
+def _ahead(rank):
+    from shardspeed import comm
+    from shardspeed.comm.p2p import PipeComm, RecvObj, SendObj
+
+    comm.init_distributed()
+    pc = PipeComm(comm.world_group(), torch.device("cpu"))
+    out = {}
+    act = lambda v, n=4: (torch.full((n, 3), float(v)), torch.arange(n))  # noqa: E731
+    # rank 0 sends six structures; the shape changes at the fourth. Rank 1 posts each receive ahead,
+    # right after the previous exchange, and forwards each structure to rank 2 before giving it back
+    shapes = [4, 4, 4, 6, 6, 6]
+    if rank == 0:
+        for tag, n in enumerate(shapes):
+            pc.exchange([SendObj(1, act(tag, n), tag)])
+    elif rank == 1:
+        got, reused = [], []
+        x = pc.exchange([RecvObj(0, 0)])[0]
+        for tag in range(1, len(shapes) + 1):
+            got.append(torch.equal(x[0], act(tag - 1, shapes[tag - 1])[0]))
+            pc.exchange([SendObj(2, x, tag - 1)])  # in flight until the next exchange, reading x's buffers
+            pc.release(x)  # given back while the send still reads it (an inference stage does this)
+            if tag == len(shapes):
+                break
+            pc.post_ahead(RecvObj(0, tag))
+            predicted = pc._ahead[0].guessed
+            reused.append(predicted is not None and predicted[1][0].data_ptr() == x[0].data_ptr())
+            x = pc.exchange([RecvObj(0, tag)])[0]
+        out["got"] = got
+        out["buffer_of_an_inflight_send_taken"] = any(reused)
+        out["predicted"] = pc.predicted
+        out["pending"] = pc.pending_ahead()
+        # misuse: a second receive ahead on the same link, and an exchange asking another tag first
+        pc.post_ahead(RecvObj(0, 50))
+        try:
+            pc.post_ahead(RecvObj(0, 51))
+        except RuntimeError as e:
+            out["twice"] = str(e)
+        try:
+            pc.exchange([RecvObj(0, 49)])
+        except RuntimeError as e:
+            out["other_tag"] = str(e)
+    else:
+        out["forwarded"] = [torch.equal(pc.exchange([RecvObj(1, t)])[0][0], act(t, n)[0]) for t, n in enumerate(shapes)]
+    pc.flush()
+    comm.barrier()
+    return out
+
+
+def test_receives_posted_ahead_get_their_structures_and_never_a_buffer_a_send_still_reads():
+    # comm/p2p.py, Note: receives posted ahead
+    results = run_ranks(_ahead, 3)
+    r1 = results[1]
+    assert r1["got"] == [True] * 6 and results[2]["forwarded"] == [True] * 6
+    assert not r1["buffer_of_an_inflight_send_taken"]
+    # predicted: the third (two equal layouts before it) and the sixth; the fourth changed shape (fillers)
+    assert r1["predicted"] == 2
+    assert r1["pending"] == []
+    assert r1["twice"] == ("pipeline p2p: a receive from rank 0 is already posted ahead (tag 50); only the next "
+                           "structure on a link can be")
+    assert r1["other_tag"] == ("pipeline p2p: the receive from rank 0 posted ahead was for tag 50, and this exchange "
+                               "receives tag 49 from it first")
