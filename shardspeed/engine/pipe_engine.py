@@ -78,6 +78,7 @@ from shardspeed.pipe.schedule import (
     TrainSchedule,
 )
 
+_MESSAGES = (SendActivation, RecvActivation, SendGrad, RecvGrad)
 _USE_TRAIN_BATCH = ("the pipeline engine runs forward, backward and the optimizer step itself, over all stages "
                     "and micro-batches: call engine.train_batch(data_iter) (engine.eval_batch(data_iter) to evaluate)")
 
@@ -132,6 +133,7 @@ class PipelineEngine(ShardspeedEngine):
         self._ledger = ActivationLedger(config.pipeline.activation_stats)
         self._ledger_bound = 0
         self._last_rank = mpu.stage_to_global(self.num_stages - 1)
+        self._rank_of_stage = [mpu.stage_to_global(stage) for stage in range(self.num_stages)]  # p2p peers
         self.data_iterator: Iterator[Any] | None = None
         if self.training_dataloader is not None and (self.is_first_stage() or self.is_last_stage()):
             self.set_dataiterator(RepeatingLoader(self.training_dataloader))
@@ -269,8 +271,7 @@ class PipelineEngine(ShardspeedEngine):
                 self._load(c.mb, b)
         ops, into = [], []
         for c in tick:
-            peer = self.mpu.stage_to_global(schedule.peer(c)) if isinstance(
-                c, SendActivation | RecvActivation | SendGrad | RecvGrad) else None
+            peer = self._rank_of_stage[schedule.peer(c)] if isinstance(c, _MESSAGES) else None
             if isinstance(c, SendActivation):
                 ops.append(SendObj(peer, b.outputs[c.mb], c.mb))
                 into.append(None)
@@ -294,12 +295,12 @@ class PipelineEngine(ShardspeedEngine):
                         del b.outputs[c.mb]
                         self.p2p.release(b.inputs.pop(c.mb, None))  # it may alias the output: freed after the send
         for c in ahead:  # they move while this tick computes (comm/p2p.py, Note: receives posted ahead)
-            self.p2p.post_ahead(RecvObj(self.mpu.stage_to_global(schedule.peer(c)), c.mb))
+            self.p2p.post_ahead(RecvObj(self._rank_of_stage[schedule.peer(c)], c.mb))
         for c in tick:
             if isinstance(c, ForwardPass):
                 self._forward(c.mb, b)
             elif isinstance(c, BackwardPass):
-                send_to = self.mpu.stage_to_global(schedule.peer(SendGrad(c.mb, c.chunk))) if c.send_grad else None
+                send_to = self._rank_of_stage[schedule.peer(SendGrad(c.mb, c.chunk))] if c.send_grad else None
                 self._backward(c.mb, b, send_to)
         for c in tick:
             if isinstance(c, ReduceTiedGrads):
