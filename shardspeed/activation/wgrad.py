@@ -59,7 +59,10 @@ in a pipeline stage: gradients in the engine's flat buffers, and hooks only wher
 overlaps the backward (zero/stage0.py). A shared weight then takes each product as it comes. Leaves
 with hooks, without ``.grad`` yet, or under autocast (bf16 products for fp32 weights) go through
 autograd as before; the sum differs from autograd's only in rounding (one addition inside the
-product instead of after it).
+product instead of after it). What cannot be seen from the tensor is a hook on its AccumulateGrad
+node itself (``grad_fn.next_functions``, how DDP's reducer and Megatron-style wrappers hook
+accumulation): the in-place path would skip it. So it is off unless the queue's owner says
+``in_place=True``: the pipeline engine does, since it owns its parameters' gradient accumulation.
 
 [Note: recomputed regions]
 Activation checkpointing runs a region's forward again inside backward, where no torch function
@@ -188,8 +191,9 @@ def recording_session() -> Any:
 class WeightGradQueue:
     """The weight gradients of one split backward (Note: deferred weight gradients)."""
 
-    def __init__(self) -> None:
+    def __init__(self, in_place: bool = False) -> None:
         self._queued: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        self.in_place = in_place  # Note: in place where nothing watches (the pipeline engine turns it on)
 
     @contextlib.contextmanager
     def recording(self, replay: Any = None) -> Iterator[None]:
@@ -234,7 +238,7 @@ class WeightGradQueue:
         # products are still to come for each (comprehensions: a loop variable would keep the last entry's
         # tensors alive)
         by_autograd = {id(leaf) for x, gy, *ls in queued for leaf in ls
-                       if leaf is not None and not _in_place(leaf, x, gy)}
+                       if leaf is not None and not (self.in_place and _in_place(leaf, x, gy))}
         uses = collections.Counter(id(leaf) for entry in queued for leaf in entry[2:] if id(leaf) in by_autograd)
         partial: dict[int, torch.Tensor] = {}  # id(leaf) -> the sum of its products so far (a shared weight)
         while queued:  # each linear's tensors go once its products are made

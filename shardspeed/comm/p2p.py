@@ -48,6 +48,10 @@ predicts when it sends (Note: predicted layouts), and the caller must keep NCCL'
 place for it (engine/pipe_ahead.py plans that from the schedule). Its predicted buffers come from the
 pool while this tick's sends are in flight, so buffers an in-flight send reads are skipped (a stage
 may forward a received tensor, and an inference stage gives its inputs back right after sending).
+A receive may wait several ticks (it goes after the link's last exchange before its own), so a
+receiving stage holds one more activation-sized buffer than the schedule's in-flight count. A batch
+that fails with receives posted ahead makes the link unusable (``abandon_ahead``: they cannot be
+taken back and would catch later messages); the receive's reported time starts at the exchange.
 
 [Note: gradients]
 A leaf "needs grad" when it is floating point and requires grad on the sender. The receiver gets
@@ -369,6 +373,7 @@ class PipeComm:
         self._recv_layout: dict[int, _Link] = {}
         self.predicted = 0  # structures received into predicted buffers (for tests and stats)
         self._ahead: dict[int, _PostedRecv] = {}  # peer -> a receive posted ahead (Note: receives posted ahead)
+        self._abandoned: str | None = None  # why receives posted ahead were left behind (then nothing more runs)
 
     def flush(self) -> None:
         """Wait for the sends still in flight (the engine calls it before a batch returns)."""
@@ -395,8 +400,21 @@ class PipeComm:
         for t in leaves(obj):
             self.pool.give(t)
 
+    def abandon_ahead(self, why: str) -> None:
+        """A batch stopped with receives posted ahead: they can still take later messages (by tag on gloo,
+        by order on NCCL), so from now on every exchange raises, naming ``why``."""
+        if self._ahead:
+            self._abandoned = f"{why}, leaving receives posted ahead from ranks {sorted(self._ahead)}"
+            self._ahead = {}
+
+    def _check_usable(self) -> None:
+        if self._abandoned is not None:
+            raise RuntimeError(f"pipeline p2p: {self._abandoned}; they may still take this link's next messages, "
+                               "so it cannot be used again: restart the pipeline's ranks together")
+
     def post_ahead(self, op: RecvObj) -> None:
         """Post ``op``'s receives now, for the exchange that will list it (Note: receives posted ahead)."""
+        self._check_usable()
         if op.peer in self._ahead:
             raise RuntimeError(f"pipeline p2p: a receive from rank {op.peer} is already posted ahead (tag "
                                f"{self._ahead[op.peer].tag}); only the next structure on a link can be")
@@ -423,6 +441,7 @@ class PipeComm:
     def exchange(self, ops: Sequence[Op]) -> list[Any]:
         """Run one tick's messages (Note: one tick, two phases). Returns, per op, the received
         structure or tensor list, None for sends."""
+        self._check_usable()
         self.flush()  # before any receive can reuse a buffer an earlier send still reads
         start = time.perf_counter()
         sends: list[Any] = []

@@ -1,4 +1,4 @@
-"""Which activation receives the pipeline engine posts a tick ahead (comm/p2p.py, Note: receives
+"""Which activation receives the pipeline engine posts ahead of their tick (comm/p2p.py, Note: receives
 posted ahead), planned from a schedule's ticks before the batch runs.
 
 [Note: what may be posted ahead]
@@ -16,7 +16,7 @@ touch q, when:
 
 Nothing touches the link between j and k, so the receive keeps its place, and it is the next
 structure on the link, as ``post_ahead`` requires. In 1F1B's steady state every activation but the
-first is posted a tick ahead, and moves while its receiver computes.
+first is posted ahead (one or more ticks: at most one per link), and moves while its receiver computes.
 """
 
 from __future__ import annotations

@@ -129,7 +129,7 @@ class PipelineEngine(ShardspeedEngine):
         self.p2p = PipeComm(topo.pp_group, self.device)
         self.pipe_schedule: str = config.pipeline.schedule
         self._early_grads: bool = config.pipeline.early_grads
-        self._wgrads = WeightGradQueue()
+        self._wgrads = WeightGradQueue(in_place=True)  # activation/wgrad.py, Note: in place where nothing watches
         self._ledger = ActivationLedger(config.pipeline.activation_stats)
         self._ledger_bound = 0
         self._last_rank = mpu.stage_to_global(self.num_stages - 1)
@@ -257,8 +257,12 @@ class PipelineEngine(ShardspeedEngine):
     def _run(self, schedule: PipeSchedule, b: _Batch) -> None:
         self._wgrads.clear()  # anything a failed batch left queued belongs to a graph nobody will finish
         ticks = list(schedule)
-        for tick, ahead in zip(ticks, receives_ahead(schedule, ticks), strict=True):
-            self._tick(schedule, tick, b, ahead)
+        try:
+            for tick, ahead in zip(ticks, receives_ahead(schedule, ticks), strict=True):
+                self._tick(schedule, tick, b, ahead)
+        except BaseException:
+            self.p2p.abandon_ahead(f"a batch failed on pipeline stage {self.stage_id}")
+            raise
         self.p2p.flush()  # the last tick's sends: nothing left in flight once the batch returns
         assert not (b.inputs or b.outputs or b.out_grads or b.in_grads or b.losses), "pipeline state left over"
         assert not self.p2p.pending_ahead(), f"receives posted ahead and never used: {self.p2p.pending_ahead()}"

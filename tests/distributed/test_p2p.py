@@ -173,6 +173,14 @@ def _ahead(rank):
             pc.exchange([RecvObj(0, 49)])
         except RuntimeError as e:
             out["other_tag"] = str(e)
+        # a batch that stops with a receive posted ahead leaves the link unusable, and says so
+        pc.post_ahead(RecvObj(0, 60))
+        pc.abandon_ahead("a batch failed on pipeline stage 1")
+        for call in (lambda: pc.exchange([RecvObj(0, 60)]), lambda: pc.post_ahead(RecvObj(0, 61))):
+            try:
+                call()
+            except RuntimeError as e:
+                out.setdefault("abandoned", []).append(str(e))
     else:
         out["forwarded"] = [torch.equal(pc.exchange([RecvObj(1, t)])[0][0], act(t, n)[0]) for t, n in enumerate(shapes)]
     pc.flush()
@@ -193,3 +201,6 @@ def test_receives_posted_ahead_get_their_structures_and_never_a_buffer_a_send_st
                            "structure on a link can be")
     assert r1["other_tag"] == ("pipeline p2p: the receive from rank 0 posted ahead was for tag 50, and this exchange "
                                "receives tag 49 from it first")
+    assert r1["abandoned"] == 2 * [
+        "pipeline p2p: a batch failed on pipeline stage 1, leaving receives posted ahead from ranks [0]; they may "
+        "still take this link's next messages, so it cannot be used again: restart the pipeline's ranks together"]

@@ -127,7 +127,7 @@ def test_a_gradient_nothing_watches_is_added_in_place_and_the_watched_ones_go_th
     hook_calls = []
     if hooked:
         model.get_parameter(hooked).register_post_accumulate_grad_hook(lambda p: hook_calls.append(p))
-    q = WeightGradQueue()
+    q = WeightGradQueue(in_place=True)  # what the pipeline engine asks for
     with q.recording():
         y = model(x)
     y.square().sum().backward()
@@ -143,6 +143,27 @@ def test_a_gradient_nothing_watches_is_added_in_place_and_the_watched_ones_go_th
     want = {n: g + start[n] for n, g in zip(held, grads(model, x, lambda m, x: m(x))[1:], strict=True)}
     for n, got in held.items():
         torch.testing.assert_close(got, want[n], rtol=1e-6, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_hooks_on_the_accumulation_node_run_unless_the_owner_asks_for_in_place():
+    # Note: in place where nothing watches: a hook on a weight's AccumulateGrad node (DDP's reducer, Megatron-style
+    # wrappers) cannot be seen from the tensor, so only a queue built with in_place=True (the pipeline engine's)
+    # may add into .grad itself
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 4)
+    for p in lin.parameters():
+        p.grad = torch.zeros_like(p)
+    calls = []
+    node = lin.weight.view_as(lin.weight).grad_fn.next_functions[0][0]  # held: the hook lives on this node
+    node.register_hook(lambda *_: calls.append("weight"))
+    for in_place, want in ((False, ["weight"]), (True, [])):
+        calls.clear()
+        q = WeightGradQueue(in_place=in_place)
+        with q.recording():
+            y = lin(torch.randn(3, 4, requires_grad=True))
+        y.sum().backward()
+        q.compute()
+        assert calls == want, in_place
 
 
 def test_no_grad_frozen_and_non_leaf_weights_pass_through():
