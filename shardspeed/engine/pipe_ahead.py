@@ -24,16 +24,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from shardspeed.pipe.schedule import (
+    MESSAGES,
     BackwardPass,
     PipeInstruction,
     PipeSchedule,
     RecvActivation,
-    RecvGrad,
     SendActivation,
     SendGrad,
 )
-
-_MESSAGES = (SendActivation, RecvActivation, SendGrad, RecvGrad)
 
 
 def receives_ahead(schedule: PipeSchedule, ticks: Sequence[list[PipeInstruction]]) -> list[list[RecvActivation]]:
@@ -50,7 +48,7 @@ def receives_ahead(schedule: PipeSchedule, ticks: Sequence[list[PipeInstruction]
                 if j is not None and q not in sends_structure:
                     ahead[j].append(c)
         for c in tick:
-            if isinstance(c, _MESSAGES):
+            if isinstance(c, MESSAGES):
                 last[schedule.peer(c)] = k
         for c in tick:
             if isinstance(c, BackwardPass) and c.send_grad:  # posted mid-compute, after anything posted ahead

@@ -62,6 +62,7 @@ from shardspeed.engine.pipe_ahead import receives_ahead
 from shardspeed.engine.pipe_stats import ActivationLedger
 from shardspeed.engine.pipe_tied import TiedWeights
 from shardspeed.pipe.schedule import (
+    MESSAGES,
     BackwardPass,
     ForwardPass,
     GPipeSchedule,
@@ -78,7 +79,6 @@ from shardspeed.pipe.schedule import (
     TrainSchedule,
 )
 
-_MESSAGES = (SendActivation, RecvActivation, SendGrad, RecvGrad)
 _USE_TRAIN_BATCH = ("the pipeline engine runs forward, backward and the optimizer step itself, over all stages "
                     "and micro-batches: call engine.train_batch(data_iter) (engine.eval_batch(data_iter) to evaluate)")
 
@@ -275,7 +275,7 @@ class PipelineEngine(ShardspeedEngine):
                 self._load(c.mb, b)
         ops, into = [], []
         for c in tick:
-            peer = self._rank_of_stage[schedule.peer(c)] if isinstance(c, _MESSAGES) else None
+            peer = self._rank_of_stage[schedule.peer(c)] if isinstance(c, MESSAGES) else None
             if isinstance(c, SendActivation):
                 ops.append(SendObj(peer, b.outputs[c.mb], c.mb))
                 into.append(None)

@@ -78,8 +78,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 __all__ = [
-    "BackwardPass", "ForwardPass", "GPipeSchedule", "InferenceSchedule", "InterleavedSchedule", "LoadMicroBatch",
-    "OptimizerStep", "PipeInstruction", "PipeSchedule", "RecvActivation", "RecvGrad", "ReduceGrads",
+    "MESSAGES", "BackwardPass", "ForwardPass", "GPipeSchedule", "InferenceSchedule", "InterleavedSchedule",
+    "LoadMicroBatch", "OptimizerStep", "PipeInstruction", "PipeSchedule", "RecvActivation", "RecvGrad", "ReduceGrads",
     "ReduceTiedGrads", "SendActivation", "SendGrad", "TrainSchedule",
 ]
 
@@ -131,6 +131,9 @@ class SendGrad(_OnMicroBatch):
 
 class RecvGrad(_OnMicroBatch):
     """Receive the gradient of chunk ``chunk``'s output for ``mb`` from the next virtual stage."""
+
+
+MESSAGES = (SendActivation, RecvActivation, SendGrad, RecvGrad)  # the instructions that are p2p messages
 
 
 @dataclass(frozen=True)
@@ -250,7 +253,7 @@ class PipeSchedule:
 
     def peer(self, instr: PipeInstruction) -> int:
         """The stage (pipeline rank) at the other end of a send or receive."""
-        if not isinstance(instr, SendActivation | RecvActivation | SendGrad | RecvGrad):
+        if not isinstance(instr, MESSAGES):
             raise TypeError(f"peer(): {instr!r} is not a send or a receive")
         vs = instr.chunk * self.stages + self.stage_id
         toward_next = isinstance(instr, SendActivation | RecvGrad)
